@@ -1,0 +1,305 @@
+"""Named data sources → a DataBundle of train/val/test images and labels.
+
+Sources: ``mnist`` (built in, shipped inside the package), a path to an ``.npz`` with
+``x_train, y_train, x_test, y_test``, a folder of images with one subfolder per class (optionally
+``train/`` and ``test/`` subfolders), or ``tfds:<name>`` for tensorflow-datasets.
+
+Images are kept as raw uint8 pixels (N, H, W, C); models see ``raw * input_scale + input_offset``
+(by default raw / 255, so inputs lie in [0, 1]).
+
+>>> from edge_kd import data
+>>> bundle = data.load("mnist", limit_train=1000, limit_test=500)
+>>> bundle.info.input_shape, bundle.info.num_classes
+((28, 28, 1), 10)
+"""
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edge_kd.errors import UserError
+
+BUILTIN = {"mnist": Path(__file__).parent / "_data" / "mnist.npz"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about the data: shapes, classes, and the raw-pixel → input mapping."""
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    class_names: tuple[str, ...]
+    input_scale: float = 1.0 / 255.0
+    input_offset: float = 0.0
+
+
+@dataclasses.dataclass
+class DataBundle:
+    """Raw uint8 splits (N, H, W, C) with integer labels, and the info describing them."""
+
+    info: DataInfo
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        """Returns raw pixels ``x`` mapped to model inputs as float32."""
+        return x.astype(np.float32) * np.float32(self.info.input_scale) + np.float32(self.info.input_offset)
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Returns ``(normalised float32 images, int64 labels)`` of ``split`` (train, val or test)."""
+        x, y = self._split(split)
+        return self.normalise(x), y
+
+    def dataset(self, split: str, batch_size: int = 128, shuffle: bool = False, seed: int = 0):
+        """Returns a batched tf.data pipeline of ``(normalised images, labels)`` for ``split``."""
+        from edge_kd.keras import tf
+
+        x, y = self._split(split)
+        scale, offset = np.float32(self.info.input_scale), np.float32(self.info.input_offset)
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if shuffle:
+            ds = ds.shuffle(min(len(x), 60000), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32) * scale + offset, b),
+                                      num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def _split(self, split):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        return getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+
+
+def load(source: str, *, val_fraction: float = 0.1, seed: int = 0, limit_train: int | None = None,
+         limit_test: int | None = None, image_size: Sequence[int] | None = None,
+         test_fraction: float = 0.2) -> DataBundle:
+    """Returns the DataBundle for ``source``; a bad source is a one-line UserError.
+
+    ``val_fraction`` of the training images (stratified, by ``seed``) are held out for validation.
+    ``limit_train``/``limit_test`` keep the first N (after a seeded shuffle) for quick runs.
+    ``image_size`` (H, W) resizes image-folder and tfds images; ``test_fraction`` splits an image folder
+    that has no ``test/`` subfolder.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    source = str(source)
+    if source in BUILTIN:
+        name = source
+        x_tr, y_tr, x_te, y_te, class_names = _load_npz(BUILTIN[source])
+    elif source.startswith("tfds:"):
+        name = source[5:]
+        x_tr, y_tr, x_te, y_te, class_names = _load_tfds(name, image_size)
+    else:
+        path = Path(source)
+        name = path.stem or path.name
+        if path.is_dir():
+            x_tr, y_tr, x_te, y_te, class_names = _load_folder(path, image_size, test_fraction, seed)
+        elif path.is_file() and path.suffix.lower() == ".npz":
+            x_tr, y_tr, x_te, y_te, class_names = _load_npz(path)
+        elif path.exists():
+            raise UserError(f"data '{source}' is neither an .npz file nor a folder of class subfolders")
+        else:
+            raise UserError(f"data '{source}' not found; expected one of {', '.join(BUILTIN)}, a path to an .npz "
+                            "with x_train/y_train/x_test/y_test, an image folder, or tfds:<name>")
+    num_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
+    if class_names is None or len(class_names) < num_classes:
+        class_names = tuple(str(i) for i in range(num_classes))
+    num_classes = max(num_classes, len(class_names))
+    if num_classes < 2:
+        raise UserError(f"data '{source}' has fewer than 2 classes")
+
+    rng = np.random.default_rng(seed)
+    if limit_train is not None:
+        keep = rng.permutation(len(x_tr))[: int(limit_train)]
+        x_tr, y_tr = x_tr[np.sort(keep)], y_tr[np.sort(keep)]
+    if limit_test is not None:
+        keep = np.sort(np.random.default_rng(seed + 1).permutation(len(x_te))[: int(limit_test)])
+        x_te, y_te = x_te[keep], y_te[keep]
+    val_idx = _stratified_holdout(y_tr, val_fraction, rng)
+    train_mask = np.ones(len(y_tr), bool)
+    train_mask[val_idx] = False
+    info = DataInfo(name=name, num_classes=num_classes, input_shape=tuple(int(d) for d in x_tr.shape[1:]),
+                    class_names=tuple(class_names))
+    return DataBundle(info, x_tr[train_mask], y_tr[train_mask], x_tr[val_idx], y_tr[val_idx], x_te, y_te)
+
+
+def _stratified_holdout(y, fraction, rng) -> np.ndarray:
+    if fraction <= 0:
+        return np.zeros(0, np.int64)
+    picked = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        n = int(round(len(idx) * fraction))
+        picked.append(rng.permutation(idx)[:n])
+    return np.sort(np.concatenate(picked))
+
+
+def _as_images(x, where: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise UserError(f"{where}: images must be N×H×W or N×H×W×C with C in 1, 3, 4; got shape {x.shape}")
+    if x.dtype == np.uint8:
+        return x
+    if not np.issubdtype(x.dtype, np.number):
+        raise UserError(f"{where}: images must be numeric, got dtype {x.dtype}")
+    xf = x.astype(np.float32)
+    lo, hi = float(xf.min(initial=0)), float(xf.max(initial=0))
+    if lo < 0 or hi > 255:
+        raise UserError(f"{where}: pixel values must lie in 0..255 (or 0..1 for floats), got {lo:g}..{hi:g}")
+    if np.issubdtype(x.dtype, np.floating) and hi <= 1.0:
+        xf = xf * 255.0  # floats in [0, 1] are taken as pixels / 255
+    return np.clip(np.rint(xf), 0, 255).astype(np.uint8)
+
+
+def _as_labels(y, n, where: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != n:
+        raise UserError(f"{where}: labels must be a vector of {n} integers, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.mod(y, 1) == 0):
+            raise UserError(f"{where}: labels must be integers 0..K-1, got dtype {y.dtype}")
+    if len(y) and y.min() < 0:
+        raise UserError(f"{where}: labels must be integers 0..K-1, got {y.min()}")
+    return y.astype(np.int64)
+
+
+def _load_npz(path: Path):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in NPZ_KEYS if k not in f.files]
+            if missing:
+                raise UserError(f"{path.name} lacks key(s) {', '.join(missing)}; an .npz needs {', '.join(NPZ_KEYS)} "
+                                f"(it has {', '.join(f.files) or 'none'})")
+            arrays = {k: f[k] for k in NPZ_KEYS}
+            class_names = tuple(str(c) for c in f["class_names"]) if "class_names" in f.files else None
+    except UserError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"cannot read {path.name} as an .npz file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    x_tr = _as_images(arrays["x_train"], f"{path.name} x_train")
+    x_te = _as_images(arrays["x_test"], f"{path.name} x_test")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise UserError(f"{path.name}: x_train images are {x_tr.shape[1:]} but x_test images are {x_te.shape[1:]}")
+    y_tr = _as_labels(arrays["y_train"], len(x_tr), f"{path.name} y_train")
+    y_te = _as_labels(arrays["y_test"], len(x_te), f"{path.name} y_test")
+    if len(x_tr) == 0 or len(x_te) == 0:
+        raise UserError(f"{path.name}: x_train and x_test must not be empty")
+    return x_tr, y_tr, x_te, y_te, class_names
+
+
+def _read_class_folders(root: Path, size, where: str):
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise UserError(f"image folder {where} needs one subfolder per class (at least 2), found {len(classes)}")
+    images, labels, modes = [], [], set()
+    for label, cls in enumerate(classes):
+        files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"image folder {where}: class '{cls}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    modes.add("L" if im.mode in ("L", "1", "I;16", "I", "F") else "RGB")
+                    images.append((im.copy(), f))
+            except (UnidentifiedImageError, OSError) as e:
+                raise UserError(f"cannot read image {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            labels.append(label)
+    return classes, images, labels, modes
+
+
+def _to_array(images, mode, size):
+    out = []
+    for im, f in images:
+        im = im.convert(mode)
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), resample=3)  # bicubic
+        a = np.asarray(im, dtype=np.uint8)
+        out.append(a[..., None] if a.ndim == 2 else a)
+    shapes = {a.shape for a in out}
+    if len(shapes) > 1:
+        raise UserError(f"images differ in size ({', '.join(str(s[:2]) for s in sorted(shapes)[:3])}...); "
+                        "pass --image-size H,W to resize them")
+    return np.stack(out)
+
+
+def _load_folder(root: Path, size, test_fraction, seed):
+    splits = {s: root / s for s in ("train", "test") if (root / s).is_dir()}
+    if set(splits) == {"train", "test"}:
+        classes, tr_images, tr_labels, tr_modes = _read_class_folders(splits["train"], size, f"{root}/train")
+        te_classes, te_images, te_labels, te_modes = _read_class_folders(splits["test"], size, f"{root}/test")
+        if te_classes != classes:
+            raise UserError(f"image folder {root}: train/ classes {classes} differ from test/ classes {te_classes}")
+        mode = "RGB" if "RGB" in tr_modes | te_modes else "L"
+        if size is None:
+            size = tr_images[0][0].size[::-1]
+        return (_to_array(tr_images, mode, size), np.array(tr_labels, np.int64),
+                _to_array(te_images, mode, size), np.array(te_labels, np.int64), tuple(classes))
+    classes, images, labels, modes = _read_class_folders(root, size, str(root))
+    mode = "RGB" if "RGB" in modes else "L"
+    if size is None:
+        size = images[0][0].size[::-1]
+    x = _to_array(images, mode, size)
+    y = np.array(labels, np.int64)
+    test_idx = _stratified_holdout(y, test_fraction, np.random.default_rng(seed + 7))
+    if len(test_idx) == 0:
+        raise UserError(f"image folder {root}: too few images to hold out a test split")
+    mask = np.ones(len(y), bool)
+    mask[test_idx] = False
+    return x[mask], y[mask], x[test_idx], y[test_idx], tuple(classes)
+
+
+def _load_tfds(name: str, size):
+    import tensorflow_datasets as tfds
+
+    from edge_kd.keras import tf
+
+    try:
+        builder = tfds.builder(name)
+    except Exception as e:  # DatasetNotFoundError and friends
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"unknown tfds dataset '{name}': {msg}") from None
+    try:
+        builder.download_and_prepare()
+        splits = builder.info.splits
+        if "train" not in splits or "test" not in splits:
+            raise UserError(f"tfds dataset '{name}' needs train and test splits, it has {', '.join(splits)}")
+        keys = builder.info.supervised_keys
+        if not keys:
+            raise UserError(f"tfds dataset '{name}' has no (image, label) supervised keys")
+        out = []
+        for split in ("train", "test"):
+            ds = builder.as_dataset(split=split, as_supervised=True)
+            if size is not None:
+                ds = ds.map(lambda x, y: (tf.cast(tf.clip_by_value(tf.round(tf.image.resize(x, size)), 0, 255), tf.uint8), y))
+            xs, ys = [], []
+            for x, y in tfds.as_numpy(ds):
+                xs.append(x)
+                ys.append(y)
+            if len({a.shape for a in xs}) > 1:
+                raise UserError(f"tfds dataset '{name}' has images of several sizes; pass --image-size H,W")
+            out += [_as_images(np.stack(xs), f"tfds:{name} {split}"), _as_labels(np.array(ys), len(ys), f"tfds:{name}")]
+        label = builder.info.features[keys[1]]
+        names = tuple(label.names) if hasattr(label, "names") else None
+    except UserError:
+        raise
+    except Exception as e:  # no network, a failed download, a broken cache
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot get tfds dataset '{name}' (no network, or not downloaded yet?): {msg}") from None
+    return out[0], out[1], out[2], out[3], names

@@ -1,0 +1,117 @@
+"""Keras (tf_keras) model -> TFLite flatbuffer, in the four variants edge-kd reports.
+
+Example::
+
+    from edge_kd.export.tflite import convert
+    from edge_kd.fileio import write_bytes
+
+    write_bytes("student-int8.tflite", convert(student, "int8", representative=x_calib))
+
+``representative`` holds already-normalised float32 model inputs (N, H, W, C); a few hundred
+samples are plenty for calibration.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+
+from edge_kd.keras import keras, tf
+
+VARIANTS = ("fp32", "fp16", "dynamic", "int8")
+
+
+def convert(model, variant: str, representative=None, int8_io: bool = True) -> bytes:
+    """Returns the TFLite flatbuffer of ``model`` converted as ``variant`` (one of VARIANTS)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown TFLite variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    if variant == "int8":
+        if representative is None:
+            raise ValueError("variant 'int8' needs representative data (float32 N×H×W×C normalised inputs); "
+                             f"variants that need none: {', '.join(v for v in VARIANTS if v != 'int8')}")
+        representative = np.asarray(representative, dtype=np.float32)
+        if representative.ndim < 2 or len(representative) == 0:
+            raise ValueError(f"representative data must be a non-empty N×H×W×C array; got shape {representative.shape}")
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(_with_dynamic_batch(model))
+    if variant != "fp32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "int8":
+        converter.representative_dataset = _representative_dataset(representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if int8_io:
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+    with _quiet():
+        return bytes(converter.convert())
+
+
+def _representative_dataset(samples: np.ndarray):
+    def gen():
+        # Batch 1, one sample at a time: the calibrator only needs the value ranges.
+        for sample in samples:
+            yield [sample[None, ...]]
+
+    return gen
+
+
+def _with_dynamic_batch(model):
+    """Returns ``model`` itself, or a wrapper with a free batch dimension when its input fixes one."""
+    inputs = model.inputs or []
+    if all(t.shape.rank is None or t.shape[0] is None for t in inputs):
+        return model
+    # A fixed batch in the signature would freeze the TFLite input to it; accuracy needs batches.
+    new_inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype) for t in inputs]
+    outputs = model(new_inputs if len(new_inputs) > 1 else new_inputs[0])
+    return keras.Model(new_inputs, outputs, name=model.name)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silences the converter's logging for the block; on failure, replays what it printed to stderr."""
+    # The MLIR converter and the SavedModel export log from C++ straight to file descriptor 2, so only
+    # redirecting the descriptor silences them; what they wrote is kept so an error can still be read.
+    tf_logger = tf.get_logger()
+    old_level = tf_logger.level
+    absl_logger = logging.getLogger("absl")
+    old_absl_level = absl_logger.level
+    captured = tempfile.TemporaryFile(mode="w+b")
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError):
+        pass
+    saved_fd = None
+    try:
+        saved_fd = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+    except OSError:
+        saved_fd = None
+    tf_logger.setLevel(logging.ERROR)
+    absl_logger.setLevel(logging.ERROR)
+    ok = False
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]tatistics for quantized inputs.*")
+            warnings.filterwarnings("ignore", message=".*trackable_obj.*")
+            yield
+        ok = True
+    finally:
+        if saved_fd is not None:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+        tf_logger.setLevel(old_level)
+        absl_logger.setLevel(old_absl_level)
+        if not ok:
+            captured.seek(0)
+            text = captured.read().decode("utf-8", errors="replace")
+            if text.strip():
+                sys.stderr.write(text)
+                sys.stderr.flush()
+        captured.close()

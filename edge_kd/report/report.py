@@ -1,0 +1,243 @@
+"""A run's results as results.json, results.csv, report.md and pareto.png.
+
+``results`` is the dict the pipeline builds (see ``write_report``); this module only formats it.
+
+Example::
+
+    from edge_kd.report.report import markdown_table, write_report
+    paths = write_report("tflite_out/mnist-default", results)   # {"json": ..., "csv": ..., "md": ..., "png": ...}
+    print(markdown_table(results))
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from edge_kd.fileio import write_bytes, write_json, write_text
+
+KB = 1024
+_LATENCY_FIELDS = ("mean_ms", "std_ms", "p50_ms", "p90_ms", "init_ms", "first_ms", "runs")
+_MODEL_FIELDS = ("name", "role", "format", "variant", "path", "accuracy", "gap_to_teacher", "size_bytes",
+                 "gzip_bytes", "params", "macs", "input_scale", "input_offset")
+_ROLE_COLOURS = {"teacher": "tab:red", "student": "tab:blue", "baseline": "tab:gray"}
+_FORMAT_MARKERS = {"keras": "s", "tflite": "o"}
+
+
+def write_report(run_dir, results: dict) -> dict:
+    """Returns {"json", "csv", "md", "png"}: the paths of the report files written into ``run_dir``."""
+    _check(results)
+    run_dir = Path(run_dir)
+    return {
+        "json": write_json(run_dir / "results.json", results),
+        "csv": write_text(run_dir / "results.csv", results_csv(results)),
+        "md": write_text(run_dir / "report.md", report_markdown(results)),
+        "png": write_bytes(run_dir / "pareto.png", pareto_png(results)),
+    }
+
+
+def markdown_table(results: dict) -> str:
+    """Returns the results table alone as GitHub markdown, one row per model in the given order."""
+    _check(results)
+    header = ["model", "role", "format", "variant", "accuracy %", "Δ vs teacher (pp)", "size (KB)", "gzip (KB)",
+              "latency 1 thr mean ms (p90)", "latency 2 thr mean ms", "params", "MACs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
+    for m in results["models"]:
+        lat1, lat2 = _latency(m, 1), _latency(m, 2)
+        cells = [
+            _cell(m.get("name")), _cell(m.get("role")), _cell(m.get("format")), _cell(m.get("variant")),
+            _pct(m.get("accuracy")),
+            _delta(m),
+            _kb(m.get("size_bytes")), _kb(m.get("gzip_bytes")),
+            f"{_ms(lat1['mean_ms'])} ({_ms(lat1['p90_ms'])})" if lat1 else "—",
+            _ms(lat2["mean_ms"]) if lat2 else "—",
+            _int(m.get("params")), _int(m.get("macs")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(results: dict) -> str:
+    """Returns report.md's text: run, command, data, runtime, the table and how to read it."""
+    _check(results)
+    data = results.get("data") or {}
+    runtime = results.get("runtime") or {}
+    threads = _threads(results)
+    runs = [lat["runs"] for m in results["models"] for lat in (m.get("latency") or {}).values() if lat and "runs" in lat]
+    shape = "×".join(str(d) for d in data.get("input_shape") or []) or "?"
+    test_size = data.get("test_size")
+
+    out = [f"# edge-kd report: {results.get('run', '?')}", ""]
+    if results.get("command"):
+        out += ["Command:", "", "```", str(results["command"]), "```", ""]
+    out.append(f"Data: {data.get('name', '?')}, {data.get('num_classes', '?')} classes, input {shape}, "
+               f"{_int(test_size)} test images.  ")
+    out.append(f"Runtime: {runtime.get('cpu', '?')}, {runtime.get('cores', '?')} cores, "
+               f"LiteRT {runtime.get('litert_version', '?')} (TensorFlow {runtime.get('tensorflow_version', '?')}, "
+               f"Python {runtime.get('python', '?')}); latency measured at "
+               f"{', '.join(threads) if threads else 'no'} thread(s).  ")
+    if results.get("created"):
+        out.append(f"Created: {results['created']}")
+    out += ["", markdown_table(results), "## How to read this", ""]
+    out.append(f"- **accuracy %**: top-1 on the whole test set ({_int(test_size)} images); `tflite` rows are run "
+               "through the LiteRT interpreter exactly as they would be deployed (int8 inputs quantized with the "
+               "model's own scale and zero point), `keras` rows through Keras.")
+    out.append("- **Δ vs teacher (pp)**: this row's accuracy minus the teacher's, in percentage points "
+               "(negative = worse than the teacher).")
+    out.append(f"- **size / gzip (KB)**: the file on disk and the same bytes after gzip -9 (1 KB = {KB} bytes); "
+               "gzip shows what the zeros left by pruning save in a compressed download.")
+    run_note = f", at least {min(runs)} timed runs per row" if runs else ""
+    out.append("- **latency**: TFLite `benchmark_model`'s method at batch 1 on the CPU above: interpreter init, "
+               "one first run, warm-up, then timed `invoke()` calls until both a minimum count and a minimum "
+               f"time are reached{run_note}; mean in ms with p90 in parentheses; LiteRT's default XNNPACK "
+               "delegate; `keras` rows are not timed.")
+    out.append("- **params / MACs**: weights of the Keras model the row comes from, and multiply-accumulates of "
+               "one forward pass of one image (conv, depthwise, separable and dense layers).")
+    out += ["", "Accuracy against size and against 1-thread latency, with each panel's Pareto front: "
+                "[pareto.png](pareto.png)", "", "![Pareto fronts](pareto.png)", ""]
+    return "\n".join(out)
+
+
+def results_csv(results: dict) -> str:
+    """Returns results.csv's text: one row per model, nested latency flattened to latency_<threads>_<field>."""
+    _check(results)
+    threads = _threads(results)
+    known = set(_MODEL_FIELDS) | {"latency"}
+    extra = []
+    for m in results["models"]:
+        for key, value in m.items():
+            if key not in known and key not in extra and not isinstance(value, (dict, list)):
+                extra.append(key)
+    columns = list(_MODEL_FIELDS) + [f"latency_{t}_{f}" for t in threads for f in _LATENCY_FIELDS] + extra
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for m in results["models"]:
+        lat = m.get("latency") or {}
+        row = [m.get(k) for k in _MODEL_FIELDS]
+        row += [(lat.get(t) or {}).get(f) for t in threads for f in _LATENCY_FIELDS]
+        row += [m.get(k) for k in extra]
+        writer.writerow(["" if v is None else v for v in row])
+    return buf.getvalue()
+
+
+def pareto_png(results: dict) -> bytes:
+    """Returns PNG bytes of accuracy vs size (log KB) and vs 1-thread latency, each with its Pareto front."""
+    _check(results)
+    # Figure + Agg canvas directly: no pyplot, so no global backend switch and no GUI.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_size, ax_lat = fig.subplots(1, 2)
+
+    size_points, lat_points = _plot_points(results)
+    _panel(ax_size, size_points, "size (KB, log scale)", log=True)
+    _panel(ax_lat, lat_points, "latency, batch 1, 1 thread (ms, mean)", log=False)
+    fig.suptitle(f"edge-kd: {results.get('run', '')}")
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _plot_points(results):
+    """(size KB, accuracy %, model) and (1-thread mean ms, accuracy %, model) for the rows that have them."""
+    size_points = [(m["size_bytes"] / KB, m["accuracy"] * 100, m) for m in results["models"]
+                   if _num(m.get("size_bytes")) and _num(m.get("accuracy"))]
+    # keras rows carry no latency, so they drop out of the latency panel here.
+    lat_points = [(_latency(m, 1)["mean_ms"], m["accuracy"] * 100, m) for m in results["models"]
+                  if _latency(m, 1) and _num(_latency(m, 1).get("mean_ms")) and _num(m.get("accuracy"))]
+    return size_points, lat_points
+
+
+def pareto_front(points):
+    """Returns the (cost, accuracy, ...) tuples no other point beats: lower-or-equal cost and higher accuracy."""
+    front, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
+    return front
+
+
+def _panel(ax, points, xlabel, log):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    if not points:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        return
+    if log:
+        ax.set_xscale("log")
+    for role in _ROLE_COLOURS:
+        for fmt in _FORMAT_MARKERS:
+            sel = [p for p in points if p[2].get("role") == role and p[2].get("format") == fmt]
+            if sel:
+                ax.scatter([p[0] for p in sel], [p[1] for p in sel], c=_ROLE_COLOURS[role],
+                           marker=_FORMAT_MARKERS[fmt], s=40, zorder=3, label=f"{role} ({fmt})")
+    others = [p for p in points if p[2].get("role") not in _ROLE_COLOURS or p[2].get("format") not in _FORMAT_MARKERS]
+    if others:
+        ax.scatter([p[0] for p in others], [p[1] for p in others], c="tab:green", s=40, zorder=3, label="other")
+    # Variants of one model often sit almost on top of each other; alternating the label side keeps them legible.
+    for k, (x, y, m) in enumerate(sorted(points, key=lambda p: (p[0], p[1]))):
+        ax.annotate(str(m.get("name")), (x, y), textcoords="offset points", xytext=(5, 5 if k % 2 == 0 else -12),
+                    fontsize=8)
+    front = pareto_front(points)
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", alpha=0.6,
+            linewidth=1.2, zorder=2, label="Pareto front")
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _check(results):
+    if not isinstance(results, dict) or not isinstance(results.get("models"), list):
+        raise ValueError("results must be a dict with a 'models' list")
+    for i, m in enumerate(results["models"]):
+        if not isinstance(m, dict) or not m.get("name"):
+            raise ValueError(f"results['models'][{i}] must be a dict with a 'name'")
+
+
+def _threads(results) -> list[str]:
+    keys = {str(k) for m in results["models"] for k in (m.get("latency") or {})}
+    return sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+
+
+def _latency(m, threads: int):
+    lat = m.get("latency") or {}
+    return lat.get(str(threads)) or lat.get(threads)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _cell(v) -> str:
+    return "—" if v is None else str(v).replace("|", "\\|")
+
+
+def _pct(v) -> str:
+    return f"{v * 100:.2f}" if _num(v) else "—"
+
+
+def _delta(m) -> str:
+    gap = m.get("gap_to_teacher")
+    if not _num(gap):
+        return "—"
+    return f"{-gap * 100 + 0.0:+.2f}"  # + 0.0 turns -0.0 into 0.0, so the teacher reads +0.00
+
+
+def _kb(v) -> str:
+    return f"{v / KB:,.1f}" if _num(v) else "—"
+
+
+def _ms(v) -> str:
+    if not _num(v):
+        return "—"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def _int(v) -> str:
+    return f"{int(v):,}" if _num(v) else "—"

@@ -1,0 +1,146 @@
+"""Architectures by name: ``build(name, input_shape, num_classes, **kw)`` returns a Functional tf_keras model.
+
+Every model ends in a logits Dense layer (no softmax), takes float inputs normalised as the data
+bundle says, and converts to TFLite with builtin ops only.
+
+>>> import models
+>>> m = models.build("cnn", (28, 28, 1), 10, width=0.5)
+>>> m.output_shape
+(None, 10)
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+from edge_kd.errors import UserError
+from edge_kd.keras import keras
+
+layers = keras.layers
+_REGISTRY: dict[str, Callable[..., keras.Model]] = {}
+
+
+def register(name: str):
+    """Returns a decorator that registers an architecture function under ``name``."""
+
+    def deco(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    """Returns the registered architecture names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build(name: str, input_shape: Sequence[int], num_classes: int, **kw) -> keras.Model:
+    """Returns a new, untrained Functional model ``name`` for inputs of ``input_shape`` and ``num_classes`` logits."""
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model '{name}'; available: {', '.join(available())}")
+    fn = _REGISTRY[name]
+    allowed = [p for p in inspect.signature(fn).parameters if p not in ("input_shape", "num_classes")]
+    unknown = sorted(set(kw) - set(allowed))
+    if unknown:
+        raise UserError(f"model '{name}' has no option {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    return fn(tuple(int(d) for d in input_shape), int(num_classes), **kw)
+
+
+def _filters(n: int, width: float) -> int:
+    # Multiples of 4 keep XNNPACK's int8 kernels on their fast paths.
+    return max(4, int(round(n * width / 4.0)) * 4)
+
+
+def _conv_bn_relu(x, filters, kernel=3, strides=1, name=None, weight_decay=0.0, use_bias=False):
+    reg = keras.regularizers.l2(weight_decay) if weight_decay else None
+    x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=use_bias,
+                      kernel_regularizer=reg, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+@register("mlp")
+def mlp(input_shape, num_classes, hidden: Sequence[int] = (256, 128), dropout: float = 0.0):
+    """Multi-layer perceptron over the flattened image."""
+    inp = keras.Input(input_shape, name="image")
+    x = layers.Flatten(name="flatten")(inp)
+    for i, units in enumerate(hidden):
+        x = layers.Dense(int(units), activation="relu", name=f"fc{i + 1}")(x)
+        if dropout:
+            x = layers.Dropout(dropout, name=f"drop{i + 1}")(x)
+    out = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inp, out, name="mlp")
+
+
+@register("cnn")
+def cnn(input_shape, num_classes, width: float = 1.0, filters: Sequence[int] = (12, 24), head: str = "flatten"):
+    """Small CNN: per stage a 3×3 conv-BN-ReLU then a 2×2 max-pool; a flatten (or global-average-pool) logits head."""
+    if head not in ("flatten", "gap"):
+        raise UserError(f"cnn head must be flatten or gap, got {head!r}")
+    inp = keras.Input(input_shape, name="image")
+    x = inp
+    for i, f in enumerate(filters):
+        x = _conv_bn_relu(x, _filters(f, width), name=f"block{i + 1}")
+        x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+    x = layers.Flatten(name="flatten")(x) if head == "flatten" else layers.GlobalAveragePooling2D(name="gap")(x)
+    out = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inp, out, name="cnn")
+
+
+@register("cnn_large")
+def cnn_large(input_shape, num_classes, width: float = 1.0, dropout: float = 0.4):
+    """The default teacher: 3×3 conv 32 and 64 (each BN-ReLU, 2×2 max-pool), dense 256 with dropout."""
+    inp = keras.Input(input_shape, name="image")
+    x = inp
+    for i, f in enumerate((32, 64)):
+        x = _conv_bn_relu(x, _filters(f, width), name=f"block{i + 1}")
+        x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(_filters(256, width), activation="relu", name="fc")(x)
+    x = layers.Dropout(dropout, name="drop")(x)
+    out = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inp, out, name="cnn_large")
+
+
+@register("resnet8")
+def resnet8(input_shape, num_classes, width: float = 1.0, weight_decay: float = 1e-4):
+    """ResNet-8 of MLPerf Tiny image classification: a 16-filter stem and three residual stacks (16, 32, 64).
+
+    Convolutions keep their biases as in the MLPerf reference, so 32×32×3 inputs give its 78,666 parameters.
+    """
+    reg = keras.regularizers.l2(weight_decay) if weight_decay else None
+    inp = keras.Input(input_shape, name="image")
+    x = _conv_bn_relu(inp, _filters(16, width), name="stem", weight_decay=weight_decay, use_bias=True)
+    for i, (f, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
+        f = _filters(f, width)
+        name = f"stack{i + 1}"
+        y = _conv_bn_relu(x, f, strides=stride, name=f"{name}_a", weight_decay=weight_decay, use_bias=True)
+        y = layers.Conv2D(f, 3, padding="same", kernel_regularizer=reg, name=f"{name}_b_conv")(y)
+        y = layers.BatchNormalization(name=f"{name}_b_bn")(y)
+        if stride != 1 or x.shape[-1] != f:
+            x = layers.Conv2D(f, 1, strides=stride, padding="same", kernel_regularizer=reg, name=f"{name}_shortcut")(x)
+        x = layers.Add(name=f"{name}_add")([x, y])
+        x = layers.ReLU(name=f"{name}_relu")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    out = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    return keras.Model(inp, out, name="resnet8")
+
+
+@register("mobilenet")
+def mobilenet(input_shape, num_classes, width: float = 1.0,
+              blocks: Sequence[tuple[int, int]] = ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1))):
+    """MobileNet-style CNN: a strided 3×3 stem then depthwise-separable blocks ``(filters, stride)``."""
+    inp = keras.Input(input_shape, name="image")
+    x = _conv_bn_relu(inp, _filters(16, width), strides=2 if min(input_shape[:2]) >= 32 else 1, name="stem")
+    for i, (f, stride) in enumerate(blocks):
+        name = f"ds{i + 1}"
+        x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False, name=f"{name}_dw")(x)
+        x = layers.BatchNormalization(name=f"{name}_dw_bn")(x)
+        x = layers.ReLU(6.0, name=f"{name}_dw_relu")(x)
+        x = layers.Conv2D(_filters(f, width), 1, use_bias=False, name=f"{name}_pw")(x)
+        x = layers.BatchNormalization(name=f"{name}_pw_bn")(x)
+        x = layers.ReLU(6.0, name=f"{name}_pw_relu")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    out = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inp, out, name="mobilenet")

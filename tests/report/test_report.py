@@ -1,0 +1,116 @@
+"""Report files: every number the run produced comes back out of results.json/csv and report.md."""
+import csv
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from edge_kd.report.report import _plot_points, markdown_table, pareto_front, write_report
+
+
+def _lat(threads, mean, p90):
+    return {"threads": threads, "init_ms": 3.1, "first_ms": 0.9, "mean_ms": mean, "std_ms": 0.01,
+            "p50_ms": mean * 0.98, "p90_ms": p90, "runs": 1234}
+
+
+def _model(name, role, fmt, variant, acc, size, lat, teacher_acc=0.9912):
+    return {"name": name, "role": role, "format": fmt, "variant": variant, "path": f"export/{name}.{fmt}",
+            "accuracy": acc, "size_bytes": size, "gzip_bytes": size // 2, "params": 12345, "macs": 678910,
+            "input_scale": 1 / 255, "input_offset": 0.0,
+            "latency": lat, "gap_to_teacher": teacher_acc - acc}
+
+
+@pytest.fixture
+def results():
+    return {
+        "run": "mnist-test", "command": "python -m pipelines.compress --recipe default",
+        "data": {"name": "mnist", "num_classes": 10, "input_shape": [28, 28, 1], "test_size": 10000},
+        "runtime": {"cpu": "Test CPU @ 3GHz", "cores": 2, "litert_version": "2.3.0", "tensorflow_version": "2.21.0",
+                    "python": "3.11.9", "platform": "Linux"},
+        "created": "2025-01-01T00:00:00+00:00",
+        "models": [
+            _model("teacher", "teacher", "keras", "fp32", 0.9912, 1_500_000, None),
+            _model("teacher-fp32", "teacher", "tflite", "fp32", 0.9912, 1_200_000,
+                   {"1": _lat(1, 2.5, 2.9), "2": _lat(2, 1.4, 1.6)}),
+            _model("student-int8", "student", "tflite", "int8", 0.9867, 40_960,
+                   {"1": _lat(1, 0.123, 0.150), "2": _lat(2, 0.090, 0.101)}),
+            _model("baseline-int8", "baseline", "tflite", "int8", 0.9801, 40_000,
+                   {"1": _lat(1, 0.130, 0.160), "2": _lat(2, 0.095, 0.110)}),
+        ],
+    }
+
+
+def test_write_report_files_round_trip(tmp_path, results):
+    paths = write_report(tmp_path / "run", results)
+    assert set(paths) == {"json", "csv", "md", "png"}
+    for p in paths.values():
+        assert p.exists() and p.parent == tmp_path / "run"
+
+    assert json.loads(paths["json"].read_text()) == results
+
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [r["name"] for r in rows] == [m["name"] for m in results["models"]]
+    for row, m in zip(rows, results["models"]):
+        assert float(row["accuracy"]) == m["accuracy"]
+        assert int(row["size_bytes"]) == m["size_bytes"] and int(row["macs"]) == m["macs"]
+        assert float(row["gap_to_teacher"]) == pytest.approx(m["gap_to_teacher"])
+        if m["latency"] is None:
+            assert row["latency_1_mean_ms"] == "" and row["latency_2_p90_ms"] == ""
+        else:
+            assert float(row["latency_1_mean_ms"]) == m["latency"]["1"]["mean_ms"]
+            assert float(row["latency_2_p90_ms"]) == m["latency"]["2"]["p90_ms"]
+            assert int(row["latency_1_runs"]) == 1234
+
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+    h, w = imread(paths["png"]).shape[:2]
+    assert w > h > 300
+
+
+def test_report_md_has_every_model_and_number(tmp_path, results):
+    md = write_report(tmp_path, results)["md"].read_text()
+    assert md.startswith("# edge-kd report: mnist-test")
+    assert results["command"] in md
+    assert "Test CPU @ 3GHz" in md and "2 cores" in md and "LiteRT 2.3.0" in md
+    assert "pareto.png" in md and "How to read this" in md
+    for m in results["models"]:
+        assert f"| {m['name']} |" in md
+        assert f"{m['accuracy'] * 100:.2f}" in md
+    table = markdown_table(results)
+    assert table in md
+    lines = table.strip().splitlines()
+    assert len(lines) == 2 + len(results["models"])
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["model", "role", "format", "variant", "accuracy %", "Δ vs teacher (pp)", "size (KB)",
+                      "gzip (KB)", "latency 1 thr mean ms (p90)", "latency 2 thr mean ms", "params", "MACs"]
+    student = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert student == ["student-int8", "student", "tflite", "int8", "98.67", "-0.45", "40.0", "20.0",
+                       "0.123 (0.150)", "0.090", "12,345", "678,910"]
+    keras_row = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert keras_row[5] == "+0.00" and keras_row[8] == "—" and keras_row[9] == "—"
+
+
+def test_plot_points_leave_untimed_keras_rows_out_of_the_latency_panel(results):
+    size_points, lat_points = _plot_points(results)
+    assert [p[2]["name"] for p in size_points] == [m["name"] for m in results["models"]]
+    assert [p[2]["name"] for p in lat_points] == ["teacher-fp32", "student-int8", "baseline-int8"]
+    assert size_points[2][:2] == (40.0, pytest.approx(98.67))
+    assert lat_points[1][:2] == (0.123, pytest.approx(98.67))
+    front = pareto_front(lat_points)
+    assert [p[2]["name"] for p in front] == ["student-int8", "teacher-fp32"]
+
+
+def test_pareto_front_matches_brute_force(rng):
+    points = [(float(c), float(a), i) for i, (c, a) in enumerate(zip(rng.uniform(1, 100, 40), rng.uniform(0, 1, 40)))]
+    dominated = {p[2] for p, q in itertools.permutations(points, 2)
+                 if q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1])}
+    front = pareto_front(points)
+    assert sorted(p[2] for p in front) == sorted(p[2] for p in points if p[2] not in dominated)
+    assert np.all(np.diff([p[0] for p in front]) > 0) and np.all(np.diff([p[1] for p in front]) > 0)
+
+
+def test_report_rejects_results_without_models(tmp_path):
+    with pytest.raises(ValueError, match="models"):
+        write_report(tmp_path, {"run": "x"})
