@@ -247,14 +247,13 @@ def _load_folder(root: Path, size, test_fraction, seed):
         if te_classes != classes:
             raise UserError(f"image folder {root}: train/ classes {classes} differ from test/ classes {te_classes}")
         mode = "RGB" if "RGB" in tr_modes | te_modes else "L"
-        if size is None:
-            size = tr_images[0][0].size[::-1]
-        return (_to_array(tr_images, mode, size), np.array(tr_labels, np.int64),
-                _to_array(te_images, mode, size), np.array(te_labels, np.int64), tuple(classes))
+        x_tr, x_te = _to_array(tr_images, mode, size), _to_array(te_images, mode, size)
+        if x_tr.shape[1:3] != x_te.shape[1:3]:
+            raise UserError(f"image folder {root}: train/ images are {x_tr.shape[1:3]} but test/ images are "
+                            f"{x_te.shape[1:3]}; pass --image-size H,W to resize them")
+        return x_tr, np.array(tr_labels, np.int64), x_te, np.array(te_labels, np.int64), tuple(classes)
     classes, images, labels, modes = _read_class_folders(root, size, str(root))
     mode = "RGB" if "RGB" in modes else "L"
-    if size is None:
-        size = images[0][0].size[::-1]
     x = _to_array(images, mode, size)
     y = np.array(labels, np.int64)
     test_idx = _stratified_holdout(y, test_fraction, np.random.default_rng(seed + 7))

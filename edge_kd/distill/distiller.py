@@ -80,10 +80,13 @@ class Distiller(keras.Model):
         return s_logits, total, hard, values
 
     def _update(self, y, s_logits, total, hard, values):
-        self._loss_tracker.update_state(total)
-        self._hard_tracker.update_state(hard)
+        # Weighted by batch size, as Keras weights its own loss, so an epoch's figure is the per-sample mean
+        # even when the last batch is short.
+        n = tf.cast(tf.shape(s_logits)[0], tf.float32)
+        self._loss_tracker.update_state(total, sample_weight=n)
+        self._hard_tracker.update_state(hard, sample_weight=n)
         for tracker, v in zip(self._term_trackers, values):
-            tracker.update_state(v)
+            tracker.update_state(v, sample_weight=n)
         self.compiled_metrics.update_state(y, s_logits)
         return {m.name: m.result() for m in self.metrics}
 

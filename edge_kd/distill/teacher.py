@@ -104,7 +104,8 @@ def logits_model(model: keras.Model, sample=None) -> tuple[keras.Model, str]:
     if sample is not None:
         p = np.asarray(model(sample, training=False))
         if p.ndim == 2 and p.min() >= 0.0 and p.max() <= 1.0 and np.allclose(p.sum(-1), 1.0, atol=1e-3):
-            inp = keras.Input(model.input_shape[1:])
+            # A subclassed model has no input_shape; the sample shows what it takes.
+            inp = keras.Input(model.input_shape[1:] if model.inputs else np.shape(sample)[1:])
             out = LogProbabilities()(model(inp, training=False))
             return keras.Model(inp, out, name=f"{model.name}_logprob"), "probabilities"
     return model, "logits"
@@ -127,6 +128,9 @@ def adapt_teacher(model: keras.Model, input_shape: Sequence[int], num_classes: i
     ``teacher_offset`` to the teacher's (default: the same). The teacher side resizes bilinearly to
     the teacher's own height and width.
     """
+    if model.inputs is None or model.outputs is None:
+        raise UserError(f"teacher must be a Functional or Sequential Keras model with a known input, got "
+                        f"{type(model).__name__}; wrap it: keras.Model(inp, teacher(inp))")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UserError(f"teacher must have one input and one output, it has {len(model.inputs)} and {len(model.outputs)}")
     t_shape = tuple(model.input_shape[1:])

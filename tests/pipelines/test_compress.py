@@ -1,0 +1,164 @@
+"""The command line: one-line errors with exit status 2 for user mistakes, and a real end-to-end run."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_kd.keras import keras
+from pipelines import compress
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _npz(path, n_train=64, n_test=32, classes=3, shape=(12, 12)):
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+             y_train=np.arange(n_train) % classes, x_test=rng.integers(0, 256, (n_test, *shape), dtype=np.uint8),
+             y_test=np.arange(n_test) % classes)
+    return path
+
+
+def _teacher(path, input_shape=(12, 12, 1), classes=3, softmax=False, lam=False):
+    inp = keras.Input(input_shape)
+    x = keras.layers.Flatten()(inp)
+    if lam:
+        x = keras.layers.Lambda(lambda t: t * 2.0)(x)
+    out = keras.layers.Dense(classes, activation="softmax" if softmax else None)(x)
+    keras.Model(inp, out).save(path)
+    return path
+
+
+def _run_main(capsys, out, *args):
+    try:
+        code = compress.main(["--out", str(out), *map(str, args)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture
+def small_npz(tmp_path):
+    return _npz(tmp_path / "small.npz")
+
+
+BAD_CASES = {
+    "unknown student": (lambda d: ["--data", d["npz"], "--student", "nope"], ["unknown student", "mlp", "resnet8"]),
+    "missing data": (lambda d: ["--data", d["tmp"] / "missing.npz"], ["not found"]),
+    "corrupt npz": (lambda d: ["--data", d["corrupt_npz"]], ["cannot read"]),
+    "npz without keys": (lambda d: ["--data", d["nokeys_npz"]], ["lacks key", "y_test"]),
+    "teacher class count": (lambda d: ["--data", d["npz"], "--teacher", d["teacher5"]], ["5 classes", "3"]),
+    "teacher channels": (lambda d: ["--data", d["npz"], "--teacher", d["teacher_rgb"]], ["3 channel", "1"]),
+    "missing teacher": (lambda d: ["--data", d["npz"], "--teacher", d["tmp"] / "no.keras"], ["teacher file not found"]),
+    "corrupt teacher": (lambda d: ["--data", d["npz"], "--teacher", d["corrupt_keras"]], ["cannot load teacher"]),
+    "lambda teacher": (lambda d: ["--data", d["npz"], "--teacher", d["lambda_keras"]], ["--trust-teacher"]),
+    "unreadable image folder": (lambda d: ["--data", d["bad_folder"]], ["cannot read image"]),
+    "temperature <= 0": (lambda d: ["--temperature", "0"], ["--temperature", "> 0"]),
+    "alpha > 1": (lambda d: ["--alpha", "1.5"], ["--alpha", "[0, 1]"]),
+    "alpha < 0": (lambda d: ["--alpha", "-0.1"], ["--alpha"]),
+    "unknown tfds": (lambda d: ["--data", "tfds:surely_not_a_dataset_xyz"], ["tfds", "surely_not_a_dataset_xyz"]),
+    "bad option value": (lambda d: ["--epochs", "many"], ["--epochs"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    d = {"tmp": tmp, "npz": _npz(tmp / "ok.npz")}
+    (tmp / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    d["corrupt_npz"] = tmp / "corrupt.npz"
+    np.savez(tmp / "nokeys.npz", x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.zeros(4), x_test=np.zeros((4, 8, 8), np.uint8))
+    d["nokeys_npz"] = tmp / "nokeys.npz"
+    d["teacher5"] = _teacher(tmp / "t5.keras", classes=5)
+    d["teacher_rgb"] = _teacher(tmp / "trgb.keras", input_shape=(12, 12, 3))
+    (tmp / "corrupt.keras").write_bytes(os.urandom(512))
+    d["corrupt_keras"] = tmp / "corrupt.keras"
+    d["lambda_keras"] = _teacher(tmp / "lam.keras", lam=True)
+    for cls in ("a", "b"):
+        (tmp / "imgs" / cls).mkdir(parents=True)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp / "imgs" / "a" / "ok.png")
+    (tmp / "imgs" / "b" / "broken.png").write_bytes(b"\x89PNG but truncated")
+    d["bad_folder"] = tmp / "imgs"
+    return d
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_user_mistake_is_one_line_exit_2_and_writes_nothing(case, bad_inputs, tmp_path, capsys):
+    make_args, needles = BAD_CASES[case]
+    out = tmp_path / "out"
+    code, err = _run_main(capsys, out, *make_args(bad_inputs))
+    _assert_one_line_error(code, err, *needles)
+    assert not out.exists() or not any(p for p in out.iterdir() if not p.name.endswith(".native.log"))
+
+
+def test_bad_input_from_a_real_process_prints_no_traceback(tmp_path):
+    _npz(tmp_path / "ok.npz")
+    proc = subprocess.run([sys.executable, "-m", "pipelines.compress", "--data", str(tmp_path / "ok.npz"),
+                           "--student", "nope", "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "unknown student 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_help_documents_every_option():
+    text = compress.build_parser().format_help()
+    for option in ("--data", "--teacher", "--trust-teacher", "--student", "--epochs", "--temperature", "--alpha",
+                   "--out", "--seed", "--teacher-input-range", "--int8-float-io", "--threads"):
+        assert option in text
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_a_slice_of_mnist(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipelines.compress", "--limit-train", "3000", "--limit-test", "600", "--epochs", "2",
+           "--teacher-epochs", "2", "--threads", "1", "--out", str(out), "--run-name", "e2e"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[6/6] write report: done" in proc.stdout
+    run = out / "e2e"
+    results = json.loads((run / "results.json").read_text())
+    names = [m["name"] for m in results["models"]]
+    assert names == ["teacher", "student", "baseline", "teacher-fp32", "student-fp32", "student-fp16",
+                     "student-dynamic", "student-int8"]
+    from edge_kd.bench import litert
+
+    d = np.load(ROOT / "edge_kd" / "_data" / "mnist.npz")
+    for m in results["models"]:
+        assert (run / m["path"]).is_file()
+        assert m["size_bytes"] == (run / m["path"]).stat().st_size
+        assert 0 < m["gzip_bytes"] < m["size_bytes"] * 1.1
+        assert m["input_scale"] == pytest.approx(1 / 255) and m["input_offset"] == 0.0
+        assert m["role"] in ("teacher", "student", "baseline") and m["format"] in ("keras", "tflite")
+        assert 0.0 <= m["accuracy"] <= 1.0
+        if m["format"] == "tflite":
+            assert m["latency"]["1"]["runs"] >= 50
+            # the reported accuracy is reproduced by an independent LiteRT run on the same test images
+            x = d["x_test"][..., None].astype(np.float32) * m["input_scale"] + m["input_offset"]
+            keep = np.sort(np.random.default_rng(1).permutation(len(x))[:600])
+            assert litert.accuracy(run / m["path"], x[keep], d["y_test"][keep]) == pytest.approx(m["accuracy"])
+    student_int8 = results["models"][-1]
+    assert student_int8["size_bytes"] * 10 <= next(m for m in results["models"] if m["name"] == "teacher-fp32")["size_bytes"]
+    rows = list(csv.DictReader((run / "results.csv").open()))
+    assert [r["name"] for r in rows] == names
+    report = (run / "report.md").read_text()
+    assert all(n in report for n in names)
+    assert (run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".e2e.partial-*"))
