@@ -79,7 +79,9 @@ def report_markdown(results: dict) -> str:
                f"{', '.join(threads) if threads else 'no'} thread(s).  ")
     if results.get("created"):
         out.append(f"Created: {results['created']}")
-    out += ["", markdown_table(results), "## How to read this", ""]
+    out += ["", markdown_table(results)]
+    out += _distillation_lines(results)
+    out += ["## Latency in detail (ms, batch 1)", "", latency_table(results), "## How to read this", ""]
     out.append(f"- **accuracy %**: top-1 on the whole test set ({_int(test_size)} images); `tflite` rows are run "
                "through the LiteRT interpreter exactly as they would be deployed (int8 inputs quantized with the "
                "model's own scale and zero point), `keras` rows through Keras.")
@@ -97,6 +99,32 @@ def report_markdown(results: dict) -> str:
     out += ["", "Accuracy against size and against 1-thread latency, with each panel's Pareto front: "
                 "[pareto.png](pareto.png)", "", "![Pareto fronts](pareto.png)", ""]
     return "\n".join(out)
+
+
+def _distillation_lines(results: dict) -> list:
+    """Returns the lines comparing the distilled student with the same student trained without a teacher."""
+    by_role = {m["role"]: m for m in results["models"] if m.get("format") == "keras"}
+    if "student" not in by_role or "baseline" not in by_role:
+        return []
+    s, b = by_role["student"]["accuracy"], by_role["baseline"]["accuracy"]
+    d = results.get("distillation") or {}
+    how = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in d.items())
+    return [f"Distillation ({how}): the distilled student scores {_pct(s)} % against {_pct(b)} % for the same "
+            f"student trained without the teacher (same epochs and seed): {100 * (s - b):+.2f} pp.", ""]
+
+
+def latency_table(results: dict) -> str:
+    """Returns a markdown table of every timed row's latency figures per thread count."""
+    lines = ["| model | threads | init | first run | mean | std | p50 | p90 | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in results["models"]:
+        for threads, lat in sorted((m.get("latency") or {}).items(), key=lambda kv: int(kv[0])):
+            if not lat:
+                continue
+            cells = [m["name"], threads] + [_ms(lat.get(k)) for k in ("init_ms", "first_ms", "mean_ms", "std_ms",
+                                                                      "p50_ms", "p90_ms")] + [_int(lat.get("runs"))]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def results_csv(results: dict) -> str:
