@@ -116,10 +116,9 @@ def run(cfg, command: str = "python -m pipelines.compress") -> Path:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     try:
-        results = _run_steps(cfg, bundle, teacher, teacher_info, work, progress, command)
-        results_path = final / "results.json"
+        results = _run_steps(cfg, bundle, teacher, teacher_info, work, progress, command, final.name)
         _replace_dir(work, final)
-        print(f"report: {final / 'report.md'}  (results: {results_path})", flush=True)
+        print(f"report: {final / 'report.md'}  (results: {final / 'results.json'})", flush=True)
         _print_summary(results)
         return final
     finally:
@@ -153,7 +152,7 @@ def _replace_dir(src: Path, dst: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _run_steps(cfg, bundle, teacher, teacher_info, work: Path, progress: Progress, command: str) -> dict:
+def _run_steps(cfg, bundle, teacher, teacher_info, work: Path, progress: Progress, command: str, run_name: str) -> dict:
     import models
     from edge_kd.bench import litert, stats
     from edge_kd.distill import Distiller, hinton
@@ -165,7 +164,6 @@ def _run_steps(cfg, bundle, teacher, teacher_info, work: Path, progress: Progres
     info = bundle.info
     write_json(work / "config.json", {"command": command, **cfg.to_dict()})
     histories = {}
-    entries = []  # (name, role, keras model or None, variant, path, macs source)
 
     if teacher is None:
         with progress.step(f"train teacher '{cfg.teacher_arch}' ({cfg.teacher_epochs} epochs)"):
@@ -229,7 +227,7 @@ def _run_steps(cfg, bundle, teacher, teacher_info, work: Path, progress: Progres
 
     with progress.step("write report"):
         results = {
-            "run": work.name.split(".partial-")[0].lstrip("."),
+            "run": run_name,
             "command": command,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "data": {"name": info.name, "num_classes": info.num_classes, "input_shape": list(info.input_shape),

@@ -162,3 +162,36 @@ def test_cli_end_to_end_on_a_slice_of_mnist(tmp_path):
     assert all(n in report for n in names)
     assert (run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".e2e.partial-*"))
+
+
+@pytest.mark.slow
+def test_cli_with_a_users_softmax_h5_teacher_of_another_input_size_and_range(tmp_path):
+    data = _npz(tmp_path / "d.npz", n_train=120, n_test=40)
+    # the user's teacher: 16×16 inputs on [-1, 1], softmax head, saved as .h5
+    inp = keras.Input((16, 16, 1))
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inp))
+    keras.Model(inp, out).save(tmp_path / "teacher.h5")
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipelines.compress", "--data", str(data), "--teacher", str(tmp_path / "teacher.h5"),
+           "--teacher-input-range=-1,1", "--student", "mlp", "--epochs", "1", "--threads", "1", "--out", str(out_dir),
+           "--run-name", "user"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[5/5] write report: done" in proc.stdout  # no teacher training step
+    results = json.loads((out_dir / "user" / "results.json").read_text())
+    assert results["teacher"]["head"] == "softmax" and results["teacher"]["resized"] is True
+    assert results["teacher"]["scale"] == pytest.approx(2 / 255) and results["teacher"]["offset"] == -1.0
+    teacher_row = results["models"][0]
+    assert teacher_row["path"] == str((tmp_path / "teacher.h5").resolve())
+    assert teacher_row["size_bytes"] == (tmp_path / "teacher.h5").stat().st_size
+    # the exported teacher takes the student's input (12×12, [0, 1]) and gives the original teacher's logits
+    from edge_kd.bench import litert
+
+    d = np.load(data)
+    x = d["x_test"][..., None].astype(np.float32) / 255
+    tfl = litert.TFLiteModel(out_dir / "user" / "tflite" / "teacher-fp32.tflite").predict(x)
+    original = keras.models.load_model(tmp_path / "teacher.h5")
+    from edge_kd.keras import tf
+
+    probs = original.predict(tf.image.resize(x, (16, 16)).numpy() * 2 - 1, verbose=0)
+    np.testing.assert_allclose(tf.nn.softmax(tfl).numpy(), probs, atol=1e-5)
