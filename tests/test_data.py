@@ -316,3 +316,20 @@ def test_unknown_tfds_name_is_a_user_error():
 def test_unknown_source_is_a_user_error(tmp_path):
     msg = _user_error("imagenet-ish", "not found", "mnist")
     assert "tfds:" in msg
+
+
+def test_tfds_without_network_is_a_one_line_user_error(monkeypatch):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("mnist")  # a real builder: the name is known, but its download cannot reach the network
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Failed to establish a new connection: [Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(builder, "download_and_prepare", no_network)
+    monkeypatch.setattr(tfds, "builder", lambda name, **kw: builder)
+    with pytest.raises(UserError) as exc:
+        data.load("tfds:mnist")
+    message = str(exc.value)
+    assert "\n" not in message
+    assert "cannot get tfds dataset 'mnist'" in message and "Network is unreachable" in message
