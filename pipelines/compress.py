@@ -1,15 +1,20 @@
-"""python -m pipelines.compress: distil, export, benchmark and report in one command.
+"""python -m pipelines.compress: distil, prune, quantize, export, benchmark and report, from one recipe.
 
-With no arguments it runs the built-in MNIST default: trains a teacher CNN, distils a small
-student from it, trains the same student without a teacher for comparison, exports TFLite
-models (fp32, fp16, dynamic-range, int8), measures them with LiteRT and writes
-tflite_out/<run>/report.md, results.json, results.csv and pareto.png.
+With no arguments it runs the built-in recipe (recipes/mnist.yaml) on the built-in MNIST: trains a
+teacher CNN, distils a small student, trains the same student without a teacher for comparison,
+prunes the student to 75 % while distilling, runs sparsity-preserving quantization-aware training
+while distilling, exports TFLite models, measures them with LiteRT and writes
+tflite_out/<run>/report.md, results.json, results.csv and pareto.png. Each stage is resumable:
+rerunning a command skips the stages that finished with the same settings and inputs.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
+import tempfile
 
 from edge_kd.errors import UserError
 
@@ -42,67 +47,103 @@ def _int_list(text):
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the command's argument parser; --help documents every option."""
-    from pipelines.config import RunConfig
-
-    d = RunConfig()
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[1].replace("\n", " "),
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                epilog="Options other than --recipe, --set and --out are shortcuts for recipe keys (shown in "
+                       "brackets) and override the recipe. Defaults are the built-in recipe's, recipes/mnist.yaml.")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--recipe", default=None, metavar="YAML",
+                   help="the run's recipe (data, teacher, student, stages and their parameters); "
+                        "default: recipes/mnist.yaml")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe key, typed as in YAML, e.g. --set prune.target_sparsity=0.5 "
+                        "--set distill.epochs=10 --set data.limit_train=5000 (repeatable; `stage.key` is short "
+                        "for `stages.stage.key`; naming a stage the recipe lacks adds it)")
+    g.add_argument("--out", default="tflite_out", metavar="DIR", help="folder holding run folders (default: tflite_out)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.data, help="'mnist' (built in), a .npz with x_train/y_train/x_test/y_test "
+    g.add_argument("--data", help="[data.source] 'mnist' (built in), a .npz with x_train/y_train/x_test/y_test "
                    "(uint8 pixels), a folder with one subfolder of images per class (optionally under train/ and "
                    "test/), or tfds:<name> (tensorflow-datasets; downloads once)")
-    g.add_argument("--image-size", type=lambda t: _pair(int, 2, t), default=None, metavar="H,W",
-                   help="resize image-folder and tfds images to H,W")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="fraction of the training images held out for validation")
-    g.add_argument("--limit-train", type=int, default=None, metavar="N", help="use only N training images (quick runs)")
-    g.add_argument("--limit-test", type=int, default=None, metavar="N", help="use only N test images (quick runs)")
+    g.add_argument("--image-size", type=lambda t: _pair(int, 2, t), metavar="H,W",
+                   help="[data.image_size] resize image-folder and tfds images to H,W")
+    g.add_argument("--val-fraction", type=float, help="[data.val_fraction] training images held out for validation")
+    g.add_argument("--limit-train", type=int, metavar="N", help="[data.limit_train] use only N training images")
+    g.add_argument("--limit-test", type=int, metavar="N", help="[data.limit_test] use only N test images")
     g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", default=None, metavar="PATH",
-                   help="your trained teacher (.keras or .h5; softmax or logits head) instead of training one")
-    g.add_argument("--trust-teacher", action="store_true",
-                   help="allow loading a teacher whose file runs code (Lambda layers); only for files you trust")
-    g.add_argument("--teacher-input-range", type=lambda t: _pair(float, 2, t), default=None, metavar="LO,HI",
-                   help="the input range your teacher was trained on (raw 0..255 mapped linearly to LO..HI, "
-                        "e.g. -1,1 or 0,255); default: the same as the student, 0,1")
-    g.add_argument("--teacher-arch", default=d.teacher_arch, help="architecture of the teacher trained when no --teacher")
-    g.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs, help="epochs to train that teacher")
+    g.add_argument("--teacher", metavar="PATH",
+                   help="[teacher.path] your trained teacher (.keras or .h5; softmax or logits head) instead of "
+                        "training one")
+    g.add_argument("--trust-teacher", action="store_true", default=None,
+                   help="[teacher.trust] allow loading a teacher whose file runs code (Lambda layers); only for "
+                        "files you trust")
+    g.add_argument("--teacher-input-range", type=lambda t: _pair(float, 2, t), metavar="LO,HI",
+                   help="[teacher.input_range] the input range your teacher was trained on (raw 0..255 mapped "
+                        "linearly to LO..HI, e.g. -1,1 or 0,255); default: the student's, 0,1")
+    g.add_argument("--teacher-arch", help="[teacher.arch] architecture of the teacher trained when no --teacher")
+    g.add_argument("--teacher-epochs", type=int, help="[teacher.epochs] epochs to train that teacher")
     g = p.add_argument_group("student and distillation")
-    g.add_argument("--student", default=d.student, help="student architecture from the models registry "
+    g.add_argument("--student", help="[student.arch] student architecture from the models registry "
                    "(mlp, cnn, cnn_large, resnet8, mobilenet)")
-    g.add_argument("--student-width", type=float, default=d.student_width,
-                   help="width multiplier of the student's layers (cnn, resnet8, mobilenet)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of distillation (and of the no-teacher baseline)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
-    g.add_argument("--learning-rate", type=float, default=d.learning_rate,
-                   help="Adam's initial learning rate (cosine decay to 0 over the run)")
-    g.add_argument("--temperature", "-T", type=float, default=d.temperature, help="softmax temperature T of the soft targets (> 0)")
-    g.add_argument("--alpha", type=float, default=d.alpha,
-                   help="weight of the soft term: loss = (1-alpha)*CE + alpha*T^2*KL, alpha in [0, 1]")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of weights, shuffling and the validation split")
-    g = p.add_argument_group("export, benchmark, output")
-    g.add_argument("--int8-float-io", action="store_true",
-                   help="keep float32 input/output on the int8 model (default: int8 input and output)")
-    g.add_argument("--threads", type=_int_list, default=d.threads, metavar="N[,N...]",
-                   help="LiteRT thread counts to measure latency at")
-    g.add_argument("--out", default=d.out, metavar="DIR", help="folder that holds run folders")
-    g.add_argument("--run-name", default=None, help="run folder name (default: <data>-<student>)")
+    g.add_argument("--student-width", type=float, help="[student.options.width] width multiplier (cnn, resnet8, mobilenet)")
+    g.add_argument("--epochs", type=int, help="[stages.distill.epochs] epochs of distillation (the baseline follows)")
+    g.add_argument("--batch-size", type=int, help="[training.batch_size] training batch size")
+    g.add_argument("--learning-rate", type=float,
+                   help="[training.learning_rate] Adam's initial learning rate (cosine decay within each stage)")
+    g.add_argument("--temperature", "-T", type=float,
+                   help="[distillation.terms hinton temperature] softmax temperature T of the soft targets (> 0)")
+    g.add_argument("--alpha", type=float,
+                   help="[hinton weight, hard_weight = 1 - alpha] weight of the soft term: "
+                        "loss = (1-alpha)*CE + alpha*T^2*KL, alpha in [0, 1]")
+    g.add_argument("--seed", type=int, help="[seed] seed of weights, shuffling and the validation split")
+    g = p.add_argument_group("export and benchmark")
+    g.add_argument("--int8-float-io", action="store_true", default=None,
+                   help="[stages.export.int8_io: false] keep float32 input/output on int8 models")
+    g.add_argument("--threads", type=_int_list, metavar="N[,N...]",
+                   help="[stages.benchmark.threads] LiteRT thread counts to measure latency at")
+    g.add_argument("--run-name", help="[name] run folder name (default: <data>-<student>)")
     return p
 
 
-def config_from_args(args):
-    """Returns the validated RunConfig for parsed ``args``."""
-    from pipelines.config import RunConfig
+def _shortcut_overrides(args) -> list[str]:
+    """Returns the --set assignments that the shortcut options stand for."""
+    def dump(v):
+        return json.dumps(list(v) if isinstance(v, tuple) else v)
 
-    return RunConfig(
-        data=args.data, teacher=args.teacher, trust_teacher=args.trust_teacher,
-        teacher_input_range=args.teacher_input_range, teacher_arch=args.teacher_arch,
-        teacher_epochs=args.teacher_epochs, student=args.student, student_width=args.student_width,
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        temperature=args.temperature, alpha=args.alpha, seed=args.seed, val_fraction=args.val_fraction,
-        image_size=args.image_size, limit_train=args.limit_train, limit_test=args.limit_test,
-        int8_io=not args.int8_float_io, threads=args.threads, out=args.out, run_name=args.run_name,
-    ).validate()
+    simple = {"data": "data.source", "image_size": "data.image_size", "val_fraction": "data.val_fraction",
+              "limit_train": "data.limit_train", "limit_test": "data.limit_test", "teacher": "teacher.path",
+              "trust_teacher": "teacher.trust", "teacher_input_range": "teacher.input_range",
+              "teacher_arch": "teacher.arch", "teacher_epochs": "teacher.epochs", "student": "student.arch",
+              "student_width": "student.options.width", "epochs": "stages.distill.epochs",
+              "batch_size": "training.batch_size", "learning_rate": "training.learning_rate", "seed": "seed",
+              "threads": "stages.benchmark.threads", "run_name": "name"}
+    out = [f"{key}={dump(getattr(args, attr))}" for attr, key in simple.items() if getattr(args, attr) is not None]
+    if args.int8_float_io:
+        out.append("stages.export.int8_io=false")
+    return out
+
+
+def load_recipe(args):
+    """Returns the validated recipe: the file (or the default), then the shortcuts, then every --set."""
+    from edge_kd.errors import UserError
+    from pipelines import recipe as recipe_mod
+
+    r = recipe_mod.load(args.recipe)
+    r = recipe_mod.apply_overrides(r, _shortcut_overrides(args) + list(args.overrides))
+    if args.temperature is not None or args.alpha is not None:
+        if args.temperature is not None and not args.temperature > 0:
+            raise UserError(f"--temperature must be > 0, got {args.temperature:g}")
+        if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
+            raise UserError(f"--alpha must be in [0, 1], got {args.alpha:g}")
+        idx = [i for i, t in enumerate(r.distillation.terms) if t.get("name") == "hinton"]
+        if not idx:
+            raise UserError("--temperature/--alpha set the hinton term, but the recipe's distillation.terms has none")
+        sets = []
+        if args.temperature is not None:
+            sets.append(f"distillation.terms.{idx[0]}.temperature={args.temperature!r}")
+        if args.alpha is not None:
+            sets += [f"distillation.terms.{idx[0]}.weight={args.alpha!r}",
+                     f"distillation.hard_weight={1.0 - args.alpha!r}"]
+        r = recipe_mod.apply_overrides(r, sets)
+    return r
 
 
 def _send_native_logs_to(path):
@@ -120,24 +161,45 @@ def _send_native_logs_to(path):
 
 
 def main(argv=None, quiet_native: bool = False) -> int:
-    """Runs the command; returns its exit status (0 done, 2 user mistake, 130 interrupted)."""
+    """Runs the command; returns its exit status (0 done, 2 user mistake, 130 interrupted).
+
+    With ``quiet_native`` (the command line), TensorFlow's C++ log lines go to a log file: the run
+    folder's native.log after a run, and a temporary file, named on failure, until then.
+    """
     args = build_parser().parse_args(argv)
     command = " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])
+    native_log = os.path.join(tempfile.gettempdir(), f"edge-kd-native-{os.getpid()}.log")
+    if quiet_native:  # before TensorFlow is first imported, which happens while the recipe is checked
+        _send_native_logs_to(native_log)
+    keep_log = False
     try:
-        cfg = config_from_args(args)
-        if quiet_native:
-            os.makedirs(cfg.out, exist_ok=True)
-            _send_native_logs_to(os.path.join(cfg.out, f".{cfg.resolved_run_name()}.native.log"))
+        recipe = load_recipe(args)
         from pipelines.run import run
+        from pipelines.stages import Interrupted
 
-        run(cfg, command=command)
+        try:
+            run_dir = run(recipe, out=args.out, command=command)
+        except Interrupted as e:
+            print(f"{PROG}: interrupted during stage '{e.stage}'; finished stages are kept: rerun the same command "
+                  f"to resume at '{e.stage}'", file=sys.stderr)
+            return 130
+        if quiet_native:
+            shutil.copyfile(native_log, run_dir / "native.log")
         return 0
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the run folder was left as it was before this run", file=sys.stderr)
+        print(f"{PROG}: interrupted; finished stages are kept: rerun the same command to resume", file=sys.stderr)
         return 130
+    except BaseException:
+        keep_log = quiet_native
+        if keep_log:
+            print(f"{PROG}: failed; TensorFlow's own log is in {native_log}", file=sys.stderr)
+        raise
+    finally:
+        if quiet_native and not keep_log and os.path.exists(native_log):
+            os.unlink(native_log)
 
 
 if __name__ == "__main__":

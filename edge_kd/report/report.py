@@ -41,7 +41,7 @@ def markdown_table(results: dict) -> str:
     """Returns the results table alone as GitHub markdown, one row per model in the given order."""
     _check(results)
     header = ["model", "role", "format", "variant", "accuracy %", "Δ vs teacher (pp)", "size (KB)", "gzip (KB)",
-              "latency 1 thr mean ms (p90)", "latency 2 thr mean ms", "params", "MACs"]
+              "sparsity %", "latency 1 thr mean ms (p90)", "latency 2 thr mean ms", "params", "MACs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
     for m in results["models"]:
         lat1, lat2 = _latency(m, 1), _latency(m, 2)
@@ -50,6 +50,7 @@ def markdown_table(results: dict) -> str:
             _pct(m.get("accuracy")),
             _delta(m),
             _kb(m.get("size_bytes")), _kb(m.get("gzip_bytes")),
+            _pct(m.get("sparsity")) if _num(m.get("sparsity")) else "—",
             f"{_ms(lat1['mean_ms'])} ({_ms(lat1['p90_ms'])})" if lat1 else "—",
             _ms(lat2["mean_ms"]) if lat2 else "—",
             _int(m.get("params")), _int(m.get("macs")),
@@ -81,6 +82,9 @@ def report_markdown(results: dict) -> str:
         out.append(f"Created: {results['created']}")
     out += ["", markdown_table(results)]
     out += _distillation_lines(results)
+    stages = stage_table(results)
+    if stages:
+        out += ["## Trade-off across stages (each stage's int8 model)", "", stages]
     out += ["## Latency in detail (ms, batch 1)", "", latency_table(results), "## How to read this", ""]
     out.append(f"- **accuracy %**: top-1 on the whole test set ({_int(test_size)} images); `tflite` rows are run "
                "through the LiteRT interpreter exactly as they would be deployed (int8 inputs quantized with the "
@@ -94,6 +98,8 @@ def report_markdown(results: dict) -> str:
                "one first run, warm-up, then timed `invoke()` calls until both a minimum count and a minimum "
                f"time are reached{run_note}; mean in ms with p90 in parentheses; LiteRT's default XNNPACK "
                "delegate; `keras` rows are not timed.")
+    out.append("- **sparsity %**: the share of exact zeros in the conv and dense kernels, read from the exported "
+               "`.tflite` weights themselves (for int8, values equal to the zero point), not from the recipe.")
     out.append("- **params / MACs**: weights of the Keras model the row comes from, and multiply-accumulates of "
                "one forward pass of one image (conv, depthwise, separable and dense layers).")
     out += ["", "Accuracy against size and against 1-thread latency, with each panel's Pareto front: "
@@ -111,6 +117,23 @@ def _distillation_lines(results: dict) -> list:
     how = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in d.items())
     return [f"Distillation ({how}): the distilled student scores {_pct(s)} % against {_pct(b)} % for the same "
             f"student trained without the teacher (same epochs and seed): {100 * (s - b):+.2f} pp.", ""]
+
+
+def stage_table(results: dict) -> str:
+    """Returns a markdown table with each compression stage's int8 TFLite model, or "" where there is none."""
+    rows = [m for m in results["models"] if m.get("format") == "tflite" and m.get("variant") == "int8"
+            and m.get("role") != "teacher" and m.get("stage")]
+    if not rows:
+        return ""
+    lines = ["| stage | model | accuracy % | Δ vs teacher (pp) | size (KB) | gzip (KB) | sparsity % | "
+             "latency 1 thr mean ms |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for m in rows:
+        lat1 = _latency(m, 1)
+        cells = [m["stage"], m["name"], _pct(m.get("accuracy")), _delta(m), _kb(m.get("size_bytes")),
+                 _kb(m.get("gzip_bytes")), _pct(m.get("sparsity")) if _num(m.get("sparsity")) else "—",
+                 _ms(lat1["mean_ms"]) if lat1 else "—"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def latency_table(results: dict) -> str:

@@ -1,0 +1,130 @@
+"""Recipes: the shipped ones validate; every kind of mistake is one line naming key, value and what is allowed."""
+import pytest
+
+from edge_kd.errors import UserError
+from pipelines import compress, recipe
+
+
+@pytest.mark.parametrize("name", ["mnist", "mnist_tfmot_only", "cifar10_resnet8"])
+def test_shipped_recipes_validate(name):
+    r = recipe.load(recipe.RECIPES / f"{name}.yaml")
+    assert r.stages.enabled()[-3:] == ["export", "benchmark", "report"]
+    assert ("prune" in r.stages.enabled()) and ("qat" in r.stages.enabled())
+
+
+def test_default_recipe_runs_every_stage_of_the_product():
+    r = recipe.load()
+    assert r.stages.enabled() == ["teacher", "distill", "baseline", "prune", "qat", "export", "benchmark", "report"]
+    assert r.stages.prune.target_sparsity == 0.75
+    assert r.distils("distill") and r.distils("prune") and r.distils("qat")
+    assert r.run_name() == "mnist-cnn"
+
+
+def test_tfmot_only_recipe_has_the_same_stages_without_a_teacher():
+    base, tfmot = recipe.load(), recipe.load(recipe.RECIPES / "mnist_tfmot_only.yaml")
+    assert tfmot.teacher is None and not any(tfmot.distils(s) for s in ("distill", "prune", "qat"))
+    assert [s for s in base.stages.enabled() if s not in ("teacher", "baseline")] == tfmot.stages.enabled()
+    for stage in ("distill", "prune", "qat"):
+        assert getattr(tfmot.stages, stage).epochs == getattr(base.stages, stage).epochs
+    assert tfmot.stages.prune.target_sparsity == base.stages.prune.target_sparsity
+
+
+def test_overrides_are_typed_and_reach_the_stage():
+    r = recipe.apply_overrides(recipe.load(), ["prune.target_sparsity=0.5", "stages.qat.epochs=3", "seed=7",
+                                               "data.limit_train=100", "prune.structured_2_4=true",
+                                               "distillation.terms.0.temperature=2.5", "student.options.width=0.5"])
+    assert r.stages.prune.target_sparsity == 0.5 and r.stages.qat.epochs == 3 and r.seed == 7
+    assert r.data.limit_train == 100 and r.stages.prune.structured_2_4 is True
+    assert r.distillation.terms[0]["temperature"] == 2.5 and r.student.options == {"width": 0.5}
+
+
+def test_naming_an_absent_stage_adds_it_and_false_removes_one():
+    r = recipe.apply_overrides(recipe.load(), ["cluster.clusters=8", "baseline=false"])
+    assert r.stages.cluster.clusters == 8 and "cluster" in r.stages.enabled()
+    assert "baseline" not in r.stages.enabled()
+
+
+def test_a_users_teacher_replaces_the_teacher_stage():
+    r = recipe.apply_overrides(recipe.load(), ["teacher.path=some/teacher.keras"])
+    assert "teacher" not in r.stages.enabled()
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a = recipe.fingerprint({"a": 1, "b": [1, 2]})
+    assert a == recipe.fingerprint({"b": [1, 2], "a": 1})
+    assert a != recipe.fingerprint({"a": 1, "b": [2, 1]})
+
+
+RECIPE_MISTAKES = {
+    "yaml syntax": ("stages: {distill: {epochs: 8}\nseed: [", ["invalid yaml", "line"]),
+    "top level not a mapping": ("- a\n- b\n", ["top level must be a mapping"]),
+    "unknown key": ("seed: 0\nsed: 1\n", ["unknown key 'sed'", "allowed", "seed"]),
+    "unknown nested key": ("stages: {prune: {sparsity: 0.5}}\n", ["stages.prune.sparsity", "target_sparsity"]),
+    "wrong type": ("stages: {distill: {epochs: many}}\n", ["stages.distill.epochs", "integer", "many"]),
+    "bool for int": ("seed: true\n", ["seed", "integer", "true"]),
+    "out of range": ("stages: {prune: {target_sparsity: 1.5}}\n", ["target_sparsity", "(0, 1]", "1.5"]),
+    "bad choice": ("stages: {prune: {schedule: cubic}}\n", ["schedule", "polynomial, constant", "cubic"]),
+    "unknown stage": ("stages: {distil: {}}\n", ["unknown key 'stages.distil'", "distill"]),
+    "unknown loss": ("distillation: {terms: [{name: hintonn}]}\n", ["distillation.terms.0", "hintonn", "hinton"]),
+    "bad loss parameter": ("distillation: {terms: [{name: hinton, temperature: 0}]}\n", ["temperature", "> 0"]),
+    "unknown student": ("student: {arch: vgg99}\n", ["student.arch", "vgg99", "resnet8"]),
+    "missing required stage": ("stages: {teacher: {}, distill: {}, export: {}, report: {}}\n", ["stages.benchmark"]),
+    "bad variant": ("stages: {teacher: {}, distill: {}, export: {variants: [int4]}, benchmark: {}, report: {}}\n",
+                    ["variants", "int4", "fp16"]),
+    "baseline without teacher": ("teacher: null\nstages: {distill: {}, baseline: {}, export: {}, benchmark: {}, report: {}}\n",
+                                 ["stages.baseline"]),
+}
+
+
+def _full(text):
+    # mistakes in stages are checked against a recipe that otherwise has every required stage
+    if "stages:" in text or text.startswith("- "):
+        return text
+    return text + "stages: {teacher: {}, distill: {}, export: {}, benchmark: {}, report: {}}\n"
+
+
+@pytest.mark.parametrize("case", sorted(RECIPE_MISTAKES))
+def test_recipe_mistake_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    text, needles = RECIPE_MISTAKES[case]
+    path = tmp_path / "r.yaml"
+    path.write_text(_full(text))
+    out = tmp_path / "out"
+    code = compress.main(["--recipe", str(path), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n.lower() in err.lower(), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("assignment, needles", [
+    ("prune.target_sparsity=2", ["stages.prune.target_sparsity", "(0, 1]", "2"]),
+    ("prune.bogus=1", ["unknown key 'stages.prune.bogus'"]),
+    ("qat.unsupported=maybe", ["error, float", "maybe"]),
+    ("noequals", ["key=value"]),
+    ("distillation.terms.5.weight=1", ["not an index"]),
+])
+def test_bad_set_is_one_line_exit_2(assignment, needles, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = compress.main(["--set", assignment, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n.lower() in err.lower(), err
+    assert not out.exists()
+
+
+def test_missing_recipe_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="recipe not found"):
+        recipe.load(tmp_path / "nope.yaml")
+
+
+def test_cli_shortcuts_become_recipe_keys():
+    args = compress.build_parser().parse_args(["--epochs", "3", "--alpha", "0.7", "--temperature", "2", "--seed", "4",
+                                               "--student", "mlp", "--threads", "1,4", "--int8-float-io"])
+    r = compress.load_recipe(args)
+    assert r.stages.distill.epochs == 3 and r.seed == 4 and r.student.arch == "mlp"
+    assert r.distillation.terms[0] == {"name": "hinton", "weight": 0.7, "temperature": 2.0}
+    assert r.distillation.hard_weight == pytest.approx(0.3)
+    assert r.stages.benchmark.threads == [1, 4] and r.stages.export.int8_io is False
