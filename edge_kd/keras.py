@@ -14,3 +14,6 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 __all__ = ["keras", "tf"]
+
+# Retracing and deprecation notices from TensorFlow's Python logger are not the user's business.
+tf.get_logger().setLevel("ERROR")

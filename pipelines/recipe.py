@@ -27,7 +27,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = RECIPES / "mnist.yaml"
 
 #: the order stages always run in; a recipe picks a subset
-STAGE_ORDER = ("teacher", "distill", "baseline", "prune", "cluster", "qat", "export", "benchmark", "report")
+STAGE_ORDER = ("teacher", "distill", "baseline", "prune", "cluster", "qat", "export", "benchmark", "bundle", "report")
 TRAINING_STAGES = ("distill", "baseline", "prune", "cluster", "qat")
 VARIANTS = ("fp32", "fp16", "dynamic", "int8")
 
@@ -139,6 +139,14 @@ class BenchmarkStageSpec(StageSpec):
 
 
 @dataclasses.dataclass
+class BundleStageSpec(StageSpec):
+    pick: Optional[str] = _field(None, help="the exported model to bundle, e.g. qat-int8; default: the smallest "
+                                            "int8 model within tolerance_pp of the best student")
+    tolerance_pp: float = _field(0.5, low=0.0, help="accuracy points the default pick may give up for size")
+    golden: int = _field(8, low=1, high=1000, help="real test images stored with their expected outputs")
+
+
+@dataclasses.dataclass
 class Stages:
     teacher: Optional[StageSpec] = None
     distill: Optional[TrainStageSpec] = None
@@ -148,6 +156,7 @@ class Stages:
     qat: Optional[QATStageSpec] = None
     export: Optional[ExportStageSpec] = None
     benchmark: Optional[BenchmarkStageSpec] = None
+    bundle: Optional[BundleStageSpec] = None
     report: Optional[StageSpec] = None
 
     def enabled(self) -> list[str]:
@@ -157,7 +166,8 @@ class Stages:
 
 STAGE_TYPES = {"teacher": StageSpec, "distill": TrainStageSpec, "baseline": BaselineStageSpec,
                "prune": PruneStageSpec, "cluster": ClusterStageSpec, "qat": QATStageSpec,
-               "export": ExportStageSpec, "benchmark": BenchmarkStageSpec, "report": StageSpec}
+               "export": ExportStageSpec, "benchmark": BenchmarkStageSpec, "bundle": BundleStageSpec,
+               "report": StageSpec}
 
 
 @dataclasses.dataclass

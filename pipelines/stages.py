@@ -1,10 +1,11 @@
 """The stages of a run and the runner that makes each one resumable.
 
-Every stage writes into a hidden working folder, writes its ``manifest.json`` last (the
-fingerprint of its settings and of its inputs, and the sha256 of every file it wrote), then is
-renamed into place. A rerun skips a stage whose manifest matches its fingerprint and whose files
-still hash as recorded; anything else (a changed setting, a changed input, a missing or altered
-file, a stage killed half-way) reruns that stage and every stage that reads from it.
+Every stage writes into a hidden working folder that is renamed into place when the stage is
+done; then its manifest, ``manifests/<stage>.json``, is written (the fingerprint of its settings
+and of its inputs, and the sha256 of every file it wrote). A rerun skips a stage whose manifest
+matches its fingerprint and whose files still hash as recorded; anything else (a changed setting,
+a changed input, a missing or altered file, a stage killed at any moment) reruns that stage and
+every stage that reads from it.
 """
 from __future__ import annotations
 
@@ -113,6 +114,10 @@ class Context:
         """Returns the folder of stage ``name`` in the run folder."""
         return self.run_dir / FOLDERS.get(name, name)
 
+    def manifest_path(self, name: str) -> Path:
+        """Returns the path of stage ``name``'s manifest (kept apart, so a bundle folder holds only the bundle)."""
+        return self.run_dir / "manifests" / f"{name}.json"
+
     def last_model_stage(self, before: str) -> str:
         """Returns the latest enabled model stage that runs before ``before`` (whose student it refines)."""
         enabled = self.recipe.stages.enabled()
@@ -127,8 +132,17 @@ class Context:
         if stage == "qat":
             from edge_kd.compress import qat
 
-            return qat.load(path)
+            # rebuilt from the model it quantized, so the PQAT/PCQAT quantizers come back exactly
+            return qat.load(path, base=self.load_student(self.last_model_stage("qat")), cfg=self.qat_config())
         return keras.models.load_model(path, compile=False)
+
+    def qat_config(self):
+        """Returns the QAT settings: sparsity-preserving after pruning, cluster-preserving after clustering."""
+        from edge_kd.compress import qat
+
+        enabled = self.recipe.stages.enabled()
+        return qat.QATConfig(preserve_sparsity="prune" in enabled, preserve_clusters="cluster" in enabled,
+                             unsupported=self.recipe.stages.qat.unsupported)
 
     # -- training ------------------------------------------------------------------------------------
     def distiller(self, student, stage: str):
@@ -179,7 +193,8 @@ class Stage:
             "qat": [ctx.last_model_stage("qat")] if self.name == "qat" else [],
             "export": [s for s in ("teacher", *MODEL_STAGES) if s in enabled],
             "benchmark": [s for s in ("teacher", "distill", "baseline", "export") if s in enabled],
-            "report": ["benchmark"],
+            "bundle": ["benchmark"],
+            "report": ["benchmark", *(["bundle"] if "bundle" in enabled else [])],
         }[self.name]
         if self.name in MODEL_STAGES and ctx.recipe.distils(self.name) and "teacher" in enabled:
             deps = ["teacher", *deps]
@@ -202,7 +217,7 @@ class Stage:
         if self.name in MODEL_STAGES and r.distils(self.name):
             key["distillation"] = dataclasses.asdict(r.distillation)
             key["teacher"] = _teacher_key(ctx)
-        if self.name in ("export", "benchmark"):
+        if self.name in ("export", "benchmark", "bundle"):
             key["data"] = dataclasses.asdict(r.data)
             key["seed"] = r.seed
             key["teacher"] = _teacher_key(ctx)
@@ -301,18 +316,16 @@ def _run_cluster(ctx: Context, out: Path) -> dict:
 def _run_qat(ctx: Context, out: Path) -> dict:
     from edge_kd.compress import qat
 
-    spec, enabled = ctx.recipe.stages.qat, ctx.recipe.stages.enabled()
+    spec = ctx.recipe.stages.qat
     source = ctx.last_model_stage("qat")
-    cfg = qat.QATConfig(preserve_sparsity="prune" in enabled, preserve_clusters="cluster" in enabled,
-                        unsupported=spec.unsupported)
+    cfg = ctx.qat_config()
     student = ctx.load_student(source)
     quantized = qat.quantize(student, cfg)
     history = ctx.fit(ctx.distiller(quantized, "qat"), spec.epochs, spec.learning_rate)
     _save_model(quantized, out / "qat.keras", scope=qat.scope)
     write_json(out / "history.json", history)
-    scheme = "cluster- and sparsity-preserving" if cfg.preserve_clusters else (
-        "sparsity-preserving" if cfg.preserve_sparsity else "default 8-bit")
-    return {"val_accuracy": history["val_accuracy"][-1], "scheme": scheme, "from": source}
+    return {"val_accuracy": history["val_accuracy"][-1], "scheme": qat.scheme_name(cfg), "from": source,
+            "float_layers": list(getattr(quantized, "qat_float_layers", ()))}
 
 
 def _export_plan(ctx: Context) -> list[dict]:
@@ -352,7 +365,7 @@ def _run_export(ctx: Context, out: Path) -> dict:
 
 
 def _run_benchmark(ctx: Context, out: Path) -> dict:
-    from edge_kd.bench import litert, stats
+    from edge_kd.bench import litert, parity, stats
     from edge_kd.keras import keras
 
     r, info = ctx.recipe, ctx.bundle.info
@@ -366,13 +379,13 @@ def _run_benchmark(ctx: Context, out: Path) -> dict:
             sources[stage] = ctx.teacher() if stage == "teacher" else ctx.load_student(stage)
         return sources[stage]
 
-    def row(name, role, fmt, variant, stage, rel, file, acc, model, latency=None, sparsity=None):
+    def row(name, role, fmt, variant, stage, rel, file, acc, model, **tflite_figures):
         size, gz = stats.file_sizes(file)
         return {"name": name, "role": role, "format": fmt, "variant": variant, "stage": stage, "path": rel,
                 "accuracy": float(acc), "size_bytes": int(size), "gzip_bytes": int(gz),
                 "params": stats.count_params(model), "macs": stats.count_macs(model),
-                "sparsity": sparsity, "input_scale": float(info.input_scale), "input_offset": float(info.input_offset),
-                "latency": latency}
+                "input_scale": float(info.input_scale), "input_offset": float(info.input_offset),
+                "sparsity": None, "latency": None, "parity": None, "ops": None, **tflite_figures}
 
     rows = []
     keras_rows = []
@@ -395,15 +408,30 @@ def _run_benchmark(ctx: Context, out: Path) -> dict:
         b = r.stages.benchmark
         latency = {str(t): litert.latency(file, sample, num_threads=t, min_seconds=b.min_seconds,
                                           min_warmup_seconds=b.warmup_seconds) for t in b.threads}
-        sparsity = stats.tflite_weight_sparsity(file)["overall"]
+        model = source_model(item["stage"])
         rows.append(row(item["name"], item["role"], "tflite", item["variant"], item["stage"], item["path"], file, acc,
-                        source_model(item["stage"]), latency, sparsity))
+                        model, latency=latency, sparsity=stats.tflite_weight_sparsity(file)["overall"],
+                        parity=parity.parity(model, file, x_test), ops=parity.ops(file)))
     teacher_acc = rows[0]["accuracy"] if r.teacher is not None else None
     for m in rows:
         m["gap_to_teacher"] = None if teacher_acc is None else teacher_acc - m["accuracy"]
     write_json(out / "models.json", {"models": rows, "runtime": litert.runtime_info(),
                                      "teacher": ctx.teacher_info if r.teacher is not None else None})
     return {"models": len(rows)}
+
+
+def _run_bundle(ctx: Context, out: Path) -> dict:
+    from edge_kd.export import bundle as bundle_mod
+
+    r, spec, info = ctx.recipe, ctx.recipe.stages.bundle, ctx.bundle.info
+    rows = json.loads((ctx.stage_dir("benchmark") / "models.json").read_text())["models"]
+    chosen = bundle_mod.pick(rows, tolerance_pp=spec.tolerance_pp, name=spec.pick)
+    x_raw = ctx.bundle.x_test[np.random.default_rng(r.seed).permutation(len(ctx.bundle.x_test))[: spec.golden]]
+    bundle_mod.write_bundle(out, ctx.run_dir / chosen["path"], class_names=list(info.class_names),
+                            input_scale=info.input_scale, input_offset=info.input_offset, golden_x_raw=x_raw,
+                            measured=bundle_mod.measured_from(chosen), recipe_hash=fingerprint(r.to_dict()),
+                            version=edge_kd.__version__)
+    return {"model": chosen["name"], "accuracy": chosen["accuracy"], "size_bytes": chosen["size_bytes"]}
 
 
 def _run_report(ctx: Context, out: Path) -> dict:
@@ -429,6 +457,8 @@ def _run_report(ctx: Context, out: Path) -> dict:
         "distillation": _distillation_summary(r),
         "stages": r.stages.enabled(),
         "stage_summaries": summaries,
+        "bundle": ({"path": os.path.relpath(ctx.stage_dir("bundle"), ctx.run_dir), **summaries.get("bundle", {})}
+                   if "bundle" in r.stages.enabled() else None),
         "runtime": bench["runtime"],
         "models": bench["models"],
         "history": histories,
@@ -485,22 +515,23 @@ STAGES = {
     "export": Stage("export", _run_export, lambda r: "export TFLite models"),
     "benchmark": Stage("benchmark", _run_benchmark,
                        lambda r: f"benchmark with LiteRT at {', '.join(map(str, r.stages.benchmark.threads))} thread(s)"),
+    "bundle": Stage("bundle", _run_bundle, lambda r: "write the deployable bundle"),
     "report": Stage("report", _run_report, lambda r: "write report"),
 }
 
 
 # -- the runner ------------------------------------------------------------------------------------------
-def read_manifest(folder: Path) -> dict | None:
-    """Returns the stage manifest in ``folder``, or None where there is none or it is unreadable."""
+def read_manifest(path: Path) -> dict | None:
+    """Returns the stage manifest at ``path``, or None where there is none or it is unreadable."""
     try:
-        return json.loads((folder / "manifest.json").read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
 
 
-def is_finished(folder: Path, expected_fingerprint: str) -> dict | None:
+def is_finished(folder: Path, manifest_path: Path, expected_fingerprint: str) -> dict | None:
     """Returns the manifest if the stage in ``folder`` finished with ``expected_fingerprint`` and its files are intact."""
-    m = read_manifest(folder)
+    m = read_manifest(manifest_path)
     if not m or m.get("fingerprint") != expected_fingerprint:
         return None
     for rel, digest in m.get("files", {}).items():
@@ -537,7 +568,7 @@ def run_stages(ctx: Context, stream=None) -> list[dict]:
         stage = STAGES[name]
         fp = stage.fingerprint(ctx)
         folder = ctx.stage_dir(name)
-        manifest = is_finished(folder, fp)
+        manifest = is_finished(folder, ctx.manifest_path(name), fp)
         label = f"[{i}/{len(names)}] {name}"
         if manifest is not None:
             print(f"{label}: finished earlier with the same settings and inputs, skipped", file=stream, flush=True)
@@ -561,8 +592,9 @@ def run_stages(ctx: Context, stream=None) -> list[dict]:
         files = {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
         manifest = {"stage": name, "fingerprint": fp, "seconds": round(seconds, 2), "summary": summary,
                     "files": files, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json(work / "manifest.json", manifest)  # written last: its presence means the files are complete
         _swap_into_place(work, folder)
+        # Written last: a kill before this leaves no manifest, or an older one whose hashes no longer match.
+        write_json(ctx.manifest_path(name), manifest)
         ctx.manifests[name] = manifest
         records.append({"stage": name, "skipped": False, "seconds": seconds})
         print(f"{label}: done in {seconds:.1f} s", file=stream, flush=True)

@@ -85,6 +85,14 @@ def report_markdown(results: dict) -> str:
     stages = stage_table(results)
     if stages:
         out += ["## Trade-off across stages (each stage's int8 model)", "", stages]
+    if results.get("bundle"):
+        b = results["bundle"]
+        out += [f"Bundle: `{b.get('path', 'bundle')}/` holds **{b.get('model', '?')}** with labels, manifest, golden "
+                f"vectors and app snippets; check it with `python -m pipelines.verify {results.get('run', '<run>')}/"
+                f"{b.get('path', 'bundle')}` from the output folder.", ""]
+    parity = parity_table(results)
+    if parity:
+        out += ["## Runtime parity and ops (Keras model vs its .tflite under LiteRT, whole test set)", "", parity]
     out += ["## Latency in detail (ms, batch 1)", "", latency_table(results), "## How to read this", ""]
     out.append(f"- **accuracy %**: top-1 on the whole test set ({_int(test_size)} images); `tflite` rows are run "
                "through the LiteRT interpreter exactly as they would be deployed (int8 inputs quantized with the "
@@ -100,6 +108,10 @@ def report_markdown(results: dict) -> str:
                "delegate; `keras` rows are not timed.")
     out.append("- **sparsity %**: the share of exact zeros in the conv and dense kernels, read from the exported "
                "`.tflite` weights themselves (for int8, values equal to the zero point), not from the recipe.")
+    out.append("- **parity**: the Keras model and its `.tflite` run on every test image; max abs diff of the "
+               "(dequantized) outputs and the share of images where both pick the same class, so a loss from "
+               "conversion shows and is attributed. Ops that fall back from XNNPACK run on LiteRT's slower "
+               "reference kernels on the phone too.")
     out.append("- **params / MACs**: weights of the Keras model the row comes from, and multiply-accumulates of "
                "one forward pass of one image (conv, depthwise, separable and dense layers).")
     out += ["", "Accuracy against size and against 1-thread latency, with each panel's Pareto front: "
@@ -133,6 +145,22 @@ def stage_table(results: dict) -> str:
                  _kb(m.get("gzip_bytes")), _pct(m.get("sparsity")) if _num(m.get("sparsity")) else "—",
                  _ms(lat1["mean_ms"]) if lat1 else "—"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parity_table(results: dict) -> str:
+    """Returns a markdown table of each tflite row's parity with its Keras model and the ops it uses, or ""."""
+    rows = [m for m in results["models"] if m.get("parity")]
+    if not rows:
+        return ""
+    lines = ["| model | max abs diff | top-1 agreement % | ops | falls back from XNNPACK |",
+             "|---|---:|---:|---|---|"]
+    for m in rows:
+        p, o = m["parity"], m.get("ops") or {}
+        ops = ", ".join(f"{k}×{v}" for k, v in sorted((o.get("ops") or {}).items()))
+        fallback = ", ".join(f"{k}×{v}" for k, v in sorted((o.get("xnnpack_fallback") or {}).items())) or "none"
+        lines.append(f"| {m['name']} | {p['max_abs_diff']:.2e} | {_pct(p.get('top1_agreement'))} | {ops or '—'} | "
+                     f"{fallback} |")
     return "\n".join(lines) + "\n"
 
 

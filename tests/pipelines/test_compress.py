@@ -134,7 +134,7 @@ def test_cli_end_to_end_on_a_slice_of_mnist(tmp_path):
            "--set", "benchmark.min_seconds=0.2", "--set", "benchmark.warmup_seconds=0.1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[8/8] report: done" in proc.stdout
+    assert "[9/9] report: done" in proc.stdout
     run = out / "e2e"
     results = json.loads((run / "results.json").read_text())
     names = [m["name"] for m in results["models"]]
@@ -171,8 +171,15 @@ def test_cli_end_to_end_on_a_slice_of_mnist(tmp_path):
     assert all(n in report for n in names)
     assert (run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob(".*.partial-*"))
-    for stage in ("teacher", "distill", "baseline", "prune", "qat", "tflite", "benchmark", "report"):
-        assert json.loads((run / stage / "manifest.json").read_text())["files"]
+    # the bundle holds the model the report names, and verifies against its golden outputs
+    from pipelines import verify
+
+    assert verify.main([str(run / "bundle")]) == 0
+    bundled = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert bundled["measured"]["name"] == results["bundle"]["model"]
+    assert (run / "bundle" / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+    for stage in ("teacher", "distill", "baseline", "prune", "qat", "export", "benchmark", "bundle", "report"):
+        assert json.loads((run / "manifests" / f"{stage}.json").read_text())["files"]
 
 
 @pytest.mark.slow
@@ -188,7 +195,7 @@ def test_cli_with_a_users_softmax_h5_teacher_of_another_input_size_and_range(tmp
            "--run-name", "user", "--set", "prune=false", "--set", "qat=false", "--set", "benchmark.min_seconds=0.2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[5/5] write report: done" in proc.stdout  # no teacher training step
+    assert "[6/6] report: done" in proc.stdout  # no teacher training step
     results = json.loads((out_dir / "user" / "results.json").read_text())
     assert results["teacher"]["head"] == "softmax" and results["teacher"]["resized"] is True
     assert results["teacher"]["scale"] == pytest.approx(2 / 255) and results["teacher"]["offset"] == -1.0

@@ -1,0 +1,273 @@
+"""Quantization-aware training (QAT) with tensorflow-model-optimization's 8-bit schemes, trained in the Distiller.
+
+``quantize`` applies tfmot's default 8-bit scheme, its sparsity-preserving variant (PQAT: pruned
+zeros stay zero while the weights train) or its cluster-preserving one (PCQAT: clusters and zeros
+kept). Layers the scheme cannot quantize are named in a UserError, or left in float with
+``unsupported="float"`` (the int8 converter then calibrates them from the representative data).
+Wrapped layers are named ``quant_<name>`` and keep their original name inside the wrapper.
+
+Example (runnable; a real run fine-tunes a pruned student while distilling)::
+
+    import numpy as np
+    import models
+    from edge_kd.compress import qat
+    from edge_kd.distill import Distiller
+    from edge_kd.export.tflite import convert
+
+    student = models.build("cnn", (28, 28, 1), 10)
+    q = qat.quantize(student, qat.QATConfig(preserve_sparsity=True))
+    d = Distiller(q)
+    d.compile(optimizer="adam")
+    x, y = np.random.rand(64, 28, 28, 1).astype("float32"), np.random.randint(0, 10, 64)
+    d.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    int8_flatbuffer = convert(q, "int8", representative=x[:32], int8_io=True)
+    q.save("qat.keras")
+    again = qat.load("qat.keras")          # or qat.load(path, base=student, cfg=...) to keep PQAT/PCQAT quantizers
+
+tfmot serialises neither a layer's weight quantizer nor the values its PQAT/PCQAT quantizers derive
+from the kernel, so ``load(path)`` gives the model back with default 8-bit weight quantizers (exact for
+evaluation and export; further training would not preserve zeros or clusters) and cannot rebuild a
+PCQAT model at all. ``load(path, base=..., cfg=...)`` rebuilds ``quantize(base, cfg)`` and loads the
+saved weights into it, which keeps every quantizer and works for PCQAT too.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+from edge_kd.compress import _common
+from edge_kd.errors import UserError
+from edge_kd.keras import keras
+
+import tensorflow_model_optimization as tfmot  # noqa: E402  (after edge_kd.keras: resolves to tf_keras)
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.default_8bit_quantize_registry import (  # noqa: E402,E501
+    Default8BitQuantizeRegistry)
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer  # noqa: E402
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_wrapper import QuantizeWrapperV2  # noqa: E402
+
+UNSUPPORTED = ("error", "float")
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+@dataclasses.dataclass
+class QATConfig:
+    """Settings of quantization-aware training; a wrong value is a UserError naming the key, value and allowed."""
+
+    preserve_sparsity: bool = True
+    preserve_clusters: bool = False
+    unsupported: str = "error"
+
+    def __post_init__(self):
+        _common.check_bool("qat.preserve_sparsity", self.preserve_sparsity)
+        _common.check_bool("qat.preserve_clusters", self.preserve_clusters)
+        _common.check_choice("qat.unsupported", self.unsupported, UNSUPPORTED)
+
+
+def scheme(cfg: QATConfig):
+    """Returns the tfmot QuantizeScheme ``cfg`` selects: PCQAT, PQAT or the default 8-bit scheme."""
+    if cfg.preserve_clusters:
+        return tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(
+            preserve_sparsity=cfg.preserve_sparsity)
+    if cfg.preserve_sparsity:
+        return tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+    return tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
+
+
+def scheme_name(cfg: QATConfig) -> str:
+    """Returns a few words naming the scheme ``cfg`` selects."""
+    if cfg.preserve_clusters:
+        return "cluster- and sparsity-preserving 8-bit" if cfg.preserve_sparsity else "cluster-preserving 8-bit"
+    return "sparsity-preserving 8-bit" if cfg.preserve_sparsity else "default 8-bit"
+
+
+def unsupported_layers(model, cfg: QATConfig | None = None) -> list[tuple[str, str]]:
+    """Returns ``[(layer name, layer class)]`` of the layers the scheme of ``cfg`` cannot quantize.
+
+    Decided as ``quantize_apply`` decides: after the scheme's layout transforms (which take care of,
+    for example, a BatchNormalization that follows a convolution), a layer needs a quantize config from
+    them or support in both the scheme's registry and the default 8-bit registry.
+    """
+    cfg = cfg or QATConfig()
+    _common.require_graph_model(model, "quantization-aware training")
+    _common.refuse_wrapped(model, "quantization-aware training")
+    _refuse_nested(model)
+    return [(layer.name, type(layer).__name__) for layer in _unsupported(model, cfg)]
+
+
+def quantize(model, cfg: QATConfig | None = None) -> keras.Model:
+    """Returns a quantization-aware copy of ``model``; ``.qat_float_layers`` names the layers left in float."""
+    cfg = cfg or QATConfig()
+    _common.require_graph_model(model, "quantization-aware training")
+    _common.refuse_wrapped(model, "quantization-aware training")
+    _refuse_nested(model)
+    copy = _common.clone_with(model)
+    bad = _unsupported(copy, cfg)
+    if bad and cfg.unsupported == "error":
+        names = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in bad)
+        noun = "layers" if len(bad) > 1 else "layer"
+        raise UserError(f"{noun} {names} cannot be quantized by tfmot's {scheme_name(cfg)} scheme; "
+                        f"set qat.unsupported: float to leave them in float")
+    floats = {layer.name for layer in bad}
+    if all(layer.name in floats for layer in copy.layers if not isinstance(layer, keras.layers.InputLayer)):
+        raise UserError(f"no layer of model {model.name!r} can be quantized by tfmot's {scheme_name(cfg)} scheme")
+    objects = _common.custom_objects(copy)
+    with keras.utils.custom_object_scope(objects):
+        annotated = keras.models.clone_model(
+            copy, clone_function=lambda layer: layer if layer.name in floats
+            else tfmot.quantization.keras.quantize_annotate_layer(layer))
+    with tfmot.quantization.keras.quantize_scope(objects):
+        quantized = tfmot.quantization.keras.quantize_apply(annotated, _StrictScheme(scheme(cfg)))
+    quantized.qat_float_layers = tuple(sorted(floats))
+    return quantized
+
+
+@contextlib.contextmanager
+def scope(custom_objects: dict | None = None):
+    """Returns a context in which QAT models save and load: tfmot's quantize_scope plus edge-kd's loading fixes."""
+    with tfmot.quantization.keras.quantize_scope(dict(custom_objects or {})), \
+            keras.utils.custom_object_scope(_LOADING_FIXES):
+        yield
+
+
+def load(path, base=None, cfg: QATConfig | None = None, custom_objects: dict | None = None,
+         safe_mode: bool = True) -> keras.Model:
+    """Returns the QAT model saved at ``path`` (.keras or .h5), or ``quantize(base, cfg)`` with its weights loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"QAT model file not found: {path}")
+    if path.suffix.lower() not in MODEL_SUFFIXES:
+        raise UserError(f"QAT model must be a .keras or .h5 file, got '{path.name}'")
+    if base is not None:
+        model = quantize(base, cfg)
+        try:
+            model.load_weights(str(path))
+        except (ValueError, KeyError, OSError) as e:
+            raise UserError(f"cannot load {path.name} into the quantization of {base.name!r}: {_first_line(e)}; "
+                            "the file must come from quantize() of the same model with the same QATConfig") from None
+        return model
+    try:
+        with scope(custom_objects):
+            return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
+    except ValueError as e:
+        text = _first_line(e)
+        if "variables" in text or "weight" in text.lower():
+            raise UserError(f"cannot load {path.name}: {text}; tfmot 0.8.1 cannot rebuild a cluster-preserving "
+                            "QAT model from its file (its quantizer makes its variables from the kernel values), "
+                            "load it with qat.load(path, base=<the clustered model>, cfg=...)") from None
+        raise UserError(f"cannot load {path.name}: {text}") from None
+    except Exception as e:  # a corrupt zip/h5 surfaces as many different exception types
+        raise UserError(f"cannot load {path.name}: {_first_line(e)}") from None
+
+
+def _first_line(e) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _refuse_nested(model) -> None:
+    nested = [layer.name for layer in model.layers if isinstance(layer, keras.Model)]
+    if nested:
+        raise UserError(f"quantization-aware training needs a flat model (tfmot quantizes no model inside a "
+                        f"model); {model.name!r} nests {', '.join(nested)}")
+
+
+def _unsupported(model, cfg: QATConfig) -> list:
+    """Returns the layers of ``model`` left unquantizable once every other layer is annotated."""
+    quantize_scheme = scheme(cfg)
+    candidates = {layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)}
+    bad: dict[str, object] = {}
+    with tfmot.quantization.keras.quantize_scope(_common.custom_objects(model)):
+        # Leaving a layer in float can change which transforms match, so repeat until nothing new fails.
+        while True:
+            found = [layer for layer in _check(model, candidates - set(bad), quantize_scheme) if layer.name not in bad]
+            if not found:
+                break
+            bad.update((layer.name, model.get_layer(layer.name)) for layer in found)
+    return [layer for layer in model.layers if layer.name in bad]
+
+
+def _check(model, annotated: set[str], quantize_scheme) -> list:
+    layer_quantize_map = {name: {"quantize_config": None} for name in annotated}
+    # As quantize_apply does: an input feeding an annotated layer is quantized too.
+    for input_layer in model._input_layers:
+        for node in input_layer._outbound_nodes:
+            if node.outbound_layer.name in layer_quantize_map:
+                layer_quantize_map[input_layer.name] = {}
+    transformed, layer_quantize_map = quantize_scheme.get_layout_transformer().apply(model, layer_quantize_map)
+    registry, default = quantize_scheme.get_quantize_registry(), Default8BitQuantizeRegistry()
+    found = []
+    for layer in transformed.layers:
+        if layer.name not in annotated or isinstance(layer, (keras.layers.InputLayer, QuantizeLayer)):
+            continue
+        if layer_quantize_map.get(layer.name, {}).get("quantize_config") is not None:
+            continue
+        # The sparsity/cluster-preserving registries accept any weightless layer, then ask the default one.
+        if not (default.supports(layer) and registry.supports(layer)):
+            found.append(layer)
+    return found
+
+
+class _StrictRegistry:
+    """A scheme's registry that supports a layer only where the default 8-bit registry does too.
+
+    The sparsity/cluster-preserving registries claim every weightless layer, then ask the default registry
+    for its config, which raises for a layer it does not know. quantize_apply asks exactly that of a float
+    layer feeding a quantized one, so without this, ``unsupported="float"`` would fail under PQAT/PCQAT.
+    """
+
+    def __init__(self, registry):
+        self._registry, self._default = registry, Default8BitQuantizeRegistry()
+
+    def supports(self, layer):
+        return self._default.supports(layer) and self._registry.supports(layer)
+
+    def get_quantize_config(self, layer):
+        return self._registry.get_quantize_config(layer)
+
+
+class _StrictScheme(tfmot.quantization.keras.QuantizeScheme):
+    """``scheme`` with its registry made strict (see _StrictRegistry)."""
+
+    def __init__(self, scheme):
+        self._scheme = scheme
+
+    def get_layout_transformer(self):
+        return self._scheme.get_layout_transformer()
+
+    def get_quantize_registry(self):
+        return _StrictRegistry(self._scheme.get_quantize_registry())
+
+
+class _LoadableQuantizeLayer(QuantizeLayer):
+    """tfmot's QuantizeLayer whose build runs once.
+
+    The .keras loader builds a layer from its saved shape and then calls it; tfmot's build does not mark
+    the layer built, so it would run again and make a second set of range variables.
+    """
+
+    def build(self, input_shape):
+        if self.built:
+            return
+        super().build(input_shape)
+        keras.layers.Layer.build(self, input_shape)
+
+
+class _LoadableQuantizeWrapperV2(QuantizeWrapperV2):
+    """tfmot's QuantizeWrapperV2 that builds its layer first, as quantize_apply's wrappers find theirs.
+
+    Around a built layer the wrapper lists the quantized kernel twice among its variables (once from the
+    layer, once its own), and the .keras file stores both; around an unbuilt one it lists it once.
+    """
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+            keras.layers.Layer.build(self.layer, input_shape)
+        super().build(input_shape)
+
+
+# The .keras format names a layer's variables after its class name, so the fixes keep tfmot's names.
+for _cls, _name in ((_LoadableQuantizeLayer, "QuantizeLayer"), (_LoadableQuantizeWrapperV2, "QuantizeWrapperV2")):
+    _cls.__name__ = _cls.__qualname__ = _name
+_LOADING_FIXES = {"QuantizeLayer": _LoadableQuantizeLayer, "QuantizeWrapperV2": _LoadableQuantizeWrapperV2}

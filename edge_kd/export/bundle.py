@@ -1,0 +1,515 @@
+"""The deployable bundle: one folder an app developer drops into an Android or iOS project.
+
+A bundle holds the ``.tflite`` file, ``labels.txt``, ``manifest.json`` (everything needed to feed
+the model: shapes, dtypes, the raw pixel → input mapping and the tensors' quantization, read from
+the model itself), ``golden/`` test vectors (real images and the outputs LiteRT gives for them,
+fed exactly as the manifest says) and a ``README.md`` with Kotlin and Swift snippets carrying this
+model's numbers. ``python -m pipelines.verify BUNDLE`` checks a bundle against itself.
+
+Example::
+
+    import json
+    from edge_kd import data
+    from edge_kd.export.bundle import measured_from, pick, write_bundle
+
+    rows = json.load(open("tflite_out/mnist-cnn/benchmark/models.json"))["models"]
+    row = pick(rows)                                  # smallest int8 student within 0.5 pp of the best
+    b = data.load("mnist", limit_test=16)
+    write_bundle("tflite_out/mnist-cnn/bundle", "tflite_out/mnist-cnn/" + row["path"],
+                 class_names=b.info.class_names, input_scale=b.info.input_scale,
+                 input_offset=b.info.input_offset, channel_order="grayscale",
+                 golden_x_raw=b.x_test[:16], measured=measured_from(row),
+                 recipe_hash="3f2a...", version="0.1.0")
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from edge_kd.errors import UserError
+
+BUNDLE_FORMAT = 1
+MANIFEST = "manifest.json"
+LABELS = "labels.txt"
+GOLDEN_INPUTS = "golden/inputs.npy"
+GOLDEN_OUTPUTS = "golden/expected_outputs.npy"
+FLOAT_ATOL = 1e-5  # float golden outputs must reproduce within this; integer ones bit-exactly
+CHANNEL_ORDERS = {"grayscale": 1, "RGB": 3}
+IO_DTYPES = ("float32", "int8")  # the tensor types the snippets and golden vectors are written for
+MEASURED_KEYS = ("name", "accuracy", "latency_ms", "size_bytes", "gzip_bytes", "sparsity")
+
+
+# -- choosing the model ------------------------------------------------------------------------------
+def pick(models: list[dict], tolerance_pp: float = 0.5, name: str | None = None) -> dict:
+    """Returns the models.json row to bundle: ``name``'s, else the smallest int8 student within tolerance.
+
+    The default is the smallest (``size_bytes``) int8 student ``.tflite`` whose accuracy lies within
+    ``tolerance_pp`` percentage points of the most accurate student ``.tflite``; where no int8 one
+    does, the smallest student ``.tflite`` of any variant within that tolerance.
+    """
+    tflite = [m for m in models if m.get("format") == "tflite"]
+    if name is not None:
+        for m in tflite:
+            if m.get("name") == name:
+                return m
+        names = ", ".join(m.get("name", "?") for m in tflite) or "none"
+        raise UserError(f"unknown model '{name}' for the bundle; the tflite models of this run are: {names}")
+    if not (isinstance(tolerance_pp, (int, float)) and tolerance_pp >= 0):
+        raise UserError(f"bundle tolerance must be a number of percentage points >= 0, got {tolerance_pp!r}")
+    students = [m for m in tflite if m.get("role") == "student"]
+    if not students:
+        raise UserError("no student .tflite model in this run to bundle; "
+                        f"tflite models: {', '.join(m.get('name', '?') for m in tflite) or 'none'}")
+    best = max(float(m["accuracy"]) for m in students)
+    # 1e-9 keeps a model exactly at the tolerance edge in despite float rounding of accuracy - best.
+    close = [m for m in students if float(m["accuracy"]) >= best - tolerance_pp / 100.0 - 1e-9]
+    int8 = [m for m in close if m.get("variant") == "int8"]
+    return min(int8 or close, key=lambda m: (int(m["size_bytes"]), -float(m["accuracy"]), str(m.get("name"))))
+
+
+def measured_from(row: dict) -> dict:
+    """Returns the ``measured`` dict write_bundle takes, from one models.json row."""
+    latency = row.get("latency") or {}
+    return {"name": row["name"], "variant": row.get("variant"), "accuracy": row["accuracy"],
+            "latency_ms": {str(t): float(v["mean_ms"]) for t, v in latency.items()},
+            "size_bytes": row["size_bytes"], "gzip_bytes": row["gzip_bytes"], "sparsity": row.get("sparsity")}
+
+
+# -- the preprocessing the manifest states (shared by the bundle writer and pipelines.verify) -------
+def quantization(detail: dict) -> dict | None:
+    """Returns ``{"scale", "zero_point"}`` of an interpreter tensor detail, or None for a float tensor."""
+    if not np.issubdtype(np.dtype(detail["dtype"]), np.integer):
+        return None
+    scale, zero_point = detail["quantization"]
+    return {"scale": float(scale), "zero_point": int(zero_point)}
+
+
+def raw_to_input(raw, input_scale: float, input_offset: float, dtype: str, quant: dict | None) -> np.ndarray:
+    """Returns the model input tensor for raw uint8 pixels, computed as the manifest's formula says."""
+    # float32 throughout, in this order, so that an app doing the same Float arithmetic gets the same bits.
+    x = np.asarray(raw).astype(np.float32) * np.float32(input_scale) + np.float32(input_offset)
+    dt = np.dtype(dtype)
+    if not np.issubdtype(dt, np.integer):
+        return x.astype(dt)
+    if quant is None or not quant.get("scale"):
+        raise ValueError(f"integer input ({dt.name}) needs a quantization scale; got {quant!r}")
+    info = np.iinfo(dt)
+    q = np.rint(x / np.float32(quant["scale"])) + np.float32(quant["zero_point"])  # rint: half to even
+    return np.clip(q, info.min, info.max).astype(dt)
+
+
+def run_golden(interpreter: Interpreter, model_inputs: np.ndarray) -> np.ndarray:
+    """Returns the raw output tensors (N, ...) for prepared inputs, run one sample at a time at batch 1."""
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    ys = []
+    for sample in model_inputs:
+        interpreter.set_tensor(inp["index"], sample[None, ...])
+        interpreter.invoke()
+        ys.append(interpreter.get_tensor(out["index"])[0].copy())
+    return np.stack(ys)
+
+
+def sha256_file(path) -> str:
+    """Returns the hex sha256 of the file at ``path``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def batch1_interpreter(model_path) -> Interpreter:
+    """Returns an allocated LiteRT interpreter (default XNNPACK, 1 thread) of the model with batch 1."""
+    it = Interpreter(model_path=str(model_path), num_threads=1)
+    inp = it.get_input_details()
+    if len(inp) != 1 or len(it.get_output_details()) != 1:
+        raise ValueError(f"a bundle holds a one-input, one-output model; {Path(model_path).name} has "
+                         f"{len(inp)} inputs and {len(it.get_output_details())} outputs")
+    if int(inp[0]["shape"][0]) != 1:
+        it.resize_tensor_input(inp[0]["index"], [1, *[int(d) for d in inp[0]["shape"][1:]]])
+    it.allocate_tensors()
+    return it
+
+
+# -- writing the bundle --------------------------------------------------------------------------------
+def write_bundle(dest_dir, model_path, *, class_names, input_scale: float, input_offset: float,
+                 channel_order: str | None = None, golden_x_raw, measured: dict, recipe_hash: str,
+                 version: str) -> Path:
+    """Writes the bundle folder ``dest_dir`` atomically (replacing an existing one); returns its path.
+
+    ``channel_order`` is "grayscale" or "RGB" (inferred from the channel count when None);
+    ``golden_x_raw`` are real uint8 test images N×H×W×C; ``measured`` holds the benchmark figures
+    (see ``measured_from``; accuracy a fraction 0..1). On Linux the new folder is swapped in with one
+    atomic rename; elsewhere the old one steps aside for it.
+    """
+    dest, model_path = Path(dest_dir), Path(model_path)
+    if not model_path.is_file():
+        raise UserError(f"no model file to bundle at {model_path}")
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"bundle destination {dest} exists and is not a folder")
+    it = batch1_interpreter(model_path)
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    in_dtype, out_dtype = np.dtype(inp["dtype"]).name, np.dtype(out["dtype"]).name
+    for what, dt in (("input", in_dtype), ("output", out_dtype)):
+        if dt not in IO_DTYPES:
+            raise ValueError(f"bundles are written for {' or '.join(IO_DTYPES)} model I/O; the {what} of "
+                             f"{model_path.name} is {dt}")
+    in_shape, out_shape = [int(d) for d in inp["shape"]], [int(d) for d in out["shape"]]
+    if len(in_shape) != 4:
+        raise ValueError(f"a bundle holds an image model with N×H×W×C input; {model_path.name} takes {in_shape}")
+    channels = in_shape[3]
+    if channel_order is None:
+        channel_order = next((k for k, c in CHANNEL_ORDERS.items() if c == channels), None)
+    if channel_order not in CHANNEL_ORDERS or CHANNEL_ORDERS[channel_order] != channels:
+        raise ValueError(f"channel_order must be one of {', '.join(CHANNEL_ORDERS)} and match the model's "
+                         f"{channels} channel(s); got {channel_order!r}")
+    class_names = [str(c) for c in class_names]
+    if len(class_names) != out_shape[-1]:
+        raise ValueError(f"{len(class_names)} class names for a model with {out_shape[-1]} outputs")
+    if any("\n" in c or "\r" in c or c != c.strip() or not c for c in class_names):
+        raise ValueError("class names must be non-empty single lines without surrounding spaces")
+    golden_x_raw = np.asarray(golden_x_raw)
+    if golden_x_raw.dtype != np.uint8 or golden_x_raw.shape[1:] != tuple(in_shape[1:]) or len(golden_x_raw) == 0:
+        raise ValueError(f"golden_x_raw must be raw uint8 images N×{'×'.join(map(str, in_shape[1:]))} with N >= 1; "
+                         f"got {golden_x_raw.dtype} {golden_x_raw.shape}")
+    missing = [k for k in MEASURED_KEYS if k not in measured]
+    if missing:
+        raise ValueError(f"measured lacks {', '.join(missing)}; it needs {', '.join(MEASURED_KEYS)}")
+    if not (isinstance(measured["accuracy"], (int, float)) and 0 <= measured["accuracy"] <= 1):
+        raise ValueError(f"measured accuracy is a fraction 0..1 (as in models.json); got {measured['accuracy']!r}")
+
+    in_q, out_q = quantization(inp), quantization(out)
+    model_inputs = raw_to_input(golden_x_raw, input_scale, input_offset, in_dtype, in_q)
+    expected = run_golden(it, model_inputs)
+    manifest = {
+        "bundle_format": BUNDLE_FORMAT,
+        "model_file": model_path.name,
+        "model_sha256": sha256_file(model_path),
+        "model_size_bytes": model_path.stat().st_size,
+        "input_shape": in_shape,
+        "input_dtype": in_dtype,
+        "output_shape": out_shape,
+        "output_dtype": out_dtype,
+        "layout": "NHWC",
+        "channel_order": channel_order,
+        "input_scale": float(input_scale),
+        "input_offset": float(input_offset),
+        "input_quantization": in_q,
+        "output_quantization": out_q,
+        "input_formula": _input_formula(input_scale, input_offset, in_dtype, in_q),
+        "output_formula": _output_formula(out_dtype, out_q),
+        # Integer inputs depend on the raw pixel alone: the table is the formula's result, no rounding to get wrong.
+        "raw_pixel_to_input": (raw_to_input(np.arange(256, dtype=np.uint8), input_scale, input_offset, in_dtype,
+                                            in_q).tolist() if in_q is not None else None),
+        "class_names": class_names,
+        "labels_file": LABELS,
+        "measured": _jsonable(dict(measured)),
+        "recipe_hash": str(recipe_hash),
+        "edge_kd_version": str(version),
+        "golden": {"inputs": GOLDEN_INPUTS, "expected_outputs": GOLDEN_OUTPUTS, "count": int(len(golden_x_raw)),
+                   "compare": "bit-exact" if out_q is not None else f"abs diff <= {FLOAT_ATOL:g}",
+                   "run": "LiteRT CPU (default XNNPACK delegate), 1 thread, batch 1, one image at a time"},
+    }
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        shutil.copyfile(model_path, work / model_path.name)
+        (work / LABELS).write_text("".join(c + "\n" for c in class_names), encoding="utf-8")
+        (work / "golden").mkdir()
+        _save_npy(work / GOLDEN_INPUTS, golden_x_raw)
+        _save_npy(work / GOLDEN_OUTPUTS, expected)
+        (work / "README.md").write_text(_readme(manifest), encoding="utf-8")
+        # The manifest last: a folder with one is complete.
+        (work / MANIFEST).write_text(_dumps(manifest), encoding="utf-8")
+        mode = 0o777 & ~_umask()
+        for p in [work, *work.rglob("*")]:
+            os.chmod(p, mode if p.is_dir() else mode & 0o666)
+        _swap_into_place(work, dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return dest
+
+
+def _swap_into_place(work: Path, dest: Path):
+    if dest.exists() and _exchange(work, dest):
+        shutil.rmtree(work, ignore_errors=True)  # work now holds the old bundle
+        return
+    # A folder cannot be renamed over a non-empty one without renameat2: the old bundle steps aside
+    # first and comes back if the new one cannot take its place. Only a kill between the two renames
+    # leaves dest absent, with the old bundle kept in .<name>.old-*.
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old.rmdir()
+        os.replace(dest, old)
+    try:
+        os.replace(work, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); returns False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _save_npy(path: Path, array: np.ndarray):
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    path.write_bytes(buf.getvalue())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _dumps(obj) -> str:
+    """Indented JSON with lists of numbers kept on one line (the 256-entry table stays readable)."""
+    text = json.dumps(obj, indent=2)
+    # Only lists json.dumps broke over lines ("[" then a newline, impossible inside a JSON string).
+    return re.sub(r"\[\n\s*(-?[\d.eE+-]+(?:,\n\s*-?[\d.eE+-]+)*)\n\s*\]",
+                  lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text) + "\n"
+
+
+def _signed(v: int) -> str:
+    return f"- {-v}" if v < 0 else f"+ {v}"
+
+
+def _f32(v) -> str:
+    """The shortest decimal that parses back to the same float32 (what Kotlin/Swift literals need)."""
+    return str(np.float32(v))
+
+
+def _input_formula(scale, offset, dtype, q) -> str:
+    x = f"x = float32(raw) * {_f32(scale)} + {_f32(offset)}"
+    if q is None:
+        return f"{x}  (float32 arithmetic; raw is the 0..255 pixel value)"
+    info = np.iinfo(np.dtype(dtype))
+    return (f"{x}; q = clamp(round_half_to_even(x / {_f32(q['scale'])}) {_signed(q['zero_point'])}, {info.min}, {info.max}) "
+            f"as {dtype}  (float32 arithmetic; raw is the 0..255 pixel value)")
+
+
+def _output_formula(dtype, q) -> str:
+    if q is None:
+        return "score = y (float32); class = argmax(score)"
+    return f"score = (q {_signed(-q['zero_point'])}) * {_f32(q['scale'])}; class = argmax(score) = argmax(q)"
+
+
+def _affine_offset(lut) -> int | None:
+    """Returns c where the lookup table is exactly q = raw + c, else None."""
+    if lut is None:
+        return None
+    c = lut[0]
+    return c if all(v == r + c for r, v in enumerate(lut)) else None
+
+
+def _readme(m: dict) -> str:
+    name, in_shape, out_shape = m["model_file"], m["input_shape"], m["output_shape"]
+    h, w, c = in_shape[1:]
+    k = out_shape[-1]
+    stem = name.rsplit(".", 1)[0]
+    int_in, int_out = m["input_quantization"] is not None, m["output_quantization"] is not None
+    meas = m["measured"]
+    lat = ", ".join(f"{v:.3f} ms at {t} thread{'s' if str(t) != '1' else ''}"
+                    for t, v in (meas.get("latency_ms") or {}).items() if isinstance(v, (int, float)))
+    acc, gz = meas.get("accuracy"), meas.get("gzip_bytes")
+    accuracy_text = f"accuracy {acc * 100:.2f} %" if isinstance(acc, (int, float)) else "accuracy not measured"
+    gzip_text = f"{gz:,}" if isinstance(gz, int) else "?"
+    pixels = ("one grey value per pixel (C = 1)" if m["channel_order"] == "grayscale"
+              else "R, G, B per pixel, in that order (C = 3)")
+    consts_kt = [f"const val INPUT_SCALE = {_f32(m['input_scale'])}f", f"const val INPUT_OFFSET = {_f32(m['input_offset'])}f"]
+    consts_sw = [f"let inputScale: Float = {_f32(m['input_scale'])}", f"let inputOffset: Float = {_f32(m['input_offset'])}"]
+    if int_in:
+        iq = m["input_quantization"]
+        consts_kt += [f"const val IN_Q_SCALE = {_f32(iq['scale'])}f", f"const val IN_ZERO_POINT = {iq['zero_point']}"]
+        consts_sw += [f"let inQScale: Float = {_f32(iq['scale'])}", f"let inZeroPoint: Float = {iq['zero_point']}"]
+    if int_out:
+        oq = m["output_quantization"]
+        consts_kt += [f"const val OUT_SCALE = {_f32(oq['scale'])}f", f"const val OUT_ZERO_POINT = {oq['zero_point']}"]
+        consts_sw += [f"let outScale: Float = {_f32(oq['scale'])}", f"let outZeroPoint: Float = {oq['zero_point']}"]
+
+    lines = [
+        f"# {stem}: a {h}×{w} {m['channel_order']} image classifier for LiteRT (TensorFlow Lite)",
+        "",
+        f"Made by edge-kd {m['edge_kd_version']} (recipe `{m['recipe_hash']}`) from model `{meas.get('name')}`. "
+        f"Measured on the test set: {accuracy_text}{', latency ' + lat if lat else ''}; "
+        f"{m['model_size_bytes']:,} bytes ({gzip_text} gzipped).",
+        "",
+        "## Files",
+        "",
+        f"- `{name}` — the model. sha256 `{m['model_sha256']}`.",
+        f"- `{LABELS}` — the {k} class names, one per line; line i is output index i.",
+        "- `manifest.json` — shapes, dtypes, the preprocessing and the tensors' quantization, read from the model.",
+        f"- `{GOLDEN_INPUTS}` — {m['golden']['count']} real test images, raw uint8 pixels "
+        f"{m['golden']['count']}×{h}×{w}×{c}.",
+        f"- `{GOLDEN_OUTPUTS}` — the model's raw output tensors for them ({m['output_dtype']}, "
+        f"{m['golden']['count']}×{k}); {'they must match bit for bit' if int_out else f'they must match within {FLOAT_ATOL:g}'} "
+        "on LiteRT's CPU path. Feed the golden inputs through your app's code to check your preprocessing.",
+        "",
+        "Check the bundle on a desktop with `python -m pipelines.verify <this folder>`.",
+        "",
+        "## Input and output",
+        "",
+        f"- Input: one tensor {m['input_dtype']} `{in_shape}`, layout NHWC (rows, then columns, then channels), "
+        f"{pixels}, batch 1.",
+        f"- From a raw pixel value `raw` (0..255) to the model's float input: `x = raw * {_f32(m['input_scale'])} "
+        f"+ {_f32(m['input_offset'])}` (float32).",
+    ]
+    if int_in:
+        iq = m["input_quantization"]
+        lines.append(f"- The input is {m['input_dtype']}: `q = clamp(round_half_to_even(x / {_f32(iq['scale'])}) "
+                     f"{_signed(iq['zero_point'])}, -128, 127)` (float32 arithmetic).")
+        cst = _affine_offset(m["raw_pixel_to_input"])
+        if cst is not None:
+            lines.append(f"  For this model that is exactly `q = raw {'-' if cst < 0 else '+'} {abs(cst)}` for every "
+                         "raw value 0..255.")
+        lines.append("  `manifest.json` → `raw_pixel_to_input` lists q for each raw value 0..255.")
+    else:
+        lines.append("- The input is float32: write x itself (4 bytes, native byte order).")
+    if int_out:
+        oq = m["output_quantization"]
+        lines.append(f"- Output: {m['output_dtype']} `{out_shape}`; the score of class i is "
+                     f"`(q[i] {_signed(-oq['zero_point'])}) * {_f32(oq['scale'])}`; the class is the arg-max.")
+    else:
+        lines.append(f"- Output: float32 `{out_shape}`, one score per class; the class is the arg-max.")
+
+    # -- Kotlin
+    if int_in:
+        kt_fill = [
+            f"    val input = ByteBuffer.allocateDirect({h * w * c}).order(ByteOrder.nativeOrder())",
+            "    for (raw in pixels) {",
+            "        val x = raw.toFloat() * INPUT_SCALE + INPUT_OFFSET",
+            "        val q = Math.rint((x / IN_Q_SCALE).toDouble()).toInt() + IN_ZERO_POINT  // rint: half to even",
+            "        input.put(q.coerceIn(-128, 127).toByte())",
+            "    }",
+        ]
+    else:
+        kt_fill = [
+            f"    val input = ByteBuffer.allocateDirect(4 * {h * w * c}).order(ByteOrder.nativeOrder())",
+            "    for (raw in pixels) input.putFloat(raw.toFloat() * INPUT_SCALE + INPUT_OFFSET)",
+        ]
+    if int_out:
+        kt_out = [f"    val output = Array(1) {{ ByteArray({k}) }}",
+                  "    interpreter.run(input, output)",
+                  "    val scores = output[0].map { (it - OUT_ZERO_POINT) * OUT_SCALE }"]
+    else:
+        kt_out = [f"    val output = Array(1) {{ FloatArray({k}) }}",
+                  "    interpreter.run(input, output)",
+                  "    val scores = output[0]"]
+    kt_pixels = ("one grey value per pixel" if c == 1 else
+                 "R, G, B per pixel (of a Bitmap pixel p: p shr 16 and 0xFF, p shr 8 and 0xFF, p and 0xFF)")
+    kotlin = [
+        "```kotlin",
+        "// build.gradle: implementation(\"com.google.ai.edge.litert:litert:1.0.1\")  (or org.tensorflow:tensorflow-lite)",
+        "// Put the model and labels.txt in src/main/assets; keep the model uncompressed: androidResources { noCompress += \"tflite\" }",
+        "import android.content.Context",
+        "import org.tensorflow.lite.Interpreter",
+        "import java.io.FileInputStream",
+        "import java.nio.ByteBuffer",
+        "import java.nio.ByteOrder",
+        "import java.nio.channels.FileChannel",
+        "",
+        *consts_kt,
+        "",
+        "fun loadInterpreter(context: Context): Interpreter {",
+        f"    val fd = context.assets.openFd(\"{name}\")",
+        "    val model = FileInputStream(fd.fileDescriptor).channel.use {",
+        "        it.map(FileChannel.MapMode.READ_ONLY, fd.startOffset, fd.declaredLength)",
+        "    }",
+        "    return Interpreter(model, Interpreter.Options().setNumThreads(1))",
+        "}",
+        "",
+        f"// pixels: {h * w * c} raw values 0..255, row by row, {kt_pixels}",
+        "fun classify(interpreter: Interpreter, pixels: IntArray): Int {",
+        *kt_fill,
+        "    input.rewind()",
+        *kt_out,
+        "    return scores.indices.maxByOrNull { scores[it] }!!  // index into labels.txt",
+        "}",
+        "```",
+    ]
+
+    # -- Swift
+    if int_in:
+        sw_fill = [
+            "    let input: [Int8] = pixels.map { raw in",
+            "        let x = Float(raw) * inputScale + inputOffset",
+            "        let q = (x / inQScale).rounded(.toNearestOrEven) + inZeroPoint",
+            "        return Int8(max(-128, min(127, q)))",
+            "    }",
+        ]
+    else:
+        sw_fill = ["    let input: [Float32] = pixels.map { Float($0) * inputScale + inputOffset }"]
+    if int_out:
+        sw_out = ["    let q = output.data.withUnsafeBytes { Array($0.bindMemory(to: Int8.self)) }",
+                  "    let scores = q.map { (Float($0) - outZeroPoint) * outScale }"]
+    else:
+        sw_out = ["    let scores = output.data.withUnsafeBytes { Array($0.bindMemory(to: Float32.self)) }"]
+    swift = [
+        "```swift",
+        "// Podfile: pod 'TensorFlowLiteSwift'. Add the model and labels.txt to the app target.",
+        "import Foundation",
+        "import TensorFlowLite",
+        "",
+        *consts_sw,
+        "",
+        f"let modelPath = Bundle.main.path(forResource: \"{stem}\", ofType: \"tflite\")!",
+        "var options = Interpreter.Options()",
+        "options.threadCount = 1",
+        "let interpreter = try Interpreter(modelPath: modelPath, options: options)",
+        "try interpreter.allocateTensors()",
+        "",
+        f"// pixels: {h * w * c} raw values 0...255, row by row, {'one grey value per pixel' if c == 1 else 'R, G, B per pixel'}",
+        "func classify(_ pixels: [UInt8]) throws -> Int {",
+        *sw_fill,
+        "    try interpreter.copy(input.withUnsafeBufferPointer { Data(buffer: $0) }, toInputAt: 0)",
+        "    try interpreter.invoke()",
+        "    let output = try interpreter.output(at: 0)",
+        *sw_out,
+        "    return scores.indices.max { scores[$0] < scores[$1] }!  // index into labels.txt",
+        "}",
+        "```",
+    ]
+    lines += ["", "## Android (Kotlin)", "", *kotlin, "", "## iOS (Swift)", "", *swift, "",
+              "Both snippets compute in float32 in the same order as the formula in `manifest.json` "
+              f"(`input_formula`), so they give the golden inputs' exact {'int8 values' if int_in else 'floats'}; "
+              "run the golden images through `classify` once and compare with `golden/expected_outputs.npy`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Resumable runs: finished stages are skipped (from their manifests), changes rerun what depends on them,
+Ctrl-C says how to resume, and kill -9 at any moment leaves nothing a later run takes for finished."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--limit-train", "600", "--limit-test", "200", "--teacher-epochs", "1", "--epochs", "1",
+        "--set", "prune.epochs=1", "--set", "prune.frequency=2", "--set", "qat.epochs=1",
+        "--set", "export.variants=[fp32,int8]", "--set", "benchmark.threads=[1]",
+        "--set", "benchmark.min_seconds=0.05", "--set", "benchmark.warmup_seconds=0.01"]
+STAGES = ["teacher", "distill", "baseline", "prune", "qat", "export", "benchmark", "bundle", "report"]
+
+
+def _cmd(out, *extra):
+    return [sys.executable, "-m", "pipelines.compress", "--out", str(out), "--run-name", "r", *FAST, *extra]
+
+
+def _run(out, *extra, timeout=600):
+    proc = subprocess.run(_cmd(out, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _skipped(stdout):
+    return [s for s in STAGES if f"] {s}: finished earlier with the same settings and inputs, skipped" in stdout]
+
+
+def _manifest(run, stage):
+    return json.loads((run / "manifests" / f"{stage}.json").read_text())
+
+
+@pytest.mark.slow
+def test_rerun_skips_and_a_change_reruns_that_stage_and_its_dependents(tmp_path):
+    out = tmp_path / "out"
+    run = out / "r"
+    first = _run(out)
+    assert _skipped(first) == []
+    stamps = {s: _manifest(run, s)["finished"] + _manifest(run, s)["fingerprint"] for s in STAGES}
+
+    again = _run(out)
+    assert _skipped(again) == STAGES
+    assert {s: _manifest(run, s)["finished"] + _manifest(run, s)["fingerprint"] for s in STAGES} == stamps
+
+    changed = _run(out, "--set", "prune.target_sparsity=0.5")
+    assert _skipped(changed) == ["teacher", "distill", "baseline"]
+    for s in ("prune", "qat", "export", "benchmark", "bundle", "report"):
+        assert _manifest(run, s)["fingerprint"] != stamps[s][-64:]
+    results = json.loads((run / "results.json").read_text())
+    by_name = {m["name"]: m for m in results["models"]}
+    assert by_name["pruned-fp32"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert by_name["qat-int8"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+    # an artefact altered on disk no longer matches its manifest: that stage and its dependents rerun
+    student = run / "distill" / "student.keras"
+    data = bytearray(student.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    student.write_bytes(bytes(data))
+    repaired = _run(out, "--set", "prune.target_sparsity=0.5")
+    assert _skipped(repaired) == ["teacher", "baseline"]
+
+
+def _wait_for(predicate, proc, limit=300):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before the moment the test waits for: "
+                                 + proc.stdout.read()[-2000:] + proc.stderr.read()[-2000:])
+        if time.time() - start > limit:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_kill_9_mid_stage_resumes_to_completion(tmp_path):
+    out = tmp_path / "out"
+    run = out / "r"
+    long_distill = ["--epochs", "40"]  # long enough to be caught in the middle of the stage
+
+    # Ctrl-C in the middle of the distill stage: one line, exit 130, the finished teacher kept
+    proc = subprocess.Popen(_cmd(out, *long_distill), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: list(run.glob(".distill.partial-*")), proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == (
+        "python -m pipelines.compress: interrupted during stage 'distill'; finished stages are kept: "
+        "rerun the same command to resume at 'distill'")
+    assert (run / "manifests" / "teacher.json").is_file() and not (run / "manifests" / "distill.json").exists()
+    assert not (run / "distill").exists() and not list(run.glob(".distill.partial-*"))
+
+    # kill -9 in the middle of the same stage: its half-written folder is never taken for finished
+    proc = subprocess.Popen(_cmd(out, *long_distill), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: list(run.glob(".distill.partial-*")), proc)
+    time.sleep(1.0)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert list(run.glob(".distill.partial-*")), "the killed stage's working folder should be left behind"
+    assert not (run / "distill").exists()
+
+    resumed = _run(out, *long_distill)
+    assert _skipped(resumed) == ["teacher"]
+    assert not list(run.glob(".*.partial-*"))
+    for s in STAGES:
+        m = _manifest(run, s)
+        assert m["files"] or s == "teacher"
+    results = json.loads((run / "results.json").read_text())
+    assert [m["name"] for m in results["models"]][-1] == "qat-int8"
+    from edge_kd.bench import litert
+    from edge_kd import data
+
+    bundle = data.load("mnist", limit_train=600, limit_test=200)
+    x, y = bundle.arrays("test")
+    for m in results["models"]:
+        if m["format"] == "tflite":
+            assert litert.accuracy(run / m["path"], x, y) == pytest.approx(m["accuracy"])
