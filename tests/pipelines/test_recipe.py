@@ -8,13 +8,14 @@ from pipelines import compress, recipe
 @pytest.mark.parametrize("name", ["mnist", "mnist_tfmot_only", "cifar10_resnet8"])
 def test_shipped_recipes_validate(name):
     r = recipe.load(recipe.RECIPES / f"{name}.yaml")
-    assert r.stages.enabled()[-3:] == ["export", "benchmark", "report"]
+    assert r.stages.enabled()[-4:] == ["export", "benchmark", "bundle", "report"]
     assert ("prune" in r.stages.enabled()) and ("qat" in r.stages.enabled())
 
 
 def test_default_recipe_runs_every_stage_of_the_product():
     r = recipe.load()
-    assert r.stages.enabled() == ["teacher", "distill", "baseline", "prune", "qat", "export", "benchmark", "report"]
+    assert r.stages.enabled() == ["teacher", "distill", "baseline", "prune", "qat", "export", "benchmark", "bundle",
+                                  "report"]
     assert r.stages.prune.target_sparsity == 0.75
     assert r.distils("distill") and r.distils("prune") and r.distils("qat")
     assert r.run_name() == "mnist-cnn"
