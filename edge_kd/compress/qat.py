@@ -116,8 +116,13 @@ def quantize(model, cfg: QATConfig | None = None) -> keras.Model:
         annotated = keras.models.clone_model(
             copy, clone_function=lambda layer: layer if layer.name in floats
             else tfmot.quantization.keras.quantize_annotate_layer(layer))
-    with tfmot.quantization.keras.quantize_scope(objects):
-        quantized = tfmot.quantization.keras.quantize_apply(annotated, _StrictScheme(scheme(cfg)))
+    try:
+        with tfmot.quantization.keras.quantize_scope(objects):
+            quantized = tfmot.quantization.keras.quantize_apply(annotated, _StrictScheme(scheme(cfg)))
+    except (ValueError, RuntimeError) as e:
+        # What the layer-type check cannot foresee, e.g. a Dense with an activation tfmot has no quantizer for.
+        raise UserError(f"tfmot's {scheme_name(cfg)} scheme cannot quantize model {model.name!r}: "
+                        f"{_first_line(e)}") from None
     quantized.qat_float_layers = tuple(sorted(floats))
     return quantized
 

@@ -4,6 +4,9 @@ import numpy as np
 from edge_kd.distill import Distiller, losses
 from edge_kd.keras import keras
 
+BATCH = 18          # 1,800 training images -> 100 steps per epoch
+PRUNE_STEPS = 300   # 3 epochs
+
 
 def distiller(student, teacher, lr=2e-3):
     """Returns a compiled Hinton Distiller (alpha 0.7, T 4) of ``student``."""

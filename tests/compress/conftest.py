@@ -8,10 +8,8 @@ from edge_kd import data
 from edge_kd.compress import prune
 from edge_kd.keras import keras
 
-from compress_helpers import distiller
+from .compress_helpers import BATCH, PRUNE_STEPS, distiller
 
-BATCH = 18          # 1,800 training images -> 100 steps per epoch
-PRUNE_STEPS = 300   # 3 epochs
 PRUNE_CFG = prune.PruneConfig(target_sparsity=0.75, schedule="polynomial", frequency=50, end_step=200)
 
 

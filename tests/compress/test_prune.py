@@ -3,8 +3,6 @@ import numpy as np
 import pytest
 
 import models
-from conftest import PRUNE_STEPS
-from compress_helpers import infer, distiller, export, kernel_layers, tflite_by_layer
 from edge_kd.bench import litert
 from edge_kd.bench.stats import tflite_weight_sparsity
 from edge_kd.compress import prune
@@ -14,6 +12,8 @@ from edge_kd.keras import keras, tf
 
 import tensorflow_model_optimization as tfmot  # noqa: E402  (after edge_kd.keras)
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils  # noqa: E402
+
+from .compress_helpers import PRUNE_STEPS, distiller, export, infer, kernel_layers, tflite_by_layer
 
 PRUNED = ("block1_conv", "block2_conv", "logits")
 

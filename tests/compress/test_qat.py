@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from compress_helpers import infer, distiller, export, kernel_layers, tflite_by_layer, tflite_kernels
 from edge_kd.bench import litert
 from edge_kd.bench.stats import tflite_weight_sparsity
 from edge_kd.compress import prune, qat
@@ -11,6 +10,8 @@ from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
 
 import tensorflow_model_optimization as tfmot  # noqa: E402  (after edge_kd.keras)
+
+from .compress_helpers import distiller, export, infer, kernel_layers, tflite_by_layer, tflite_kernels
 
 QAT_STEPS = 60
 
@@ -153,3 +154,6 @@ def test_quantize_refuses_wrapped_and_nested_models():
     nested = keras.Model(inp, student(inp), name="outer")
     with pytest.raises(UserError, match="needs a flat model .*'outer' nests mlp"):
         qat.quantize(nested)
+    selu = keras.Model(inp, keras.layers.Dense(3, activation="selu", name="d")(keras.layers.Flatten()(inp)), name="m")
+    with pytest.raises(UserError, match="scheme cannot quantize model 'm': Only some Keras activations"):
+        qat.quantize(selu)

@@ -84,12 +84,13 @@ def test_report_md_has_every_model_and_number(tmp_path, results):
     assert len(lines) == 2 + len(results["models"])
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["model", "role", "format", "variant", "accuracy %", "Δ vs teacher (pp)", "size (KB)",
-                      "gzip (KB)", "latency 1 thr mean ms (p90)", "latency 2 thr mean ms", "params", "MACs"]
+                      "gzip (KB)", "sparsity %", "latency 1 thr mean ms (p90)", "latency 2 thr mean ms", "params",
+                      "MACs"]
     student = [c.strip() for c in lines[4].strip("|").split("|")]
-    assert student == ["student-int8", "student", "tflite", "int8", "98.67", "-0.45", "40.0", "20.0",
+    assert student == ["student-int8", "student", "tflite", "int8", "98.67", "-0.45", "40.0", "20.0", "—",
                        "0.123 (0.150)", "0.090", "12,345", "678,910"]
     keras_row = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert keras_row[5] == "+0.00" and keras_row[8] == "—" and keras_row[9] == "—"
+    assert keras_row[5] == "+0.00" and keras_row[8] == "—" and keras_row[9] == "—" and keras_row[10] == "—"
 
 
 def test_plot_points_leave_untimed_keras_rows_out_of_the_latency_panel(results):
