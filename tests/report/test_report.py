@@ -115,3 +115,35 @@ def test_pareto_front_matches_brute_force(rng):
 def test_report_rejects_results_without_models(tmp_path):
     with pytest.raises(ValueError, match="models"):
         write_report(tmp_path, {"run": "x"})
+
+
+def test_stage_parity_and_distillation_sections(results):
+    from edge_kd.report.report import parity_table, report_markdown, stage_table
+
+    extra = [
+        {**_model("student", "student", "keras", "fp32", 0.9890, 90_000, None), "stage": "distill"},
+        {**_model("baseline", "baseline", "keras", "fp32", 0.9886, 90_000, None), "stage": "baseline"},
+        {**_model("pruned-int8", "student", "tflite", "int8", 0.9871, 18_800, {"1": _lat(1, 0.011, 0.012)}),
+         "stage": "prune", "sparsity": 0.7512,
+         "parity": {"max_abs_diff": 0.0123, "top1_agreement": 0.9981},
+         "ops": {"ops": {"CONV_2D": 2, "FULLY_CONNECTED": 1}, "xnnpack_fallback": {}}},
+        {**_model("qat-int8", "student", "tflite", "int8", 0.9880, 18_900, {"1": _lat(1, 0.010, 0.011)}),
+         "stage": "qat", "sparsity": 0.75,
+         "parity": {"max_abs_diff": 0.05, "top1_agreement": 1.0},
+         "ops": {"ops": {"CONV_2D": 2, "SOFTMAX": 1}, "xnnpack_fallback": {"SOFTMAX": 1}}},
+    ]
+    results = {**results, "models": results["models"] + extra,
+               "distillation": {"loss": "hinton", "temperature": 4.0}, "bundle": {"path": "bundle", "model": "qat-int8"}}
+    stages = stage_table(results).strip().splitlines()
+    assert [r.split("|")[1].strip() for r in stages[2:]] == ["prune", "qat"]  # only int8 student rows with a stage
+    assert [c.strip() for c in stages[2].strip("|").split("|")] == [
+        "prune", "pruned-int8", "98.71", "-0.41", "18.4", "9.2", "75.12", "0.011"]
+    parity = parity_table(results).strip().splitlines()
+    assert len(parity) == 4
+    assert [c.strip() for c in parity[3].strip("|").split("|")] == [
+        "qat-int8", "5.00e-02", "100.00", "CONV_2D×2, SOFTMAX×1", "SOFTMAX×1"]
+    assert parity[2].endswith("| none |")
+    md = report_markdown(results)
+    assert ("the distilled student scores 98.90 % against 98.86 % for the same student trained without the "
+            "teacher (same epochs and seed): +0.04 pp.") in md
+    assert "holds **qat-int8**" in md
