@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -23,21 +22,12 @@ import numpy as np
 
 import edge_kd
 from edge_kd.errors import UserError
-from edge_kd.fileio import atomic_path, write_json
+from edge_kd.fileio import atomic_path, sha256_file, write_json
 from pipelines.recipe import Recipe, fingerprint
 
 MODEL_STAGES = ("distill", "prune", "cluster", "qat")  # each refines the student the previous one left
 FOLDERS = {"export": "tflite"}  # a stage's folder in the run folder, where it is not the stage's name
 PUBLISHED = ("report.md", "results.json", "results.csv", "pareto.png")
-
-
-def sha256_file(path) -> str:
-    """Returns the hex sha256 of the file at ``path``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def keras_verbosity() -> int:

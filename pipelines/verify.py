@@ -30,6 +30,7 @@ import numpy as np
 
 from edge_kd.errors import UserError
 from edge_kd.export import bundle as B
+from edge_kd.fileio import sha256_file
 
 REQUIRED = ("model_file", "model_sha256", "input_shape", "input_dtype", "output_shape", "output_dtype",
             "input_quantization", "output_quantization", "input_scale", "input_offset")
@@ -83,7 +84,7 @@ def _check(bundle_dir) -> tuple[list[str], str]:
     """Returns (problems, the success line's details)."""
     manifest, model, x_raw, expected = load(bundle_dir)
     problems = []
-    digest = B.sha256_file(model)
+    digest = sha256_file(model)
     if digest != manifest["model_sha256"]:
         # Not what the manifest describes; a damaged file is not fed to the interpreter at all.
         return [f"{model.name} sha256 {digest[:12]}… differs from the manifest's {str(manifest['model_sha256'])[:12]}…"], ""

@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import io
 import json
 import os
@@ -38,6 +37,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from edge_kd.errors import UserError
+from edge_kd.fileio import sha256_file, umask
 
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -118,15 +118,6 @@ def run_golden(interpreter: Interpreter, model_inputs: np.ndarray) -> np.ndarray
         interpreter.invoke()
         ys.append(interpreter.get_tensor(out["index"])[0].copy())
     return np.stack(ys)
-
-
-def sha256_file(path) -> str:
-    """Returns the hex sha256 of the file at ``path``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def batch1_interpreter(model_path) -> Interpreter:
@@ -233,7 +224,7 @@ def write_bundle(dest_dir, model_path, *, class_names, input_scale: float, input
         (work / "README.md").write_text(_readme(manifest), encoding="utf-8")
         # The manifest last: a folder with one is complete.
         (work / MANIFEST).write_text(_dumps(manifest), encoding="utf-8")
-        mode = 0o777 & ~_umask()
+        mode = 0o777 & ~umask()
         for p in [work, *work.rglob("*")]:
             os.chmod(p, mode if p.is_dir() else mode & 0o666)
         _swap_into_place(work, dest)
@@ -283,12 +274,6 @@ def _save_npy(path: Path, array: np.ndarray):
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     path.write_bytes(buf.getvalue())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _jsonable(obj):
