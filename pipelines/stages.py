@@ -195,7 +195,10 @@ class Stage:
         r = ctx.recipe
         key = {"stage": self.name, "settings": dataclasses.asdict(getattr(r.stages, self.name)),
                "edge_kd": edge_kd.__version__,
-               "inputs": {d: ctx.manifests[d]["fingerprint"] for d in self.depends_on(ctx)}}
+               # what an input stage wrote, not only how it was configured: a rerun of it that wrote
+               # other bytes (training is not bit-reproducible) makes this stage rerun too
+               "inputs": {d: fingerprint([ctx.manifests[d]["fingerprint"], ctx.manifests[d]["files"]])
+                          for d in self.depends_on(ctx)}}
         if self.name in ("teacher", *MODEL_STAGES, "baseline"):
             key.update(seed=r.seed, data=dataclasses.asdict(r.data), training=dataclasses.asdict(r.training))
         if self.name == "teacher":
