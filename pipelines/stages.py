@@ -374,9 +374,11 @@ def _run_benchmark(ctx: Context, out: Path) -> dict:
 
     def row(name, role, fmt, variant, stage, rel, file, acc, model, **tflite_figures):
         size, gz = stats.file_sizes(file)
+        # a QAT model's variables include its quantizers' ranges; its weights are those of the model it quantized
+        counted = source_model(ctx.last_model_stage("qat")) if stage == "qat" else model
         return {"name": name, "role": role, "format": fmt, "variant": variant, "stage": stage, "path": rel,
                 "accuracy": float(acc), "size_bytes": int(size), "gzip_bytes": int(gz),
-                "params": stats.count_params(model), "macs": stats.count_macs(model),
+                "params": stats.count_params(counted), "macs": stats.count_macs(counted),
                 "input_scale": float(info.input_scale), "input_offset": float(info.input_offset),
                 "sparsity": None, "latency": None, "parity": None, "ops": None, **tflite_figures}
 
@@ -402,8 +404,10 @@ def _run_benchmark(ctx: Context, out: Path) -> dict:
         latency = {str(t): litert.latency(file, sample, num_threads=t, min_seconds=b.min_seconds,
                                           min_warmup_seconds=b.warmup_seconds) for t in b.threads}
         model = source_model(item["stage"])
+        sparsity = stats.tflite_weight_sparsity(file)
         rows.append(row(item["name"], item["role"], "tflite", item["variant"], item["stage"], item["path"], file, acc,
-                        model, latency=latency, sparsity=stats.tflite_weight_sparsity(file)["overall"],
+                        model, latency=latency, sparsity=sparsity["overall"],
+                        sparsity_layers={_layer_of(k): v["sparsity"] for k, v in sparsity["layers"].items()},
                         parity=parity.parity(model, file, x_test), ops=parity.ops(file)))
     teacher_acc = rows[0]["accuracy"] if r.teacher is not None else None
     for m in rows:
@@ -469,6 +473,15 @@ def _distillation_summary(r: Recipe):
         d["loss"] = "+".join(x["name"] for x in r.distillation.terms)
     d["epochs"] = r.stages.distill.epochs
     return d
+
+
+def _layer_of(tensor_name: str) -> str:
+    """Returns the Keras layer a TFLite weight tensor belongs to ("cnn/quant_logits/MatMul;..." -> "logits")."""
+    parts = tensor_name.split(";")[0].split("/")
+    layer = parts[1] if len(parts) > 2 else parts[0]
+    for prefix in ("quant_", "prune_low_magnitude_", "cluster_"):
+        layer = layer[len(prefix):] if layer.startswith(prefix) else layer
+    return layer
 
 
 def _keras_sparsity(model) -> float:

@@ -90,6 +90,9 @@ def report_markdown(results: dict) -> str:
         out += [f"Bundle: `{b.get('path', 'bundle')}/` holds **{b.get('model', '?')}** with labels, manifest, golden "
                 f"vectors and app snippets; check it with `python -m pipelines.verify {results.get('run', '<run>')}/"
                 f"{b.get('path', 'bundle')}` from the output folder.", ""]
+    layers = sparsity_table(results)
+    if layers:
+        out += ["## Sparsity per layer (exact zeros in each kernel of the exported .tflite)", "", layers]
     parity = parity_table(results)
     if parity:
         out += ["## Runtime parity and ops (Keras model vs its .tflite under LiteRT, whole test set)", "", parity]
@@ -145,6 +148,21 @@ def stage_table(results: dict) -> str:
                  _kb(m.get("gzip_bytes")), _pct(m.get("sparsity")) if _num(m.get("sparsity")) else "—",
                  _ms(lat1["mean_ms"]) if lat1 else "—"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sparsity_table(results: dict) -> str:
+    """Returns a markdown table of per-kernel sparsity for the tflite rows that were pruned, or ""."""
+    rows = [m for m in results["models"] if m.get("sparsity_layers") and _num(m.get("sparsity"))
+            and m["sparsity"] >= 0.05]
+    if not rows:
+        return ""
+    layers = list(dict.fromkeys(k for m in rows for k in m["sparsity_layers"]))
+    lines = ["| kernel | " + " | ".join(m["name"] for m in rows) + " |", "|---|" + "---:|" * len(rows)]
+    for k in layers:
+        lines.append(f"| {k} | " + " | ".join(_pct(m["sparsity_layers"].get(k)) if k in m["sparsity_layers"]
+                                               else "—" for m in rows) + " |")
+    lines.append("| **overall** | " + " | ".join(_pct(m["sparsity"]) for m in rows) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -213,3 +213,37 @@ def test_cli_with_a_users_softmax_h5_teacher_of_another_input_size_and_range(tmp
 
     probs = original.predict(tf.image.resize(x, (16, 16)).numpy() * 2 - 1, verbose=0)
     np.testing.assert_allclose(tf.nn.softmax(tfl).numpy(), probs, atol=1e-5)
+
+
+def test_weight_tensor_names_map_back_to_their_keras_layers():
+    from pipelines.stages import _layer_of
+
+    assert _layer_of("cnn/block1_conv/Conv2D") == "block1_conv"
+    assert _layer_of("cnn/quant_logits/MatMul;cnn/quant_logits/LastValueQuant/FakeQuantWithMinMaxVars") == "logits"
+    assert _layer_of("model/prune_low_magnitude_fc1/MatMul") == "fc1"
+    assert _layer_of("weights") == "weights"
+
+
+@pytest.mark.slow
+def test_optional_clustering_stage_then_pcqat_keeps_sparsity_and_few_weight_values(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipelines.compress", "--limit-train", "1200", "--limit-test", "300", "--epochs", "1",
+           "--teacher-epochs", "1", "--threads", "1", "--out", str(out), "--run-name", "c", "--set", "baseline=false",
+           "--set", "prune.epochs=1", "--set", "prune.frequency=2", "--set", "cluster.clusters=8",
+           "--set", "cluster.epochs=1", "--set", "qat.epochs=1", "--set", "export.variants=[int8]",
+           "--set", "benchmark.min_seconds=0.05", "--set", "benchmark.warmup_seconds=0.01"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cluster: cluster to 8 weights per layer while distilling" in proc.stdout
+    run = out / "c"
+    results = json.loads((run / "results.json").read_text())
+    by_name = {m["name"]: m for m in results["models"]}
+    assert results["stage_summaries"]["qat"]["scheme"].lower().startswith("cluster")
+    for name in ("clustered-int8", "qat-int8"):
+        assert by_name[name]["sparsity"] == pytest.approx(0.75, abs=0.01)
+        assert set(by_name[name]["sparsity_layers"]) == {"block1_conv", "block2_conv", "logits"}
+    # the clustered Keras kernels hold at most 8 distinct values (one of them the pruned zero)
+    clustered = keras.models.load_model(run / "cluster" / "clustered.keras", compile=False)
+    for layer in clustered.layers:
+        if getattr(layer, "kernel", None) is not None:
+            assert len(np.unique(layer.kernel.numpy())) <= 8
