@@ -46,14 +46,15 @@ def one(method: str, data: str, seed: int, out: Path, extra: list[str]) -> dict:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Returns mean and std (population) of accuracy and gzip size per method."""
+    """Returns mean and sample std (ddof=1) of accuracy and gzip size per method."""
     out = {}
     for method in RECIPES:
         acc = np.array([r["accuracy"] for r in rows if r["method"] == method])
         gz = np.array([r["gzip_bytes"] for r in rows if r["method"] == method])
         if len(acc):
-            out[method] = {"accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()),
-                           "gzip_mean": float(gz.mean()), "gzip_std": float(gz.std()), "seeds": len(acc)}
+            ddof = 1 if len(acc) > 1 else 0
+            out[method] = {"accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=ddof)),
+                           "gzip_mean": float(gz.mean()), "gzip_std": float(gz.std(ddof=ddof)), "seeds": len(acc)}
     return out
 
 
