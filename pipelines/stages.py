@@ -283,25 +283,25 @@ def _run_prune(ctx: Context, out: Path) -> dict:
     cfg = prune.PruneConfig(target_sparsity=spec.target_sparsity, initial_sparsity=spec.initial_sparsity,
                             schedule=spec.schedule, begin_step=0, end_step=max(1, int(steps * spec.end_fraction)),
                             frequency=spec.frequency, structured_2_4=spec.structured_2_4)
-    student = ctx.load_student(ctx.last_model_stage("prune"))
-    wrapped = prune.prune(student, cfg, total_steps=steps)
-    history = ctx.fit(ctx.distiller(wrapped, "prune"), spec.epochs, spec.learning_rate, callbacks=prune.callbacks())
-    stripped = prune.strip(wrapped)
-    _save_model(stripped, out / "pruned.keras")
-    write_json(out / "history.json", history)
-    return {"val_accuracy": history["val_accuracy"][-1], "keras_sparsity": _keras_sparsity(stripped)}
+    return _refine(ctx, "prune", out, lambda m: prune.prune(m, cfg, total_steps=steps), prune.strip,
+                   callbacks=prune.callbacks())
 
 
 def _run_cluster(ctx: Context, out: Path) -> dict:
     from edge_kd.compress import cluster
 
     spec = ctx.recipe.stages.cluster
-    student = ctx.load_student(ctx.last_model_stage("cluster"))
-    wrapped = cluster.cluster(student, cluster.ClusterConfig(clusters=spec.clusters,
-                                                             preserve_sparsity=spec.preserve_sparsity))
-    history = ctx.fit(ctx.distiller(wrapped, "cluster"), spec.epochs, spec.learning_rate)
-    stripped = cluster.strip(wrapped)
-    _save_model(stripped, out / "clustered.keras")
+    cfg = cluster.ClusterConfig(clusters=spec.clusters, preserve_sparsity=spec.preserve_sparsity)
+    return _refine(ctx, "cluster", out, lambda m: cluster.cluster(m, cfg), cluster.strip)
+
+
+def _refine(ctx: Context, stage: str, out: Path, wrap, strip, callbacks=()) -> dict:
+    """Wraps the previous stage's student, trains it in the Distiller for ``stage``, strips and saves it."""
+    spec = getattr(ctx.recipe.stages, stage)
+    wrapped = wrap(ctx.load_student(ctx.last_model_stage(stage)))
+    history = ctx.fit(ctx.distiller(wrapped, stage), spec.epochs, spec.learning_rate, callbacks=callbacks)
+    stripped = strip(wrapped)
+    _save_model(stripped, out / STAGES[stage].model_file)
     write_json(out / "history.json", history)
     return {"val_accuracy": history["val_accuracy"][-1], "keras_sparsity": _keras_sparsity(stripped)}
 
