@@ -359,7 +359,6 @@ def _run_export(ctx: Context, out: Path) -> dict:
 
 def _run_benchmark(ctx: Context, out: Path) -> dict:
     from edge_kd.bench import litert, parity, stats
-    from edge_kd.keras import keras
 
     r, info = ctx.recipe, ctx.bundle.info
     x_test, y_test = ctx.bundle.arrays("test")
@@ -390,8 +389,7 @@ def _run_benchmark(ctx: Context, out: Path) -> dict:
     if "baseline" in enabled:
         keras_rows.append(("baseline", "baseline", "baseline"))
     for name, role, stage in keras_rows:
-        model = source_model(stage) if stage != "baseline" else keras.models.load_model(
-            ctx.stage_dir("baseline") / "baseline.keras", compile=False)
+        model = source_model(stage)
         file = ctx.teacher_file() if stage == "teacher" else ctx.stage_dir(stage) / STAGES[stage].model_file
         rel = os.path.relpath(file, ctx.run_dir) if stage != "teacher" or r.teacher.path is None else str(file)
         acc = float(np.mean(np.argmax(model.predict(x_test, batch_size=512, verbose=0), -1) == y_test))
