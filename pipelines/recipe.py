@@ -71,11 +71,27 @@ class TrainingSpec:
     learning_rate: float = _field(2e-3, low=0.0, low_open=True)
 
 
+MODES = ("teacher", "mean_teacher", "mutual")
+
+
 @dataclasses.dataclass
 class DistillationSpec:
     hard_weight: float = _field(0.1, low=0.0)
     terms: list = _field([{"name": "hinton", "weight": 0.9, "temperature": 4.0}],
                          help="loss terms: [{name: hinton, weight: 0.9, temperature: 4}, ...]")
+    mode: str = _field("teacher", choices=MODES,
+                       help="where knowledge comes from: teacher (the recipe's teacher and extra_teachers, or none "
+                            "for teacher-free terms), mean_teacher (an EMA of the student), mutual (peers, DML)")
+    extra_teachers: list = _field([], help="more teachers from files: [{path: b.keras, trust: false, "
+                                           "input_range: null}, ...]")
+    teacher_weights: Optional[list] = _field(None, help="one weight per teacher (teacher, then extra_teachers); "
+                                                        "default: equal")
+    combine: str = _field("fixed", choices=("fixed", "confidence"),
+                          help="several teachers: fixed weights, or per-example confidence")
+    ema_decay: float = _field(0.999, low=0.0, high=1.0, help="mean_teacher: the EMA decay per step, below 1")
+    peers: list = _field([{}], help="mutual: the models trained with the student: [{arch: cnn, options: {}}, ...]; "
+                                    "arch defaults to the student's")
+    export: int = _field(0, low=0, help="mutual: the model exported: 0 the student, i the i-th peer")
 
 
 @dataclasses.dataclass
@@ -198,9 +214,25 @@ class Recipe:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}-{self.student.arch}")
 
     def distils(self, stage: str) -> bool:
-        """Returns whether ``stage`` trains with the teacher's loss terms."""
-        spec = getattr(self.stages, stage)
-        return bool(self.teacher is not None and self.distillation.terms and getattr(spec, "distill", False))
+        """Returns whether ``stage`` trains with the recipe's loss terms.
+
+        With no teacher in ``teacher`` mode, only terms that need none (a virtual teacher) distil; the
+        default Hinton term then falls away and the stage trains on cross-entropy alone.
+        """
+        from edge_kd.distill import losses
+
+        d = self.distillation
+        if not (d.terms and getattr(getattr(self.stages, stage), "distill", False)):
+            return False
+        if d.mode != "teacher" or self.teacher is not None:
+            return True
+        return not any(losses.needs_teacher(t["name"]) for t in d.terms)
+
+    def peer_specs(self) -> list[dict]:
+        """Returns the mutual-learning peers as {arch, options}, defaults filled from the student."""
+        return [{"arch": p.get("arch") or self.student.arch,
+                 "options": p.get("options", self.student.options if not p.get("arch") else {})}
+                for p in self.distillation.peers]
 
 
 def fingerprint(obj) -> str:
@@ -389,20 +421,13 @@ def _check_semantics(r: Recipe):
                 raise UserError(f"teacher.input_range must be [lo, hi] with hi > lo, got {ir!r}")
     elif "teacher" in names:
         raise UserError("stages.teacher is set but teacher is null; remove the stage or describe the teacher")
-    if "baseline" in names and r.teacher is None:
-        raise UserError("stages.baseline compares with the teacher-free student, but there is no teacher: "
-                        "the distill stage already trains without one; remove stages.baseline")
+    _check_distillation(r)
+    if "baseline" in names and not r.distils("distill"):
+        raise UserError("stages.baseline compares with the student trained without distillation, but the distill "
+                        "stage does not distil (no teacher and no teacher-free term); remove stages.baseline")
     if r.data.image_size is not None and (len(r.data.image_size) != 2 or not all(
             isinstance(v, int) and v > 0 for v in r.data.image_size)):
         raise UserError(f"data.image_size must be [H, W] of positive integers, got {r.data.image_size!r}")
-    for i, term in enumerate(r.distillation.terms):
-        if not isinstance(term, dict) or "name" not in term:
-            raise UserError(f"distillation.terms.{i} must be a mapping with a name, got {term!r}")
-        params = {k: v for k, v in term.items() if k != "name"}
-        try:
-            losses.get(term["name"], **params)
-        except UserError as e:
-            raise UserError(f"distillation.terms.{i}: {e}") from None
     bad = [v for v in r.stages.export.variants if v not in VARIANTS]
     if bad or not r.stages.export.variants:
         raise UserError(f"stages.export.variants must be a list drawn from {', '.join(VARIANTS)}, got "
@@ -418,3 +443,66 @@ def _check_semantics(r: Recipe):
 
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name):
             raise UserError(f"name must be letters, digits, '.', '_' or '-', got {r.name!r}")
+
+
+def _check_distillation(r: Recipe):
+    """Validates distillation: terms, and the teachers, mean teacher or peers its mode needs."""
+    import models
+
+    from edge_kd.distill import losses
+
+    d = r.distillation
+    built = []
+    for i, term in enumerate(d.terms):
+        if not isinstance(term, dict) or "name" not in term:
+            raise UserError(f"distillation.terms.{i} must be a mapping with a name, got {term!r}")
+        params = {k: v for k, v in term.items() if k != "name"}
+        try:
+            built.append(losses.get(term["name"], **params))
+        except UserError as e:
+            raise UserError(f"distillation.terms.{i}: {e}") from None
+    if d.mode != "teacher" and r.teacher is not None:
+        raise UserError(f"distillation.mode {d.mode} needs no teacher ("
+                        f"{'an EMA of the student teaches' if d.mode == 'mean_teacher' else 'the peers teach each other'}"
+                        "); set teacher: null")
+    if r.teacher is None and d.mode == "teacher":
+        needy = [t.name for t in built if t.needs_teacher]
+        if needy and len(needy) < len(built):
+            raise UserError(f"distillation.terms {', '.join(needy)} need a teacher but teacher is null; remove them "
+                            f"or name a teacher")
+    if d.extra_teachers and (d.mode != "teacher" or r.teacher is None):
+        raise UserError("distillation.extra_teachers adds to the recipe's teacher: it needs mode teacher and a teacher")
+    for i, t in enumerate(d.extra_teachers):
+        if not isinstance(t, dict) or not isinstance(t.get("path"), str) or set(t) - {"path", "trust", "input_range"}:
+            raise UserError(f"distillation.extra_teachers.{i} must be {{path: FILE, trust: false, input_range: null}}, "
+                            f"got {t!r}")
+        ir = t.get("input_range")
+        if ir is not None and (not isinstance(ir, list) or len(ir) != 2 or not ir[1] > ir[0]):
+            raise UserError(f"distillation.extra_teachers.{i}.input_range must be [lo, hi] with hi > lo, got {ir!r}")
+        if not isinstance(t.get("trust", False), bool):
+            raise UserError(f"distillation.extra_teachers.{i}.trust must be true/false, got {t['trust']!r}")
+    if d.teacher_weights is not None:
+        n = 1 + len(d.extra_teachers)
+        w = d.teacher_weights
+        if (len(w) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in w)
+                or sum(w) <= 0):
+            raise UserError(f"distillation.teacher_weights must be {n} non-negative numbers with a positive sum "
+                            f"(teacher, then extra_teachers), got {w!r}")
+    if not d.ema_decay < 1.0:
+        raise UserError(f"distillation.ema_decay must be in [0, 1), got {d.ema_decay!r}")
+    if d.mode == "mutual":
+        if not d.peers:
+            raise UserError("distillation.peers must name at least one peer for mode mutual, e.g. [{arch: cnn}]")
+        for i, p in enumerate(d.peers):
+            if not isinstance(p, dict) or set(p) - {"arch", "options"} or not isinstance(p.get("options", {}), dict):
+                raise UserError(f"distillation.peers.{i} must be {{arch: NAME, options: {{...}}}}, got {p!r}")
+            if p.get("arch") is not None and p["arch"] not in models.available():
+                raise UserError(f"distillation.peers.{i}.arch '{p['arch']}' is unknown; available: "
+                                f"{', '.join(models.available())}")
+        if d.export > len(d.peers):
+            raise UserError(f"distillation.export must be 0 (the student) to {len(d.peers)} (the last peer), "
+                            f"got {d.export}")
+        bad = [t.name for t in built if not t.reads_only_logits()]
+        if bad:
+            raise UserError(f"distillation.mode mutual works with terms on logits (hinton, dkd, rkd without layers, "
+                            f"virtual_teacher); {', '.join(bad)} read layers or own variables")

@@ -50,6 +50,7 @@ class Context:
         self.recipe, self.run_dir, self.command = recipe, Path(run_dir), command
         self._bundle = None
         self._teacher = None
+        self._extra_teachers = None
         self.teacher_info: dict = {}
         self.manifests: dict[str, dict] = {}
 
@@ -76,25 +77,40 @@ class Context:
     def teacher(self):
         """Returns the frozen teacher taking the student's input and giving logits."""
         if self._teacher is None:
-            from edge_kd.distill import adapt_teacher, load_teacher
             from edge_kd.keras import keras
 
             t = self.recipe.teacher
             if t.path is None:
                 model = keras.models.load_model(self.stage_dir("teacher") / "teacher.keras", compile=False)
             else:
+                from edge_kd.distill import load_teacher
+
                 model = load_teacher(t.path, trust=t.trust)
-            info = self.bundle.info
-            scale = offset = None
-            if t.input_range is not None:
-                lo, hi = t.input_range
-                scale, offset = (hi - lo) / 255.0, float(lo)
-            self._teacher, adapted = adapt_teacher(
-                model, info.input_shape, info.num_classes, info.input_scale, info.input_offset,
-                teacher_scale=scale, teacher_offset=offset, sample=self.bundle.arrays("val")[0][:32])
+            self._teacher, adapted = self._adapt(model, t.input_range)
             self.teacher_info = {**adapted, "trained_by": "edge-kd" if t.path is None else "user",
                                  "file": str(self.teacher_file())}
         return self._teacher
+
+    def teachers(self) -> list:
+        """Returns the recipe's teacher followed by ``distillation.extra_teachers``, each adapted and frozen."""
+        if self._extra_teachers is None:
+            from edge_kd.distill import load_teacher
+
+            self._extra_teachers = [self._adapt(load_teacher(t["path"], trust=t.get("trust", False)),
+                                                t.get("input_range"))[0]
+                                    for t in self.recipe.distillation.extra_teachers]
+        return [self.teacher(), *self._extra_teachers]
+
+    def _adapt(self, model, input_range):
+        from edge_kd.distill import adapt_teacher
+
+        info = self.bundle.info
+        scale = offset = None
+        if input_range is not None:
+            lo, hi = input_range
+            scale, offset = (hi - lo) / 255.0, float(lo)
+        return adapt_teacher(model, info.input_shape, info.num_classes, info.input_scale, info.input_offset,
+                             teacher_scale=scale, teacher_offset=offset, sample=self.bundle.arrays("val")[0][:32])
 
     def teacher_file(self) -> Path:
         t = self.recipe.teacher
@@ -135,15 +151,42 @@ class Context:
                              unsupported=self.recipe.stages.qat.unsupported)
 
     # -- training ------------------------------------------------------------------------------------
-    def distiller(self, student, stage: str):
-        """Returns a Distiller of ``student`` for ``stage``: with the recipe's loss terms if it distils."""
+    def distiller(self, student, stage: str, peers=None):
+        """Returns a Distiller of ``student`` for ``stage``: with the recipe's loss terms if it distils.
+
+        In mutual mode the peers are ``peers`` or, after the distill stage, the peers it saved.
+        """
         from edge_kd.distill import Distiller, losses
 
         if not self.recipe.distils(stage):
             return Distiller(student)
         dist = self.recipe.distillation
         terms = [losses.get(t["name"], **{k: v for k, v in t.items() if k != "name"}) for t in dist.terms]
-        return Distiller(student, self.teacher(), terms=terms, hard_weight=dist.hard_weight)
+        common = {"terms": terms, "hard_weight": dist.hard_weight}
+        if dist.mode == "mean_teacher":
+            return Distiller(student, ema_decay=dist.ema_decay, **common)
+        if dist.mode == "mutual":
+            return Distiller(student, peers=self.load_peers() if peers is None else peers, **common)
+        teachers = self.teachers() if self.recipe.teacher is not None else None
+        return Distiller(student, teachers, teacher_weights=dist.teacher_weights, combine=dist.combine, **common)
+
+    def build_peers(self) -> list:
+        """Returns fresh mutual-learning peers, each drawn from its own seed (recipe seed + its number)."""
+        import models
+        from edge_kd.keras import keras
+
+        info, peers = self.bundle.info, []
+        for i, p in enumerate(self.recipe.peer_specs(), start=1):
+            keras.utils.set_random_seed(self.recipe.seed + i)
+            peers.append(models.build(p["arch"], info.input_shape, info.num_classes, **p["options"]))
+        return peers
+
+    def load_peers(self) -> list:
+        """Returns the peers the distill stage trained beside the exported student."""
+        from edge_kd.keras import keras
+
+        return [keras.models.load_model(self.stage_dir("distill") / "peers" / f"peer_{i}.keras", compile=False)
+                for i in range(len(self.recipe.distillation.peers))]
 
     def fit(self, distiller, epochs: int, learning_rate: float, callbacks=()):
         """Trains ``distiller`` with Adam and cosine decay; returns the history as plain lists."""
@@ -210,6 +253,7 @@ class Stage:
         if self.name in MODEL_STAGES and r.distils(self.name):
             key["distillation"] = dataclasses.asdict(r.distillation)
             key["teacher"] = _teacher_key(ctx)
+            key["extra_teachers"] = [_file_key(t["path"]) for t in r.distillation.extra_teachers]
         if self.name in ("export", "benchmark", "bundle"):
             key["data"] = dataclasses.asdict(r.data)
             key["seed"] = r.seed
@@ -223,10 +267,14 @@ def _teacher_key(ctx: Context):
         return None
     if t.path is None:
         return {"trained": ctx.manifests.get("teacher", {}).get("fingerprint")}
-    path = Path(t.path)
+    return {"file_sha256": _file_key(t.path), "input_range": t.input_range, "trust": t.trust}
+
+
+def _file_key(path) -> str:
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"teacher file not found: {path}")
-    return {"file_sha256": sha256_file(path), "input_range": t.input_range, "trust": t.trust}
+    return sha256_file(path)
 
 
 def _baseline_epochs(r: Recipe) -> int:
@@ -255,11 +303,20 @@ def _run_teacher(ctx: Context, out: Path) -> dict:
 
 
 def _run_distill(ctx: Context, out: Path) -> dict:
-    spec = ctx.recipe.stages.distill
-    student = ctx.build_student()
-    history = ctx.fit(ctx.distiller(student, "distill"), spec.epochs,
-                      spec.learning_rate or ctx.recipe.training.learning_rate)
+    r = ctx.recipe
+    spec = r.stages.distill
+    student, peers = ctx.build_student(), None
+    if r.distils("distill") and r.distillation.mode == "mutual":
+        # The recipe says which of the models trained together is exported; the others are kept as its peers.
+        models = [student, *ctx.build_peers()]
+        student = models.pop(r.distillation.export)
+        peers = models
+    history = ctx.fit(ctx.distiller(student, "distill", peers=peers), spec.epochs,
+                      spec.learning_rate or r.training.learning_rate)
     _save_model(student, out / "student.keras")
+    for i, peer in enumerate(peers or []):
+        (out / "peers").mkdir(exist_ok=True)
+        _save_model(peer, out / "peers" / f"peer_{i}.keras")
     write_json(out / "history.json", history)
     return {"val_accuracy": history["val_accuracy"][-1], "distilled": ctx.recipe.distils("distill")}
 
@@ -463,9 +520,16 @@ def _run_report(ctx: Context, out: Path) -> dict:
 
 
 def _distillation_summary(r: Recipe):
-    if r.teacher is None or not r.distillation.terms:
+    if not r.distils("distill"):
         return None
-    d = {"hard_weight": r.distillation.hard_weight}
+    dist = r.distillation
+    d = {"mode": dist.mode, "hard_weight": dist.hard_weight}
+    if dist.extra_teachers:
+        d.update(teachers=1 + len(dist.extra_teachers), combine=dist.combine)
+    if dist.mode == "mean_teacher":
+        d["ema_decay"] = dist.ema_decay
+    if dist.mode == "mutual":
+        d["peers"] = ", ".join(p["arch"] for p in r.peer_specs())
     for t in r.distillation.terms:
         d.update({(k if k != "weight" else f"{t['name']}_weight"): v for k, v in t.items() if k != "name"})
         d["loss"] = "+".join(x["name"] for x in r.distillation.terms)

@@ -1,4 +1,4 @@
-"""The Distiller: a Keras model that trains a student from a frozen teacher.
+"""The Distiller: a Keras model that trains a student from frozen teachers, its own mean, or its peers.
 
 >>> from edge_kd.keras import keras
 >>> from edge_kd.distill import Distiller, losses
@@ -9,77 +9,225 @@
 >>> d.compile(optimizer=keras.optimizers.Adam(1e-3))
 >>> # d.fit(train_ds, validation_data=val_ds, epochs=3); d.student is the trained student
 
+Where the knowledge comes from (one of):
+
+- ``teacher``: one frozen model, or a list of them (multi-teacher; ``teacher_weights`` and ``combine``);
+- ``ema_decay``: a mean teacher, the exponential moving average of the student's own weights;
+- ``peers``: online mutual learning (DML): the student and its peers train together, each distilling
+  from the others; no pretrained teacher;
+- nothing, with terms that need no teacher (``virtual_teacher``: teacher-free KD).
+
 ``call`` is the student's call, so ``evaluate``/``predict`` and callbacks see the student; ``save``
-and ``save_weights`` save the student, so a stock ``ModelCheckpoint`` checkpoints the student.
+and ``save_weights`` save the student, so a stock ``ModelCheckpoint`` checkpoints the student. The
+terms' own variables (FitNet adapters, CRD heads) train with the student and are never saved with it.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 from edge_kd.distill import losses as losses_mod
+from edge_kd.distill import taps as taps_mod
 from edge_kd.keras import keras, tf
+
+COMBINE = ("fixed", "confidence")
+
+
+class _Progress(keras.callbacks.Callback):
+    """Tells the Distiller the steps per epoch of this fit, so ``train_step`` knows the fractional epoch.
+
+    Only fit-level hooks: a per-batch hook would make Keras copy the logs to NumPy after every step.
+    """
+
+    def __init__(self, distiller):
+        super().__init__()
+        self._distiller = distiller
+
+    def on_train_begin(self, logs=None):
+        self._distiller._steps_per_epoch.assign(float((self.params or {}).get("steps") or 0))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._distiller._epochs_begun.assign(float(epoch))
 
 
 class Distiller(keras.Model):
-    """Trains ``student`` on ``hard_weight · CE(y, s) + Σ term.weight · term(s, t, y)`` with ``teacher`` frozen.
+    """Trains ``student`` on ``hard_weight · CE(y, s) + Σ term.weight · term(s, t, y)``.
 
-    Every term is reported as a metric named after it (``hinton``), beside ``loss`` (the total),
-    ``student_loss`` (the cross-entropy) and the compiled metrics on the student's logits.
+    Every term is reported as a metric named after it (``hinton``), beside ``loss`` (the student's
+    total), ``student_loss`` (its cross-entropy), the compiled metrics on the student's logits and,
+    with peers, ``peer_loss`` (the mean of the peers' totals).
+
+    With several teachers, a term that reads teacher layers or owns variables (fitnet, at, crd, or
+    any term given layer names) distils from the first teacher only; every other term (hinton, dkd,
+    rkd on logits) distils from each teacher and the values are combined with the teachers'
+    weights: ``fixed`` (``teacher_weights``, normalised; equal by default) or ``confidence``, per
+    example, the softmax over teachers of minus each teacher's cross-entropy on the true label
+    (Zhang et al. 2022, CA-MKD). Terms with one value per example are weighted per example; the
+    others by the batch mean of the weights.
+
+    With ``peers`` (DML, Zhang et al. 2018), the student and each peer minimise their own
+    ``hard_weight · CE + Σ term.weight · mean over the others of term(self, other)``, the others'
+    logits held constant; only logit terms without variables may be used.
     """
 
-    def __init__(self, student: keras.Model, teacher: keras.Model | None = None,
-                 terms: Sequence[losses_mod.LossTerm] = (), hard_weight: float = 1.0, **kwargs):
+    def __init__(self, student: keras.Model, teacher=None, terms: Sequence[losses_mod.LossTerm] = (),
+                 hard_weight: float = 1.0, *, teacher_weights: Sequence[float] | None = None,
+                 combine: str = "fixed", ema_decay: float | None = None, peers: Sequence[keras.Model] = (),
+                 **kwargs):
         super().__init__(name=kwargs.pop("name", "distiller"), **kwargs)
-        if terms and teacher is None:
-            raise ValueError("distillation terms need a teacher")
         names = [t.name for t in terms]
         if len(set(names)) != len(names):
             raise ValueError(f"each loss term may appear once, got {names}")
+        teachers = list(teacher) if isinstance(teacher, (list, tuple)) else ([] if teacher is None else [teacher])
+        peers = list(peers)
+        sources = sum([bool(teachers), ema_decay is not None, bool(peers)])
+        if sources > 1:
+            raise ValueError("give one source of knowledge: teacher(s), ema_decay (mean teacher) or peers (DML)")
+        if combine not in COMBINE:
+            raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got {combine!r}")
+        if any(t.needs_teacher for t in terms) and not sources:
+            raise ValueError("distillation terms need a teacher (or ema_decay, or peers)")
         self.student = student
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.trainable = False
-        self.terms = list(terms)
         self.hard_weight = float(hard_weight)
+        self.terms = list(terms)
+        self.combine = combine
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        if self.ema_decay is not None:
+            if not 0.0 <= self.ema_decay < 1.0:
+                raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+            teachers = [_copy_of(student)]
+        self.teachers = teachers
+        for t in self.teachers:
+            t.trainable = False
+        self.peers = peers
+        if peers and not all(t.reads_only_logits() for t in self.terms):
+            raise ValueError("with peers (mutual learning) only terms on logits may be used, got "
+                             + ", ".join(t.name for t in self.terms if not t.reads_only_logits()))
+        w = [1.0] * len(self.teachers) if teacher_weights is None else [float(v) for v in teacher_weights]
+        if len(w) != len(self.teachers) or any(v < 0 for v in w) or (self.teachers and sum(w) <= 0):
+            raise ValueError(f"teacher_weights must be {len(self.teachers)} non-negative numbers with a positive "
+                             f"sum, got {teacher_weights!r}")
+        self.teacher_weights = [v / sum(w) for v in w] if self.teachers else []
+
+        s_taps = list(dict.fromkeys(n for t in self.terms for n in t.student_taps()))
+        t_taps = list(dict.fromkeys(n for t in self.terms for n in t.teacher_taps()))
+        self._student_net = taps_mod.tap_model(student, s_taps) if s_taps else student
+        self._s_taps = s_taps
+        self._teacher_net = taps_mod.tap_model(self.teachers[0], t_taps) if (t_taps and self.teachers) else None
+        self._t_taps = t_taps
+        self._steps_per_epoch = tf.Variable(0.0, trainable=False, name="steps_per_epoch")
+        self._epochs_begun = tf.Variable(0.0, trainable=False, name="epochs_begun")
+
         self._ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self._loss_tracker = keras.metrics.Mean(name="loss")
         self._hard_tracker = keras.metrics.Mean(name="student_loss")
         self._term_trackers = [keras.metrics.Mean(name=n) for n in names]
-
-    def compile(self, optimizer="adam", metrics=None, **kwargs):
-        """Compiles with ``optimizer``; metrics default to the student's sparse top-1 accuracy."""
-        if metrics is None:
-            metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
-
-    def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
+        self._peer_tracker = keras.metrics.Mean(name="peer_loss") if peers else None
+        self._build_terms()
+        # Stateless terms distil from every teacher; the others from the first (see the class docstring).
+        self._all_teachers = [t.reads_only_logits() for t in self.terms]
 
     @property
-    def metrics(self):
-        tracked = [self._loss_tracker, self._hard_tracker, *self._term_trackers]
-        if self.compiled_metrics is not None:
-            tracked += self.compiled_metrics.metrics
-        return tracked
+    def teacher(self):
+        """The (first) teacher, the mean teacher, or None."""
+        return self.teachers[0] if self.teachers else None
 
-    def _compute_losses(self, x, y, training):
-        s_logits = self.student(x, training=training)
-        hard = self._ce(y, s_logits)
+    # -- the pieces of a step ------------------------------------------------------------------------
+    def _build_terms(self):
+        """Builds the terms' variables eagerly, on a zero batch of two, before any tf.function traces."""
+        if not self.terms:
+            return
+        shape = getattr(self.student, "input_shape", None)
+        if not isinstance(shape, tuple) or any(d is None for d in shape[1:]):
+            raise ValueError("distillation terms need a student with a known input shape (a Functional model)")
+        x = tf.zeros((2, *shape[1:]), self.student.inputs[0].dtype)
+        y = tf.zeros((2,), tf.int64)
+        student, teachers = self._forward(x, training=False)
+        for term in self.terms:
+            term.build(student, teachers[0] if teachers else None)
+
+    def epoch(self) -> tf.Tensor:
+        """Returns the epochs completed in the current fit, fractional within an epoch (float32 scalar)."""
+        steps = self._steps_per_epoch
+        done = tf.cast(self._train_counter, tf.float32)
+        return tf.where(steps > 0, done / tf.maximum(steps, 1.0), self._epochs_begun)
+
+    def _forward(self, x, training):
+        """Returns the student dict and one dict per source of knowledge (teachers or peers)."""
+        out = self._student_net(x, training=training)
+        student = self._as_dict(out, self._s_taps)
+        student["epoch"] = self.epoch()
+        teachers = []
+        for i, t in enumerate(self.teachers):
+            if i == 0 and self._teacher_net is not None:
+                d = self._as_dict(self._teacher_net(x, training=False), self._t_taps)
+            else:
+                d = {"logits": t(x, training=False), "features": {}}
+            teachers.append(tf.nest.map_structure(tf.stop_gradient, d))
+        return student, teachers
+
+    @staticmethod
+    def _as_dict(out, names):
+        if not names:
+            return {"logits": out, "features": {}}
+        return {"logits": out[0], "features": dict(zip(names, out[1:]))}
+
+    def _weights(self, teachers, y):
+        """Returns each teacher's weight per example, (teachers, batch)."""
+        n = tf.shape(teachers[0]["logits"])[0]
+        if self.combine == "fixed" or len(teachers) == 1:
+            return tf.stack([tf.fill([n], w) for w in self.teacher_weights])
+        ce = tf.stack([keras.losses.sparse_categorical_crossentropy(y, tf.cast(t["logits"], tf.float32),
+                                                                    from_logits=True) for t in teachers])
+        return tf.nn.softmax(-ce, axis=0)
+
+    def _term_value(self, term, i, student, teachers, weights, y):
+        if not term.needs_teacher:
+            return term(student, None, y)
+        if not self._all_teachers[i]:
+            return term(student, teachers[0], y)
+        total = 0.0
+        for k, t in enumerate(teachers):
+            if term.has_per_sample:
+                total += tf.reduce_mean(weights[k] * term.per_sample(student, t, y))
+            else:
+                total += tf.reduce_mean(weights[k]) * term(student, t, y)
+        return total
+
+    def _objective(self, student, teachers, y, weights, losses):
+        """Returns (total, hard, term values) of one model distilling from ``teachers``."""
+        hard = self._ce(y, student["logits"])
         total = self.hard_weight * hard
         values = []
-        if self.terms:
-            t_logits = tf.stop_gradient(self.teacher(x, training=False))
-            student = {"logits": s_logits}
-            teacher = {"logits": t_logits}
-            for term in self.terms:
-                v = term(student, teacher, y)
-                values.append(v)
-                total = total + term.weight * v
-        if training and self.student.losses:
-            total = total + tf.add_n(self.student.losses)
-        return s_logits, total, hard, values
+        for i, term in enumerate(self.terms):
+            v = self._term_value(term, i, student, teachers, weights, y)
+            values.append(v)
+            total = total + term.weight * v
+        if losses:
+            total = total + tf.add_n(losses)
+        return total, hard, values
 
-    def _update(self, y, s_logits, total, hard, values):
+    def _compute_losses(self, x, y, training):
+        student, teachers = self._forward(x, training)
+        extra = self.student.losses if training else []
+        if not self.peers:
+            weights = self._weights(teachers, y) if teachers else None
+            total, hard, values = self._objective(student, teachers, y, weights, extra)
+            return student, teachers, total, hard, values, None
+        # Mutual learning: every model learns from the others' current predictions, held constant.
+        models = [student] + [{"logits": p(x, training=training), "features": {}, "epoch": student["epoch"]}
+                              for p in self.peers]
+        frozen = [tf.nest.map_structure(tf.stop_gradient, {"logits": m["logits"], "features": {}}) for m in models]
+        others = lambda k: [f for j, f in enumerate(frozen) if j != k]  # noqa: E731
+        n = len(models) - 1
+        even = tf.fill([n, tf.shape(y)[0]], 1.0 / n)
+        total, hard, values = self._objective(student, others(0), y, even, extra)
+        peer_totals = []
+        for k, peer in enumerate(self.peers, start=1):
+            pt, _, _ = self._objective(models[k], others(k), y, even, peer.losses if training else [])
+            peer_totals.append(pt)
+        return student, teachers, total, hard, values, tf.add_n(peer_totals) / len(peer_totals)
+
+    def _update(self, y, s_logits, total, hard, values, peer_total):
         # Weighted by batch size, as Keras weights its own loss, so an epoch's figure is the per-sample mean
         # even when the last batch is short.
         n = tf.cast(tf.shape(s_logits)[0], tf.float32)
@@ -87,21 +235,70 @@ class Distiller(keras.Model):
         self._hard_tracker.update_state(hard, sample_weight=n)
         for tracker, v in zip(self._term_trackers, values):
             tracker.update_state(v, sample_weight=n)
+        if self._peer_tracker is not None:
+            self._peer_tracker.update_state(peer_total, sample_weight=n)
         self.compiled_metrics.update_state(y, s_logits)
         return {m.name: m.result() for m in self.metrics}
+
+    # -- Keras API -----------------------------------------------------------------------------------
+    def compile(self, optimizer="adam", metrics=None, **kwargs):
+        """Compiles with ``optimizer``; metrics default to the student's sparse top-1 accuracy."""
+        if metrics is None:
+            metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """Keras ``fit``, keeping ``epoch()`` (read by terms with a warm-up) current."""
+        return super().fit(*args, callbacks=[_Progress(self), *(callbacks or [])], **kwargs)
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    @property
+    def metrics(self):
+        tracked = [self._loss_tracker, self._hard_tracker, *self._term_trackers]
+        if self._peer_tracker is not None:
+            tracked.append(self._peer_tracker)
+        if self.compiled_metrics is not None:
+            tracked += self.compiled_metrics.metrics
+        return tracked
+
+    def trained_variables(self) -> list:
+        """The variables one step updates: the student's, the peers' and the terms' own (never the teachers')."""
+        found = list(self.student.trainable_variables)
+        for p in self.peers:
+            found += p.trainable_variables
+        for t in self.terms:
+            found += t.trainable_variables
+        return found
 
     def train_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
-            s_logits, total, hard, values = self._compute_losses(x, y, training=True)
-        variables = self.student.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
-        return self._update(y, s_logits, total, hard, values)
+            student, teachers, total, hard, values, peer_total = self._compute_losses(x, y, training=True)
+            objective = total if peer_total is None else total + peer_total * len(self.peers)
+        variables = self.trained_variables()
+        self.optimizer.apply_gradients(zip(tape.gradient(objective, variables), variables))
+        for term in self.terms:
+            term.after_train_step(student, teachers[0] if teachers else None, y)
+        if self.ema_decay is not None:
+            self._update_mean_teacher()
+        return self._update(y, student["logits"], total, hard, values, peer_total)
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        s_logits, total, hard, values = self._compute_losses(x, y, training=False)
-        return self._update(y, s_logits, total, hard, values)
+        student, _, total, hard, values, peer_total = self._compute_losses(x, y, training=False)
+        return self._update(y, student["logits"], total, hard, values, peer_total)
+
+    def _update_mean_teacher(self):
+        """teacher ← decay · teacher + (1 − decay) · student for trained weights; other state is copied."""
+        d = self.ema_decay
+        trainable = {id(v) for v in self.student.trainable_variables}
+        for mean, current in zip(self.teachers[0].weights, self.student.weights):
+            if id(current) in trainable:
+                mean.assign(d * mean + (1.0 - d) * tf.cast(current, mean.dtype))
+            else:
+                mean.assign(tf.cast(current, mean.dtype))
 
     def save(self, filepath, *args, **kwargs):
         """Saves the student (the model a user deploys), not the teacher."""
@@ -114,6 +311,20 @@ class Distiller(keras.Model):
     def load_weights(self, filepath, *args, **kwargs):
         """Loads weights saved by ``save_weights`` into the student."""
         return self.student.load_weights(filepath, *args, **kwargs)
+
+
+def _copy_of(model: keras.Model) -> keras.Model:
+    """Returns an independent copy of ``model`` with its weights (tfmot wrappers included), for a mean teacher."""
+    from edge_kd.compress import _common, qat
+
+    with qat.scope(_common.custom_objects(model)):
+        copy = _common.clone_with(model)
+    if len(copy.weights) != len(model.weights):
+        raise ValueError(f"the mean teacher's copy of '{model.name}' has {len(copy.weights)} weights, the "
+                         f"student {len(model.weights)}")
+    for c, w in zip(copy.weights, model.weights):
+        c.assign(w)
+    return copy
 
 
 def hinton(student: keras.Model, teacher: keras.Model, alpha: float = 0.9, temperature: float = 4.0) -> Distiller:

@@ -41,6 +41,11 @@ def params_of(name: str) -> list[str]:
     return [p for p in inspect.signature(_REGISTRY[name].__init__).parameters if p != "self"]
 
 
+def needs_teacher(name: str) -> bool:
+    """Returns whether registered term ``name`` needs a teacher (False for a virtual teacher)."""
+    return _REGISTRY[name].needs_teacher
+
+
 def get(name: str, **params) -> "LossTerm":
     """Returns a new loss term ``name`` built with ``params``; unknown names or parameters are a UserError."""
     if name not in _REGISTRY:
@@ -53,17 +58,64 @@ def get(name: str, **params) -> "LossTerm":
 
 
 class LossTerm:
-    """Base of all terms: a weight in the total loss and a batch-averaged scalar from ``__call__``."""
+    """Base of all terms: a weight in the total loss and a batch-averaged scalar from ``__call__``.
+
+    The Distiller calls a term as ``term(student, teacher, y)``. ``student`` and ``teacher`` are dicts:
+    ``"logits"`` (batch, classes), ``"features"`` ``{layer name: tensor}`` holding the layers the term
+    asked for through ``student_taps``/``teacher_taps`` (by their original names, so they are found in
+    pruning- or QAT-wrapped models too), and, in ``student`` only, ``"epoch"``: a float32 scalar, the
+    epochs completed in this fit, fractional within an epoch. ``teacher`` is None for a term with
+    ``needs_teacher = False``. ``y`` holds integer labels of shape (batch,).
+
+    A term that owns variables (adapters, projection heads, a memory bank) creates them in ``build``,
+    which the Distiller calls once, eagerly, with real student/teacher dicts for a small batch before
+    any training; its trainable variables train with the student and are never part of the exported
+    student. A term with state that changes after each optimisation step (a memory bank) updates it in
+    ``after_train_step``, called only by ``train_step``.
+    """
 
     name = "term"
-    #: what the term reads from the student/teacher dicts besides logits (feature taps)
-    needs_features = False
+    #: False for a term that needs no teacher (a hand-designed virtual teacher)
+    needs_teacher = True
+    #: True when ``per_sample`` gives one value per example (so several teachers can be weighted per example)
+    has_per_sample = False
 
     def __init__(self, weight: float = 1.0):
         self.weight = _check_range("weight", weight, 0.0, None)
+        self._layers = []
 
-    def __call__(self, student: dict, teacher: dict, y) -> tf.Tensor:  # pragma: no cover - abstract
+    def student_taps(self) -> list[str]:
+        """Returns the original names of the student layers this term reads (``student["features"]``)."""
+        return []
+
+    def teacher_taps(self) -> list[str]:
+        """Returns the original names of the teacher layers this term reads (``teacher["features"]``)."""
+        return []
+
+    def build(self, student: dict, teacher: dict | None) -> None:
+        """Creates the term's variables from real student/teacher dicts of a small batch (called once)."""
+
+    def reads_only_logits(self) -> bool:
+        """True for a term that reads no layers and builds nothing: it can be shared by any teacher or peer."""
+        return not (self.student_taps() or self.teacher_taps() or type(self).build is not LossTerm.build
+                    or type(self).after_train_step is not LossTerm.after_train_step)
+
+    @property
+    def trainable_variables(self) -> list:
+        """The variables that train with the student (adapters, projection heads); never exported."""
+        return [v for layer in self._layers for v in layer.trainable_variables]
+
+    def after_train_step(self, student: dict, teacher: dict | None, y) -> None:
+        """Updates state after an optimisation step (e.g. a memory bank); only ``train_step`` calls it."""
+
+    def per_sample(self, student: dict, teacher: dict | None, y) -> tf.Tensor:  # pragma: no cover - abstract
+        """Returns the term's value per example, shape (batch,); only when ``has_per_sample``."""
         raise NotImplementedError
+
+    def __call__(self, student: dict, teacher: dict | None, y) -> tf.Tensor:
+        if self.has_per_sample:
+            return tf.reduce_mean(self.per_sample(student, teacher, y))
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def config(self) -> dict:
         """Returns the term's parameters, for manifests and reports."""
@@ -104,6 +156,11 @@ class Hinton(LossTerm):
         super().__init__(weight)
         self.temperature = _check_range("temperature", temperature, 0.0, None, low_open=True)
 
-    def __call__(self, student, teacher, y):
-        kl = soft_kl(teacher["logits"], student["logits"], self.temperature)
-        return (self.temperature ** 2) * tf.reduce_mean(kl)
+    has_per_sample = True
+
+    def per_sample(self, student, teacher, y):
+        return (self.temperature ** 2) * soft_kl(teacher["logits"], student["logits"], self.temperature)
+
+
+# The other families register themselves on import; they build on the base above.
+from edge_kd.distill import hints, relational, soft_targets  # noqa: E402,F401  (registers fitnet, at, rkd, crd, dkd, virtual_teacher)

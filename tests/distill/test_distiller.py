@@ -180,8 +180,8 @@ def test_student_regularisation_losses_join_the_training_objective():
     y = np.array([0, 2])
     logits = x @ kernel
     ce = -_np_log_softmax(logits)[np.arange(2), y].mean()
-    _, total_train, hard, _ = d._compute_losses(tf.constant(x), tf.constant(y), training=True)
-    _, total_eval, _, _ = d._compute_losses(tf.constant(x), tf.constant(y), training=False)
+    _, _, total_train, hard, _, _ = d._compute_losses(tf.constant(x), tf.constant(y), training=True)
+    _, _, total_eval, _, _, _ = d._compute_losses(tf.constant(x), tf.constant(y), training=False)
     np.testing.assert_allclose(float(hard), ce, rtol=1e-5)
     np.testing.assert_allclose(float(total_eval), ce, rtol=1e-5)
     np.testing.assert_allclose(float(total_train), ce + 0.5 * np.square(kernel).sum(), rtol=1e-5)

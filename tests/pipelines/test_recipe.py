@@ -72,6 +72,19 @@ RECIPE_MISTAKES = {
     "missing required stage": ("stages: {teacher: {}, distill: {}, export: {}, report: {}}\n", ["stages.benchmark"]),
     "bad variant": ("stages: {teacher: {}, distill: {}, export: {variants: [int4]}, benchmark: {}, report: {}}\n",
                     ["variants", "int4", "fp16"]),
+    "mean teacher with a teacher": ("distillation: {mode: mean_teacher}\n", ["mean_teacher", "teacher: null"]),
+    "mutual with a feature term": ("teacher: null\ndistillation: {mode: mutual, terms: [{name: at, pairs: [[a, b]]}]}\n"
+                                   "stages: {distill: {}, export: {}, benchmark: {}, report: {}}\n", ["mutual", "at"]),
+    "mutual export out of range": ("teacher: null\ndistillation: {mode: mutual, export: 3}\n"
+                                   "stages: {distill: {}, export: {}, benchmark: {}, report: {}}\n",
+                                   ["distillation.export", "0", "1", "3"]),
+    "unknown peer": ("teacher: null\ndistillation: {mode: mutual, peers: [{arch: vgg99}]}\n"
+                     "stages: {distill: {}, export: {}, benchmark: {}, report: {}}\n", ["peers.0.arch", "vgg99"]),
+    "teacher weights count": ("distillation: {teacher_weights: [1, 2]}\n", ["teacher_weights", "1 non-negative"]),
+    "bad extra teacher": ("distillation: {extra_teachers: [{file: a.keras}]}\n", ["extra_teachers.0", "path"]),
+    "ema decay of one": ("teacher: null\ndistillation: {mode: mean_teacher, ema_decay: 1.0}\n"
+                         "stages: {distill: {}, export: {}, benchmark: {}, report: {}}\n", ["ema_decay", "[0, 1)"]),
+    "bad mode": ("distillation: {mode: ensemble}\n", ["distillation.mode", "mean_teacher", "ensemble"]),
     "baseline without teacher": ("teacher: null\nstages: {distill: {}, baseline: {}, export: {}, benchmark: {}, report: {}}\n",
                                  ["stages.baseline"]),
 }
