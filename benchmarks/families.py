@@ -1,0 +1,179 @@
+"""The distillation families side by side: one fixed teacher, one small student, the same epochs and seeds.
+
+Rows: the student alone, Hinton KD, and each family (fitnet, at, rkd, crd, dkd, two teachers by
+confidence, teacher-free virtual teacher, mean teacher, mutual learning). Columns: test accuracy of
+the trained student (Keras, fp32, the whole test split), mean ± sample std over the seeds, and wall
+time per epoch relative to Hinton KD, measured in the same run. Every method trains through the
+pipeline's own training code (``pipelines.stages.Context.fit``: Adam, cosine decay, batch 128).
+
+    python benchmarks/families.py --data ../shared/data/fashion_mnist.npz --seeds 0 1 2 --epochs 3
+
+Results go to benchmarks/results/families.json, rewritten after every trained student so an
+interrupted run keeps what it finished; the teachers are cached in --out and reused.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+from edge_kd.distill import Distiller, losses  # noqa: E402
+from edge_kd.fileio import write_json  # noqa: E402
+from edge_kd.keras import keras  # noqa: E402
+from pipelines import recipe as recipe_mod  # noqa: E402
+from pipelines.stages import Context  # noqa: E402
+
+STUDENT = {"arch": "cnn", "options": {"filters": [16, 32, 32]}}  # the default recipe's student
+TEACHER = {"arch": "cnn_large", "options": {}}
+SECOND_TEACHER = {"arch": "mlp", "options": {"hidden": [512, 256]}}  # another architecture, for multi-teacher
+TEACHER_EPOCHS = 5
+
+
+def _kd(weight=0.9, temperature=4.0):
+    return losses.get("hinton", temperature=temperature, weight=weight)
+
+
+# name -> (how to build the Distiller from student, teachers, peer factory; what the row says)
+# Weights: CE 1.0 plus the family's own term at its authors' (or RepDistiller's) weight, rescaled where our
+# normalisation differs; the soft-target rows use the default recipe's 0.1 CE + 0.9 soft split.
+METHODS = {
+    "student alone": (lambda s, t, peer: Distiller(s), "cross-entropy only"),
+    "hinton": (lambda s, t, peer: Distiller(s, t[0], [_kd()], hard_weight=0.1), "0.1 CE + 0.9 KD, T 4"),
+    "fitnet": (lambda s, t, peer: Distiller(s, t[0], [losses.get(
+        "fitnet", student_layer="block2_relu", teacher_layer="block2_relu", weight=100.0)]),
+               "CE + 100 · hint MSE, block2 (32 ch) → teacher block2 (64 ch) through a 1×1 adapter"),
+    "at": (lambda s, t, peer: Distiller(s, t[0], [losses.get(
+        "at", pairs=[["block1_relu", "block1_relu"], ["block2_relu", "block2_relu"]], weight=1000.0 / 196)]),
+           "CE + AT (p 2) on blocks 1 and 2, β 1000 per position"),
+    "rkd": (lambda s, t, peer: Distiller(s, t[0], [losses.get(
+        "rkd", student_layer="flatten", teacher_layer="fc", distance_weight=25.0, angle_weight=50.0)]),
+            "CE + RKD distance 25 + angle 50 on the penultimate features"),
+    "crd": (lambda s, t, peer: Distiller(s, t[0], [losses.get(
+        "crd", student_layer="flatten", teacher_layer="fc", dim=128, temperature=0.07, bank_size=4096,
+        weight=0.8)]), "CE + 0.8 CRD, 128-d heads, bank 4096, τ 0.07"),
+    "dkd": (lambda s, t, peer: Distiller(s, t[0], [losses.get(
+        "dkd", alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=0.5)]), "CE + DKD α 1 β 8 T 4, warm-up 0.5 epoch"),
+    "two teachers": (lambda s, t, peer: Distiller(s, t, [_kd()], hard_weight=0.1, combine="confidence"),
+                     "0.1 CE + 0.9 KD from cnn_large and an MLP, per-example confidence weights"),
+    "virtual teacher": (lambda s, t, peer: Distiller(s, terms=[losses.get(
+        "virtual_teacher", correct_prob=0.9, temperature=4.0, weight=0.9)], hard_weight=0.1),
+                        "no teacher: 0.1 CE + 0.9 KD from a hand-designed teacher (0.9 on the label), T 4"),
+    "mean teacher": (lambda s, t, peer: Distiller(s, terms=[_kd()], hard_weight=0.1, ema_decay=0.99),
+                     "no teacher: 0.1 CE + 0.9 KD from the EMA of the student (decay 0.99)"),
+    "mutual (DML)": (lambda s, t, peer: Distiller(s, terms=[_kd(1.0, 1.0)], hard_weight=1.0, peers=[peer()]),
+                     "no teacher: CE + KL to a peer of the same architecture, both trained (T 1)"),
+}
+
+
+def context(data: str, seed: int, out: Path) -> Context:
+    r = recipe_mod.apply_overrides(recipe_mod.load(), [f"data.source={data}", f"seed={seed}"])
+    return Context(r, out, command="benchmarks/families.py")
+
+
+def teachers(data: str, out: Path) -> list:
+    """Returns [cnn_large, mlp] trained on ``data`` (seed 0), cached in ``out``."""
+    found = []
+    for name, spec in (("teacher", TEACHER), ("teacher2", SECOND_TEACHER)):
+        path = out / f"{name}.keras"
+        if not path.exists():
+            ctx = context(data, 0, out)
+            keras.utils.set_random_seed(0)
+            model = models.build(spec["arch"], ctx.bundle.info.input_shape, ctx.bundle.info.num_classes,
+                                 **spec["options"])
+            ctx.fit(Distiller(model), TEACHER_EPOCHS, ctx.recipe.training.learning_rate)
+            out.mkdir(parents=True, exist_ok=True)
+            model.save(path)
+        model = keras.models.load_model(path, compile=False)
+        model.trainable = False
+        found.append(model)
+    return found
+
+
+def accuracy(model, ctx: Context) -> float:
+    x, y = ctx.bundle.arrays("test")
+    return float(np.mean(np.argmax(model.predict(x, batch_size=1024, verbose=0), -1) == y))
+
+
+def one(method: str, ctx: Context, teacher_models: list, epochs: int) -> dict:
+    info = ctx.bundle.info
+
+    def build(seed):
+        keras.utils.set_random_seed(seed)
+        return models.build(STUDENT["arch"], info.input_shape, info.num_classes, **STUDENT["options"])
+
+    student = build(ctx.recipe.seed)  # the same initial weights for every method at a seed
+    d = METHODS[method][0](student, teacher_models, lambda: build(ctx.recipe.seed + 1000))
+    start = time.perf_counter()
+    history = ctx.fit(d, epochs, ctx.recipe.training.learning_rate)
+    seconds = time.perf_counter() - start
+    return {"method": method, "seed": ctx.recipe.seed, "accuracy": accuracy(student, ctx),
+            "val_accuracy": history["val_accuracy"][-1], "seconds_per_epoch": seconds / epochs}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Returns per method: accuracy mean and sample std, and time per epoch relative to Hinton at the same seed."""
+    out = {}
+    hinton = {r["seed"]: r["seconds_per_epoch"] for r in rows if r["method"] == "hinton"}
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        acc = np.array([r["accuracy"] for r in mine])
+        rel = [r["seconds_per_epoch"] / hinton[r["seed"]] for r in mine if r["seed"] in hinton]
+        out[method] = {"accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else None,
+                       "time_per_epoch_vs_hinton": float(np.mean(rel)) if rel else None,
+                       "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in mine])),
+                       "seeds": [r["seed"] for r in mine], "setting": METHODS[method][1]}
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = ["| method | test accuracy % (mean ± std) | time / epoch vs Hinton | setting |", "|---|---:|---:|---|"]
+    for method, s in summary.items():
+        std = f" ± {100 * s['accuracy_std']:.2f}" if s["accuracy_std"] is not None else ""
+        rel = f"{s['time_per_epoch_vs_hinton']:.2f}×" if s["time_per_epoch_vs_hinton"] is not None else "—"
+        lines.append(f"| {method} | {100 * s['accuracy_mean']:.2f}{std} | {rel} | {s['setting']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fashion_mnist.npz"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--out", default=str(ROOT / "tflite_out" / "bench-families"))
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "families.json"))
+    args = p.parse_args(argv)
+    if not Path(args.data).is_file():
+        sys.exit(f"benchmarks/families.py: data not found: {args.data}")
+    out = Path(args.out)
+    teacher_models = teachers(args.data, out)
+    teacher_accuracy = [accuracy(t, context(args.data, 0, out)) for t in teacher_models]
+    print("teachers' test accuracy: " + ", ".join(f"{100 * a:.2f} %" for a in teacher_accuracy), flush=True)
+    rows = []
+    command = " ".join(["python", "benchmarks/families.py", *(sys.argv[1:] if argv is None else argv)])
+    for seed in args.seeds:
+        ctx = context(args.data, seed, out)
+        for method in args.methods:
+            row = one(method, ctx, teacher_models, args.epochs)
+            rows.append(row)
+            print(f"{method:>16} seed {seed}: {100 * row['accuracy']:.2f} %, {row['seconds_per_epoch']:.1f} s/epoch",
+                  flush=True)
+            write_json(args.json, {"command": command, "data": args.data, "epochs": args.epochs,
+                                   "student": STUDENT, "teachers": [TEACHER, SECOND_TEACHER],
+                                   "teacher_epochs": TEACHER_EPOCHS,
+                                   "teacher_accuracy": teacher_accuracy,
+                                   "rows": rows, "summary": summarise(rows)})
+    print("\n" + table(summarise(rows)))
+
+
+if __name__ == "__main__":
+    main()
