@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-arch", help="[teacher.arch] architecture of the teacher trained when no --teacher")
     g.add_argument("--teacher-epochs", type=int, help="[teacher.epochs] epochs to train that teacher")
     g = p.add_argument_group("student and distillation")
-    g.add_argument("--student", help="[student.arch] student architecture from the models registry "
+    g.add_argument("--student", help="[student.arch] student architecture (with its default options) from the models registry "
                    "(mlp, cnn, cnn_large, resnet8, mobilenet)")
     g.add_argument("--student-width", type=float, help="[student.options.width] width multiplier (cnn, resnet8, mobilenet)")
     g.add_argument("--epochs", type=int, help="[stages.distill.epochs] epochs of distillation (the baseline follows)")
@@ -115,7 +115,12 @@ def _shortcut_overrides(args) -> list[str]:
               "student_width": "student.options.width", "epochs": "stages.distill.epochs",
               "batch_size": "training.batch_size", "learning_rate": "training.learning_rate", "seed": "seed",
               "threads": "stages.benchmark.threads", "run_name": "name"}
-    out = [f"{key}={dump(getattr(args, attr))}" for attr, key in simple.items() if getattr(args, attr) is not None]
+    out = []
+    for attr, key in simple.items():
+        if getattr(args, attr) is not None:
+            if attr == "student":
+                out.append("student.options={}")  # another architecture starts from its own default options
+            out.append(f"{key}={dump(getattr(args, attr))}")
     if args.int8_float_io:
         out.append("stages.export.int8_io=false")
     return out

@@ -241,7 +241,7 @@ def test_optional_clustering_stage_then_pcqat_keeps_sparsity_and_few_weight_valu
     assert results["stage_summaries"]["qat"]["scheme"].lower().startswith("cluster")
     for name in ("clustered-int8", "qat-int8"):
         assert by_name[name]["sparsity"] == pytest.approx(0.75, abs=0.01)
-        assert set(by_name[name]["sparsity_layers"]) == {"block1_conv", "block2_conv", "logits"}
+        assert set(by_name[name]["sparsity_layers"]) == {"block1_conv", "block2_conv", "block3_conv", "logits"}
     # the clustered Keras kernels hold at most 8 distinct values (one of them the pruned zero)
     clustered = keras.models.load_model(run / "cluster" / "clustered.keras", compile=False)
     for layer in clustered.layers:

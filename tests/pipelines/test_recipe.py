@@ -36,7 +36,7 @@ def test_overrides_are_typed_and_reach_the_stage():
                                                "distillation.terms.0.temperature=2.5", "student.options.width=0.5"])
     assert r.stages.prune.target_sparsity == 0.5 and r.stages.qat.epochs == 3 and r.seed == 7
     assert r.data.limit_train == 100 and r.stages.prune.structured_2_4 is True
-    assert r.distillation.terms[0]["temperature"] == 2.5 and r.student.options == {"width": 0.5}
+    assert r.distillation.terms[0]["temperature"] == 2.5 and r.student.options == {"filters": [16, 32, 32], "width": 0.5}
 
 
 def test_naming_an_absent_stage_adds_it_and_false_removes_one():

@@ -144,6 +144,6 @@ def test_stage_parity_and_distillation_sections(results):
         "qat-int8", "5.00e-02", "100.00", "CONV_2D×2, SOFTMAX×1", "SOFTMAX×1"]
     assert parity[2].endswith("| none |")
     md = report_markdown(results)
-    assert ("the distilled student scores 98.90 % against 98.86 % for the same student trained without the "
-            "teacher (same epochs and seed): +0.04 pp.") in md
+    assert ("the distilled student scores 98.90 % against 98.86 % for the same student trained without "
+            "distillation (same epochs and seed): +0.04 pp.") in md
     assert "holds **qat-int8**" in md
