@@ -1,0 +1,46 @@
+"""The benchmark scripts' own arithmetic and models (their runs are too long for the test suite)."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_families_summary_is_mean_sample_std_and_time_relative_to_hinton_at_the_same_seed():
+    families = _script("families")
+    rows = [{"method": "hinton", "seed": 0, "accuracy": 0.90, "seconds_per_epoch": 10.0},
+            {"method": "hinton", "seed": 1, "accuracy": 0.92, "seconds_per_epoch": 20.0},
+            {"method": "at", "seed": 0, "accuracy": 0.91, "seconds_per_epoch": 15.0},
+            {"method": "at", "seed": 1, "accuracy": 0.95, "seconds_per_epoch": 20.0}]
+    s = families.summarise(rows)
+    assert s["at"]["accuracy_mean"] == pytest.approx(0.93)
+    assert s["at"]["accuracy_std"] == pytest.approx(np.std([0.91, 0.95], ddof=1))
+    assert s["at"]["time_per_epoch_vs_hinton"] == pytest.approx((1.5 + 1.0) / 2)
+    assert s["hinton"]["time_per_epoch_vs_hinton"] == pytest.approx(1.0)
+    assert "student alone" not in s  # no rows, no line
+    assert "| at | 93.00 ± 2.83 | 1.25× |" in families.table(s)
+
+
+def test_families_methods_are_the_issues_rows():
+    families = _script("families")
+    assert list(families.METHODS) == ["student alone", "hinton", "fitnet", "at", "rkd", "crd", "dkd", "two teachers",
+                                      "virtual teacher", "mean teacher", "mutual (DML)"]
+
+
+def test_hinton_mnist_nets_have_the_papers_sizes():
+    hinton = _script("hinton_mnist")
+    teacher = hinton.mlp((1200, 1200), dropout_in=0.2, dropout=0.5, jitter=True)
+    student = hinton.mlp((800, 800))
+    assert teacher.count_params() == 784 * 1200 + 1200 + 1200 * 1200 + 1200 + 1200 * 10 + 10
+    assert student.count_params() == 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10
+    x = np.ones((2, 28, 28, 1), np.float32)
+    np.testing.assert_array_equal(teacher(x, training=False).numpy(), teacher(x, training=False).numpy())
