@@ -42,7 +42,7 @@ def _kd(weight=0.9, temperature=4.0):
 
 # name -> (how to build the Distiller from student, teachers, peer factory; what the row says)
 # Weights: CE 1.0 plus the family's own term at its authors' (or RepDistiller's) weight, rescaled where our
-# normalisation differs; the soft-target rows use the default recipe's 0.1 CE + 0.9 soft split.
+# normalisation differs; the soft-target rows put 0.1 on CE and 0.9 on soft targets (a low hard weight, as Hinton advises).
 METHODS = {
     "student alone": (lambda s, t, peer: Distiller(s), "cross-entropy only"),
     "hinton": (lambda s, t, peer: Distiller(s, t[0], [_kd()], hard_weight=0.1), "0.1 CE + 0.9 KD, T 4"),
