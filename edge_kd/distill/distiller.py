@@ -123,8 +123,6 @@ class Distiller(keras.Model):
         self._term_trackers = [keras.metrics.Mean(name=n) for n in names]
         self._peer_tracker = keras.metrics.Mean(name="peer_loss") if peers else None
         self._build_terms()
-        # Stateless terms distil from every teacher; the others from the first (see the class docstring).
-        self._all_teachers = [t.reads_only_logits() for t in self.terms]
 
     @property
     def teacher(self):
@@ -140,7 +138,6 @@ class Distiller(keras.Model):
         if not isinstance(shape, tuple) or any(d is None for d in shape[1:]):
             raise ValueError("distillation terms need a student with a known input shape (a Functional model)")
         x = tf.zeros((2, *shape[1:]), self.student.inputs[0].dtype)
-        y = tf.zeros((2,), tf.int64)
         student, teachers = self._forward(x, training=False)
         for term in self.terms:
             term.build(student, teachers[0] if teachers else None)
@@ -180,10 +177,10 @@ class Distiller(keras.Model):
                                                                     from_logits=True) for t in teachers])
         return tf.nn.softmax(-ce, axis=0)
 
-    def _term_value(self, term, i, student, teachers, weights, y):
+    def _term_value(self, term, student, teachers, weights, y):
         if not term.needs_teacher:
             return term(student, None, y)
-        if not self._all_teachers[i]:
+        if not term.reads_only_logits():  # layers or variables of one teacher: the first (class docstring)
             return term(student, teachers[0], y)
         total = 0.0
         for k, t in enumerate(teachers):
@@ -198,8 +195,8 @@ class Distiller(keras.Model):
         hard = self._ce(y, student["logits"])
         total = self.hard_weight * hard
         values = []
-        for i, term in enumerate(self.terms):
-            v = self._term_value(term, i, student, teachers, weights, y)
+        for term in self.terms:
+            v = self._term_value(term, student, teachers, weights, y)
             values.append(v)
             total = total + term.weight * v
         if losses:
@@ -318,12 +315,10 @@ def _copy_of(model: keras.Model) -> keras.Model:
     from edge_kd.compress import _common, qat
 
     with qat.scope(_common.custom_objects(model)):
-        copy = _common.clone_with(model)
-    if len(copy.weights) != len(model.weights):
+        copy = _common.clone_with(model)  # rebuilds every layer holding a copy of its weights
+    if len(copy.weights) != len(model.weights):  # _update_mean_teacher pairs them up one by one
         raise ValueError(f"the mean teacher's copy of '{model.name}' has {len(copy.weights)} weights, the "
                          f"student {len(model.weights)}")
-    for c, w in zip(copy.weights, model.weights):
-        c.assign(w)
     return copy
 
 
