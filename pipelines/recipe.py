@@ -93,6 +93,20 @@ class DistillationSpec:
                                     "arch defaults to the student's")
     export: int = _field(0, low=0, help="mutual: the model exported: 0 the student, i the i-th peer")
 
+    def build_terms(self) -> list:
+        """Returns the loss terms of ``terms``, built; a malformed entry is a UserError naming its index."""
+        from edge_kd.distill import losses
+
+        built = []
+        for i, term in enumerate(self.terms):
+            if not isinstance(term, dict) or "name" not in term:
+                raise UserError(f"distillation.terms.{i} must be a mapping with a name, got {term!r}")
+            try:
+                built.append(losses.get(term["name"], **{k: v for k, v in term.items() if k != "name"}))
+            except UserError as e:
+                raise UserError(f"distillation.terms.{i}: {e}") from None
+        return built
+
 
 @dataclasses.dataclass
 class StageSpec:
@@ -401,8 +415,6 @@ def _check_value(key, value, tp, meta):
 def _check_semantics(r: Recipe):
     import models
 
-    from edge_kd.distill import losses
-
     names = r.stages.enabled()
     for required in ("distill", "export", "benchmark", "report"):
         if required not in names:
@@ -415,10 +427,7 @@ def _check_semantics(r: Recipe):
             raise UserError(f"teacher.arch '{r.teacher.arch}' is unknown; available: {', '.join(models.available())}")
         if r.teacher.path is None and "teacher" not in names:
             raise UserError("teacher.path is null, so stages.teacher must train one (or set teacher: null for no teacher)")
-        if r.teacher.input_range is not None:
-            ir = r.teacher.input_range
-            if len(ir) != 2 or not all(isinstance(v, (int, float)) for v in ir) or not ir[1] > ir[0]:
-                raise UserError(f"teacher.input_range must be [lo, hi] with hi > lo, got {ir!r}")
+        _check_input_range("teacher.input_range", r.teacher.input_range)
     elif "teacher" in names:
         raise UserError("stages.teacher is set but teacher is null; remove the stage or describe the teacher")
     _check_distillation(r)
@@ -445,22 +454,20 @@ def _check_semantics(r: Recipe):
             raise UserError(f"name must be letters, digits, '.', '_' or '-', got {r.name!r}")
 
 
+def _check_input_range(key: str, ir) -> None:
+    """Raises a UserError unless ``ir`` is None or [lo, hi] numbers with hi > lo."""
+    if ir is not None and (not isinstance(ir, list) or len(ir) != 2
+                           or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ir)
+                           or not ir[1] > ir[0]):
+        raise UserError(f"{key} must be [lo, hi] with hi > lo, got {ir!r}")
+
+
 def _check_distillation(r: Recipe):
     """Validates distillation: terms, and the teachers, mean teacher or peers its mode needs."""
     import models
 
-    from edge_kd.distill import losses
-
     d = r.distillation
-    built = []
-    for i, term in enumerate(d.terms):
-        if not isinstance(term, dict) or "name" not in term:
-            raise UserError(f"distillation.terms.{i} must be a mapping with a name, got {term!r}")
-        params = {k: v for k, v in term.items() if k != "name"}
-        try:
-            built.append(losses.get(term["name"], **params))
-        except UserError as e:
-            raise UserError(f"distillation.terms.{i}: {e}") from None
+    built = d.build_terms()
     if d.mode != "teacher" and r.teacher is not None:
         raise UserError(f"distillation.mode {d.mode} needs no teacher ("
                         f"{'an EMA of the student teaches' if d.mode == 'mean_teacher' else 'the peers teach each other'}"
@@ -476,9 +483,7 @@ def _check_distillation(r: Recipe):
         if not isinstance(t, dict) or not isinstance(t.get("path"), str) or set(t) - {"path", "trust", "input_range"}:
             raise UserError(f"distillation.extra_teachers.{i} must be {{path: FILE, trust: false, input_range: null}}, "
                             f"got {t!r}")
-        ir = t.get("input_range")
-        if ir is not None and (not isinstance(ir, list) or len(ir) != 2 or not ir[1] > ir[0]):
-            raise UserError(f"distillation.extra_teachers.{i}.input_range must be [lo, hi] with hi > lo, got {ir!r}")
+        _check_input_range(f"distillation.extra_teachers.{i}.input_range", t.get("input_range"))
         if not isinstance(t.get("trust", False), bool):
             raise UserError(f"distillation.extra_teachers.{i}.trust must be true/false, got {t['trust']!r}")
     if d.teacher_weights is not None:

@@ -156,13 +156,12 @@ class Context:
 
         In mutual mode the peers are ``peers`` or, after the distill stage, the peers it saved.
         """
-        from edge_kd.distill import Distiller, losses
+        from edge_kd.distill import Distiller
 
         if not self.recipe.distils(stage):
             return Distiller(student)
         dist = self.recipe.distillation
-        terms = [losses.get(t["name"], **{k: v for k, v in t.items() if k != "name"}) for t in dist.terms]
-        common = {"terms": terms, "hard_weight": dist.hard_weight}
+        common = {"terms": dist.build_terms(), "hard_weight": dist.hard_weight}
         if dist.mode == "mean_teacher":
             return Distiller(student, ema_decay=dist.ema_decay, **common)
         if dist.mode == "mutual":

@@ -81,6 +81,8 @@ RECIPE_MISTAKES = {
     "unknown peer": ("teacher: null\ndistillation: {mode: mutual, peers: [{arch: vgg99}]}\n"
                      "stages: {distill: {}, export: {}, benchmark: {}, report: {}}\n", ["peers.0.arch", "vgg99"]),
     "teacher weights count": ("distillation: {teacher_weights: [1, 2]}\n", ["teacher_weights", "1 non-negative"]),
+    "extra teacher range not numbers": ("distillation: {extra_teachers: [{path: a.keras, input_range: [0, x]}]}\n",
+                                        ["extra_teachers.0.input_range", "[lo, hi]"]),
     "bad extra teacher": ("distillation: {extra_teachers: [{file: a.keras}]}\n", ["extra_teachers.0", "path"]),
     "ema decay of one": ("teacher: null\ndistillation: {mode: mean_teacher, ema_decay: 1.0}\n"
                          "stages: {distill: {}, export: {}, benchmark: {}, report: {}}\n", ["ema_decay", "[0, 1)"]),
