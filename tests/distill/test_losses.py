@@ -5,25 +5,10 @@ import pytest
 from edge_kd.distill import Distiller, hinton, losses
 from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
+from np_reference import assert_one_line_user_error, np_ce, np_kl, np_log_softmax  # tests/distill is on sys.path
 
 K = 10  # classes
 B = 16  # batch
-
-
-def _np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def _np_kl(t_logits, s_logits, T):
-    """Per-sample KL(softmax(t/T) ‖ softmax(s/T)) in float64."""
-    lt, ls = _np_log_softmax(np.asarray(t_logits, np.float64) / T), _np_log_softmax(np.asarray(s_logits, np.float64) / T)
-    return (np.exp(lt) * (lt - ls)).sum(-1)
-
-
-def _np_ce(y, s_logits):
-    return float(-_np_log_softmax(s_logits)[np.arange(len(y)), y].mean())
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +36,10 @@ def _selector(offset):
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9, 1.0])
 def test_hinton_term_and_distiller_total_match_numpy(fixed, T, alpha):
     s, t, y = fixed
-    kl = _np_kl(t, s, T)
+    kl = np_kl(t, s, T)
     assert np.all(kl > 1e-3)  # a non-trivial KL, so the relative tolerance below means something
     soft_ref = T * T * kl.mean()
-    ce_ref = _np_ce(y, s)
+    ce_ref = np_ce(y, s)
     total_ref = (1.0 - alpha) * ce_ref + alpha * soft_ref
 
     term = losses.get("hinton", temperature=T, weight=alpha)
@@ -86,7 +71,7 @@ def test_hinton_handles_float16_logits(fixed):
     s, t, y = fixed
     term = losses.get("hinton", temperature=2.0)
     value = float(term({"logits": tf.constant(s, tf.float16)}, {"logits": tf.constant(t, tf.float16)}, y))
-    ref = 4.0 * _np_kl(t.astype(np.float16), s.astype(np.float16), 2.0).mean()
+    ref = 4.0 * np_kl(t.astype(np.float16), s.astype(np.float16), 2.0).mean()
     np.testing.assert_allclose(value, ref, rtol=1e-5)
 
 
@@ -107,7 +92,7 @@ def test_t_squared_keeps_the_soft_gradient_magnitude_across_temperatures(fixed):
     grads = {T: _soft_grad(s, t, T) for T in temps}
     for T, g in grads.items():
         # d/ds [T² KL(p_t ‖ p_s)] averaged over the batch = T (softmax(s/T) − softmax(t/T)) / B
-        ref = T * (np.exp(_np_log_softmax(s / T)) - np.exp(_np_log_softmax(t / T))) / B
+        ref = T * (np.exp(np_log_softmax(s / T)) - np.exp(np_log_softmax(t / T))) / B
         np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-7)
     norms = np.array([np.linalg.norm(grads[T]) for T in temps])
     assert norms.max() / norms.min() < 2.5, norms
@@ -137,12 +122,7 @@ def test_available_lists_hinton_and_params_of():
     ("hinton", {"weight": -0.1}, ["weight", "-0.1"]),
 ])
 def test_get_refuses_bad_names_and_params(name, params, words):
-    with pytest.raises(UserError) as info:
-        losses.get(name, **params)
-    msg = str(info.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w in msg
+    assert_one_line_user_error(name, params, words)
 
 
 def test_weight_zero_is_allowed_and_hinton_alpha_is_range_checked():

@@ -6,6 +6,7 @@ from edge_kd.distill import losses
 from edge_kd.distill.soft_targets import decoupled_kl
 from edge_kd.errors import UserError
 from edge_kd.keras import tf
+from np_reference import assert_one_line_user_error, np_kl, np_log_softmax  # tests/distill is on sys.path
 
 K = 10  # classes
 B = 16  # batch
@@ -14,21 +15,9 @@ B = 16  # batch
 F32 = 5e-6
 
 
-def _np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def _np_kl(t_logits, s_logits, T):
-    """Per-sample KL(softmax(t/T) ‖ softmax(s/T)) in float64."""
-    lt, ls = _np_log_softmax(np.asarray(t_logits, np.float64) / T), _np_log_softmax(np.asarray(s_logits, np.float64) / T)
-    return (np.exp(lt) * (lt - ls)).sum(-1)
-
-
 def _np_dkd_parts(t_logits, s_logits, y, T):
     """Per-sample (TCKD, NCKD) in float64, in probability space: b = [p_g, 1 − p_g], p̂ = p_¬g / (1 − p_g)."""
-    p_t, p_s = np.exp(_np_log_softmax(t_logits / T)), np.exp(_np_log_softmax(s_logits / T))
+    p_t, p_s = np.exp(np_log_softmax(t_logits / T)), np.exp(np_log_softmax(s_logits / T))
     rows = np.arange(len(y))
     gt = np.zeros_like(p_t, bool)
     gt[rows, y] = True
@@ -109,7 +98,7 @@ def test_dkd_parts_recompose_classical_kd(fixed, T):
     tckd = losses.get("dkd", alpha=1, beta=0, temperature=T, warmup_epochs=0).per_sample(student, teacher, y)
     nckd = losses.get("dkd", alpha=0, beta=1, temperature=T, warmup_epochs=0).per_sample(student, teacher, y)
     kd = losses.get("hinton", temperature=T).per_sample(student, teacher, y).numpy()
-    p_t_gt = np.exp(_np_log_softmax(t / T))[np.arange(B), y]
+    p_t_gt = np.exp(np_log_softmax(t / T))[np.arange(B), y]
     np.testing.assert_allclose(tckd.numpy() + (1.0 - p_t_gt) * nckd.numpy(), kd, rtol=1e-5, atol=2 * F32 * T * T)
     # So alpha = beta = 1 upper-bounds classical KD (1 − p_t,g ≤ 1).
     both = losses.get("dkd", alpha=1, beta=1, temperature=T, warmup_epochs=0).per_sample(student, teacher, y)
@@ -139,7 +128,7 @@ def test_dkd_with_two_classes_is_all_tckd(fixed):
     nckd = losses.get("dkd", alpha=0, warmup_epochs=0).per_sample(student, teacher, y2).numpy()
     np.testing.assert_array_equal(nckd, np.zeros(B, np.float32))
     tckd = losses.get("dkd", beta=0, warmup_epochs=0).per_sample(student, teacher, y2).numpy()
-    np.testing.assert_allclose(tckd, 16.0 * _np_kl(t2, s2, 4.0), rtol=1e-5, atol=16 * F32)
+    np.testing.assert_allclose(tckd, 16.0 * np_kl(t2, s2, 4.0), rtol=1e-5, atol=16 * F32)
 
 
 def test_dkd_is_zero_when_student_equals_teacher(fixed):
@@ -190,7 +179,7 @@ def test_dkd_warm_up_scales_the_gradient(fixed):
 def test_virtual_teacher_matches_numpy(fixed, c, T):
     s, _, y = fixed
     log_p_v = np.log(_np_virtual(y, c))
-    ref = T * T * _np_kl(log_p_v, s, T)
+    ref = T * T * np_kl(log_p_v, s, T)
     assert ref.mean() > 50 * F32 * T * T
 
     term = losses.get("virtual_teacher", correct_prob=c, temperature=T)
@@ -207,7 +196,7 @@ def test_virtual_teacher_at_t1_is_the_hand_designed_distribution(fixed, c):
     term = losses.get("virtual_teacher", correct_prob=c, temperature=1.0)
     log_p = term.log_probs(tf.constant(s), y).numpy()
     np.testing.assert_allclose(np.exp(log_p), _np_virtual(y, c), rtol=1e-6)
-    np.testing.assert_allclose(np.exp(_np_log_softmax(log_p)), _np_virtual(y, c), rtol=1e-5)
+    np.testing.assert_allclose(np.exp(np_log_softmax(log_p)), _np_virtual(y, c), rtol=1e-5)
 
 
 @pytest.mark.parametrize("T", [1.0, 4.0, 20.0])
@@ -237,8 +226,8 @@ def test_virtual_teacher_gradient(fixed, T):
     g = tape.gradient(value, sv).numpy()
     assert g.shape == (B, K) and np.all(np.isfinite(g)) and np.abs(g).max() > 1e-4
     # d/ds [T² KL(q ‖ softmax(s/T))] averaged over the batch = T (softmax(s/T) − q) / B
-    q = np.exp(_np_log_softmax(np.log(_np_virtual(y, 0.9)) / T))
-    np.testing.assert_allclose(g, T * (np.exp(_np_log_softmax(s / T)) - q) / B, rtol=1e-4, atol=1e-7)
+    q = np.exp(np_log_softmax(np.log(_np_virtual(y, 0.9)) / T))
+    np.testing.assert_allclose(g, T * (np.exp(np_log_softmax(s / T)) - q) / B, rtol=1e-4, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------ both, in graphs
@@ -307,12 +296,7 @@ def test_registry_builds_both_terms_with_their_defaults():
     ("virtual_teacher", {"alpha": 0.5}, ["alpha", "correct_prob"]),
 ])
 def test_bad_params_are_user_errors(name, params, words):
-    with pytest.raises(UserError) as info:
-        losses.get(name, **params)
-    msg = str(info.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w in msg
+    assert_one_line_user_error(name, params, words)
 
 
 @pytest.mark.parametrize("name", ["dkd", "virtual_teacher"])

@@ -5,19 +5,14 @@ import pytest
 from edge_kd.distill import adapt_teacher, load_teacher, logits_model, losses
 from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
+from np_reference import np_log_softmax  # tests/distill is on sys.path
 
 K = 10
 MNIST_SCALE = 1.0 / 255.0
 
 
-def _np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def _np_hinton(t_logits, s_logits, T):
-    lt, ls = _np_log_softmax(t_logits / T), _np_log_softmax(s_logits / T)
+    lt, ls = np_log_softmax(t_logits / T), np_log_softmax(s_logits / T)
     return T * T * float((np.exp(lt) * (lt - ls)).sum(-1).mean())
 
 
@@ -120,7 +115,7 @@ def test_probabilities_fallback_for_a_nested_teacher(images, student_logits):
     assert info["head"] == "probabilities"
     out = adapted.predict(images, verbose=0)
     # log p = logits − logsumexp(logits): the same logits up to a per-row shift, so the same softmax(·/T).
-    np.testing.assert_allclose(out, _np_log_softmax(ref), atol=1e-4)
+    np.testing.assert_allclose(out, np_log_softmax(ref), atol=1e-4)
     for T in (1.0, 2.0, 4.0, 10.0):
         np.testing.assert_allclose(_hinton(out, student_logits, T), _np_hinton(ref, student_logits, T),
                                    rtol=1e-4, atol=1e-6)
@@ -133,7 +128,7 @@ def test_probabilities_fallback_for_a_subclassed_teacher(images, student_logits)
     model, head = logits_model(sub, images[:8])
     assert head == "probabilities"
     out = model.predict(images, verbose=0)
-    np.testing.assert_allclose(out, _np_log_softmax(ref), atol=1e-4)
+    np.testing.assert_allclose(out, np_log_softmax(ref), atol=1e-4)
     np.testing.assert_allclose(_hinton(out, student_logits, 4.0), _np_hinton(ref, student_logits, 4.0), rtol=1e-4)
 
 
