@@ -77,14 +77,13 @@ def context(data: str, seed: int, out: Path) -> Context:
     return Context(r, out, command="benchmarks/families.py")
 
 
-def teachers(data: str, out: Path) -> list:
-    """Returns [cnn_large, mlp] trained on ``data`` (seed 0), cached in ``out``."""
+def teachers(ctx: Context, out: Path) -> list:
+    """Returns [cnn_large, mlp] trained on ``ctx``'s data and seed, cached in ``out``."""
     found = []
     for name, spec in (("teacher", TEACHER), ("teacher2", SECOND_TEACHER)):
         path = out / f"{name}.keras"
         if not path.exists():
-            ctx = context(data, 0, out)
-            keras.utils.set_random_seed(0)
+            keras.utils.set_random_seed(ctx.recipe.seed)
             model = models.build(spec["arch"], ctx.bundle.info.input_shape, ctx.bundle.info.num_classes,
                                  **spec["options"])
             ctx.fit(Distiller(model), TEACHER_EPOCHS, ctx.recipe.training.learning_rate)
@@ -155,8 +154,9 @@ def main(argv=None):
     if not Path(args.data).is_file():
         sys.exit(f"benchmarks/families.py: data not found: {args.data}")
     out = Path(args.out)
-    teacher_models = teachers(args.data, out)
-    teacher_accuracy = [accuracy(t, context(args.data, 0, out)) for t in teacher_models]
+    first = context(args.data, 0, out)  # the teachers' data and seed; its test split is every seed's
+    teacher_models = teachers(first, out)
+    teacher_accuracy = [accuracy(t, first) for t in teacher_models]
     print("teachers' test accuracy: " + ", ".join(f"{100 * a:.2f} %" for a in teacher_accuracy), flush=True)
     rows = []
     command = " ".join(["python", "benchmarks/families.py", *(sys.argv[1:] if argv is None else argv)])
