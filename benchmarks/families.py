@@ -4,7 +4,7 @@ Rows: the student alone, Hinton KD, and each family (fitnet, at, rkd, crd, dkd, 
 confidence, teacher-free virtual teacher, mean teacher, mutual learning). Columns: test accuracy of
 the trained student (Keras, fp32, the whole test split), mean ± sample std over the seeds, and wall
 time per epoch relative to Hinton KD, measured in the same run. Every method trains through the
-pipeline's own training code (``pipelines.stages.Context.fit``: Adam, cosine decay, batch 128).
+pipeline's own training code (``pipelines.context.Context.fit``: Adam, cosine decay, batch 128).
 
     python benchmarks/families.py --data ../shared/data/fashion_mnist.npz --seeds 0 1 2 --epochs 3
 
@@ -20,15 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import models
+from edge_kd.distill import Distiller, losses
+from edge_kd.fileio import write_json
+from edge_kd.keras import keras
+from pipelines import recipe as recipe_mod
+from pipelines.context import Context
 
-import models  # noqa: E402
-from edge_kd.distill import Distiller, losses  # noqa: E402
-from edge_kd.fileio import write_json  # noqa: E402
-from edge_kd.keras import keras  # noqa: E402
-from pipelines import recipe as recipe_mod  # noqa: E402
-from pipelines.stages import Context  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STUDENT = {"arch": "cnn", "options": {"filters": [16, 32, 32]}}  # the default recipe's student
 TEACHER = {"arch": "cnn_large", "options": {}}

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from edge_kd.distill import Distiller, losses
+from edge_kd.fileio import write_json
+from edge_kd.keras import keras, tf
 
-from edge_kd.distill import Distiller, losses  # noqa: E402
-from edge_kd.fileio import write_json  # noqa: E402
-from edge_kd.keras import keras, tf  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PAPER = {"teacher": 67, "student alone": 146, "student distilled": 74}
 BATCH = 128

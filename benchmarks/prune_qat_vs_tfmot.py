@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from edge_kd.bench.results import rows_of
+from pipelines import recipe as recipe_mod
+from pipelines.run import run
 
-from pipelines import recipe as recipe_mod  # noqa: E402
-from pipelines.run import run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RECIPES = {"tfmot-only": "mnist_tfmot_only.yaml", "edge-kd": "mnist.yaml"}
 
@@ -38,11 +38,11 @@ def one(method: str, data: str, seed: int, out: Path, extra: list[str]) -> dict:
     start = time.perf_counter()
     run_dir = run(r, out=out, command=f"benchmarks/prune_qat_vs_tfmot.py ({method}, seed {seed})", stream=io.StringIO())
     seconds = time.perf_counter() - start
-    models = {m["name"]: m for m in json.loads((run_dir / "results.json").read_text())["models"]}
+    models = {m.name: m for m in rows_of(json.loads((run_dir / "results.json").read_text())["models"])}
     final = models["qat-int8"]
-    return {"method": method, "seed": seed, "accuracy": final["accuracy"], "gzip_bytes": final["gzip_bytes"],
-            "size_bytes": final["size_bytes"], "sparsity": final["sparsity"], "seconds": round(seconds, 1),
-            "pruned_int8_accuracy": models["pruned-int8"]["accuracy"], "run": str(run_dir)}
+    return {"method": method, "seed": seed, "accuracy": final.accuracy, "gzip_bytes": final.gzip_bytes,
+            "size_bytes": final.size_bytes, "sparsity": final.sparsity, "seconds": round(seconds, 1),
+            "pruned_int8_accuracy": models["pruned-int8"].accuracy, "run": str(run_dir)}
 
 
 def summarise(rows: list[dict]) -> dict:
