@@ -15,17 +15,43 @@ Images are kept as raw uint8 pixels (N, H, W, C); models see ``raw * input_scale
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, ClassVar, Optional, Sequence
 
 import numpy as np
+from pydantic import field_validator
 
+from edge_kd.config import Config, Field, Float, Int, Invalid, Str
 from edge_kd.errors import UserError
+from edge_kd.fileio import sha256_file
 
 BUILTIN = {"mnist": Path(__file__).parent / "_data" / "mnist.npz"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DataConfig(Config):
+    """Where the images come from and how they are split; the one statement of what each setting allows."""
+
+    KEY: ClassVar[str] = "data"
+    source: Str = "mnist"
+    val_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.1
+    image_size: Optional[Annotated[list[Annotated[Int, Field(gt=0)]], Field(min_length=2, max_length=2)]] = None
+    limit_train: Optional[Annotated[Int, Field(ge=1)]] = None
+    limit_test: Optional[Annotated[Int, Field(ge=1)]] = None
+    test_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.2
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _listed(cls, v):
+        if isinstance(v, tuple):
+            return list(v)
+        if v is not None and not isinstance(v, list):
+            raise Invalid("", f"must be [H, W] (two positive integers), got {v!r}")
+        return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +77,8 @@ class DataBundle:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    #: sha256 of what the images were read from (the file, the folder's listing, the tfds name and version)
+    source_digest: str = ""
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
         """Returns raw pixels ``x`` mapped to model inputs as float32."""
@@ -80,57 +108,83 @@ class DataBundle:
         return getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
 
 
-def load(source: str, *, val_fraction: float = 0.1, seed: int = 0, limit_train: int | None = None,
+def load(source: str = "mnist", *, val_fraction: float = 0.1, seed: int = 0, limit_train: int | None = None,
          limit_test: int | None = None, image_size: Sequence[int] | None = None,
          test_fraction: float = 0.2) -> DataBundle:
-    """Returns the DataBundle for ``source``; a bad source is a one-line UserError.
+    """Returns the DataBundle for ``source``; a bad source or setting is a one-line UserError.
 
     ``val_fraction`` of the training images (stratified, by ``seed``) are held out for validation.
     ``limit_train``/``limit_test`` keep the first N (after a seeded shuffle) for quick runs.
     ``image_size`` (H, W) resizes image-folder and tfds images; ``test_fraction`` splits an image folder
-    that has no ``test/`` subfolder.
+    that has no ``test/`` subfolder. The settings are checked by ``DataConfig``.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    source = str(source)
+    cfg = DataConfig(source=str(source), val_fraction=val_fraction, limit_train=limit_train, limit_test=limit_test,
+                     image_size=None if image_size is None else list(image_size), test_fraction=test_fraction)
+    return load_config(cfg, seed=seed)
+
+
+def load_config(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    """Returns the DataBundle ``cfg`` describes (see ``load``)."""
+    source, image_size = cfg.source, cfg.image_size
     if source in BUILTIN:
         name = source
         x_tr, y_tr, x_te, y_te, class_names = _load_npz(BUILTIN[source])
+        digest = sha256_file(BUILTIN[source])
     elif source.startswith("tfds:"):
         name = source[5:]
-        x_tr, y_tr, x_te, y_te, class_names = _load_tfds(name, image_size)
+        x_tr, y_tr, x_te, y_te, class_names, version = _load_tfds(name, image_size)
+        digest = hashlib.sha256(f"tfds:{name}:{version}".encode()).hexdigest()
     else:
         path = Path(source)
         name = path.stem or path.name
         if path.is_dir():
-            x_tr, y_tr, x_te, y_te, class_names = _load_folder(path, image_size, test_fraction, seed)
+            x_tr, y_tr, x_te, y_te, class_names = _load_folder(path, image_size, cfg.test_fraction, seed)
+            digest = _listing_digest(path)
         elif path.is_file() and path.suffix.lower() == ".npz":
             x_tr, y_tr, x_te, y_te, class_names = _load_npz(path)
+            digest = sha256_file(path)
         elif path.exists():
             raise UserError(f"data '{source}' is neither an .npz file nor a folder of class subfolders")
         else:
             raise UserError(f"data '{source}' not found; expected one of {', '.join(BUILTIN)}, a path to an .npz "
                             "with x_train/y_train/x_test/y_test, an image folder, or tfds:<name>")
     num_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
-    if class_names is None or len(class_names) < num_classes:
+    if class_names is not None and len(class_names) < num_classes:
+        raise UserError(f"data '{source}': labels go up to {num_classes - 1} but it names {len(class_names)} "
+                        f"classes ({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}); labels must "
+                        f"be 0..{len(class_names) - 1}")
+    if class_names is None:
         class_names = tuple(str(i) for i in range(num_classes))
     num_classes = max(num_classes, len(class_names))
     if num_classes < 2:
         raise UserError(f"data '{source}' has fewer than 2 classes")
 
     rng = np.random.default_rng(seed)
-    if limit_train is not None:
-        keep = rng.permutation(len(x_tr))[: int(limit_train)]
+    if cfg.limit_train is not None:
+        keep = rng.permutation(len(x_tr))[: cfg.limit_train]
         x_tr, y_tr = x_tr[np.sort(keep)], y_tr[np.sort(keep)]
-    if limit_test is not None:
-        keep = np.sort(np.random.default_rng(seed + 1).permutation(len(x_te))[: int(limit_test)])
+    if cfg.limit_test is not None:
+        keep = np.sort(np.random.default_rng(seed + 1).permutation(len(x_te))[: cfg.limit_test])
         x_te, y_te = x_te[keep], y_te[keep]
-    val_idx = _stratified_holdout(y_tr, val_fraction, rng)
+    val_idx = _stratified_holdout(y_tr, cfg.val_fraction, rng)
     train_mask = np.ones(len(y_tr), bool)
     train_mask[val_idx] = False
+    if not train_mask.any():
+        raise UserError(f"data '{source}': val_fraction {cfg.val_fraction:g} leaves no training image")
     info = DataInfo(name=name, num_classes=num_classes, input_shape=tuple(int(d) for d in x_tr.shape[1:]),
                     class_names=tuple(class_names))
-    return DataBundle(info, x_tr[train_mask], y_tr[train_mask], x_tr[val_idx], y_tr[val_idx], x_te, y_te)
+    return DataBundle(info, x_tr[train_mask], y_tr[train_mask], x_tr[val_idx], y_tr[val_idx], x_te, y_te,
+                      source_digest=digest)
+
+
+def _listing_digest(root: Path) -> str:
+    """Returns a sha256 of every file's path, size and modification time under ``root``."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _stratified_holdout(y, fraction, rng) -> np.ndarray:
@@ -152,9 +206,14 @@ def _as_images(x, where: str) -> np.ndarray:
         raise UserError(f"{where}: images must be N×H×W or N×H×W×C with C in 1, 3, 4; got shape {x.shape}")
     if x.dtype == np.uint8:
         return x
-    if not np.issubdtype(x.dtype, np.number):
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise UserError(f"{where}: images must be numeric, got dtype {x.dtype}")
     xf = x.astype(np.float32)
+    finite = np.isfinite(xf)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        raise UserError(f"{where}: {int((~finite).sum())} pixel value(s) are not finite (NaN or infinity), the "
+                        f"first in image {int(bad[0])}; pixels must be numbers in 0..255 (or 0..1 for floats)")
     lo, hi = float(xf.min(initial=0)), float(xf.max(initial=0))
     if lo < 0 or hi > 255:
         raise UserError(f"{where}: pixel values must lie in 0..255 (or 0..1 for floats), got {lo:g}..{hi:g}")
@@ -170,8 +229,9 @@ def _as_labels(y, n, where: str) -> np.ndarray:
     if y.ndim != 1 or len(y) != n:
         raise UserError(f"{where}: labels must be a vector of {n} integers, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
-        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.mod(y, 1) == 0):
-            raise UserError(f"{where}: labels must be integers 0..K-1, got dtype {y.dtype}")
+        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or not np.all(np.mod(y, 1) == 0):
+            raise UserError(f"{where}: labels must be integers 0..K-1, got dtype {y.dtype} with values such as "
+                            f"{y.ravel()[:3].tolist()}")
     if len(y) and y.min() < 0:
         raise UserError(f"{where}: labels must be integers 0..K-1, got {y.min()}")
     return y.astype(np.int64)
@@ -270,7 +330,8 @@ def _load_tfds(name: str, size):
     from edge_kd.keras import tf
 
     try:
-        builder = tfds.builder(name)
+        # TFDS_DATA_DIR read now, not when tensorflow_datasets was first imported
+        builder = tfds.builder(name, data_dir=os.environ.get("TFDS_DATA_DIR") or None)
     except Exception as e:  # DatasetNotFoundError and friends
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"unknown tfds dataset '{name}': {msg}") from None
@@ -298,7 +359,9 @@ def _load_tfds(name: str, size):
         names = tuple(label.names) if hasattr(label, "names") else None
     except UserError:
         raise
+    except ImportError:  # a missing dependency is a broken install, not the user's mistake: show it whole
+        raise
     except Exception as e:  # no network, a failed download, a broken cache
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot get tfds dataset '{name}' (no network, or not downloaded yet?): {msg}") from None
-    return out[0], out[1], out[2], out[3], names
+        raise UserError(f"cannot get tfds dataset '{name}' (download or preparation failed): {msg}") from None
+    return out[0], out[1], out[2], out[3], names, str(builder.info.version)

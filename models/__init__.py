@@ -35,16 +35,34 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def options_of(name: str) -> list[str]:
+    """Returns the keyword options architecture ``name`` takes."""
+    return [p for p in inspect.signature(_REGISTRY[name]).parameters if p not in ("input_shape", "num_classes")]
+
+
+def check_options(name: str, options: dict, where: str | None = None) -> None:
+    """Raises a UserError unless ``name`` is registered and takes every option in ``options``.
+
+    ``where`` names the recipe section the two came from (``student``: ``student.arch``, ``student.options``).
+    """
+    if name not in _REGISTRY:
+        what = f"{where}.arch '{name}' is unknown" if where else f"unknown model '{name}'"
+        raise UserError(f"{what}; available: {', '.join(available())}")
+    unknown = sorted(set(options) - set(options_of(name)))
+    if unknown:
+        raise UserError(f"{where + '.options: ' if where else ''}model '{name}' has no option {', '.join(unknown)}; "
+                        f"allowed: {', '.join(options_of(name))}")
+
+
 def build(name: str, input_shape: Sequence[int], num_classes: int, **kw) -> keras.Model:
     """Returns a new, untrained Functional model ``name`` for inputs of ``input_shape`` and ``num_classes`` logits."""
-    if name not in _REGISTRY:
-        raise UserError(f"unknown model '{name}'; available: {', '.join(available())}")
-    fn = _REGISTRY[name]
-    allowed = [p for p in inspect.signature(fn).parameters if p not in ("input_shape", "num_classes")]
-    unknown = sorted(set(kw) - set(allowed))
-    if unknown:
-        raise UserError(f"model '{name}' has no option {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-    return fn(tuple(int(d) for d in input_shape), int(num_classes), **kw)
+    check_options(name, kw)
+    try:
+        return _REGISTRY[name](tuple(int(d) for d in input_shape), int(num_classes), **kw)
+    except (TypeError, ValueError) as e:  # an option of the wrong kind, or an input the architecture cannot take
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model '{name}' cannot be built for input {tuple(input_shape)} with options {kw}: "
+                        f"{text}") from None
 
 
 def _filters(n: int, width: float) -> int:

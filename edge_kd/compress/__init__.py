@@ -14,9 +14,7 @@ Example::
 
 See each module's docstring for a runnable example.
 """
-from edge_kd.compress import cluster, prune, qat
-from edge_kd.compress.cluster import ClusterConfig
-from edge_kd.compress.prune import PruneConfig
-from edge_kd.compress.qat import QATConfig
+# The wrappers (cluster, prune, qat) import tensorflow-model-optimization; they load when first imported.
+from edge_kd.compress.config import ClusterConfig, PruneConfig, QATConfig
 
-__all__ = ["cluster", "prune", "qat", "ClusterConfig", "PruneConfig", "QATConfig"]
+__all__ = ["ClusterConfig", "PruneConfig", "QATConfig"]

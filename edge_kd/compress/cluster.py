@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_kd.compress import _common
+from edge_kd.compress import common
+from edge_kd.compress.config import ClusterConfig
 from edge_kd.errors import UserError
 from edge_kd.keras import keras
 
@@ -38,24 +39,7 @@ _INITS = {
     "linear": tfmot.clustering.keras.CentroidInitialization.LINEAR,
     "random": tfmot.clustering.keras.CentroidInitialization.RANDOM,
 }
-INITS = tuple(_INITS)
 CLUSTERABLE = (keras.layers.Conv2D, keras.layers.Dense)
-MAX_CLUSTERS = 256  # an int8 kernel holds at most 256 distinct values
-
-
-@dataclasses.dataclass
-class ClusterConfig:
-    """Settings of weight clustering; a wrong value is a UserError naming the key, the value and what is allowed."""
-
-    clusters: int = 16
-    preserve_sparsity: bool = True
-    init: str = "kmeans_plus_plus"
-
-    def __post_init__(self):
-        _common.check_bool("cluster.preserve_sparsity", self.preserve_sparsity)
-        # tfmot needs more than 2 clusters when one of them is the kept zero, more than 1 otherwise.
-        _common.check_int("cluster.clusters", self.clusters, 3 if self.preserve_sparsity else 2, MAX_CLUSTERS)
-        _common.check_choice("cluster.init", self.init, INITS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +52,9 @@ class ClusterPlan:
 
 def plan(model, cfg: ClusterConfig) -> ClusterPlan:
     """Returns the ClusterPlan of clustering ``model`` with ``cfg``."""
-    _common.require_graph_model(model, "clustering")
+    common.require_graph_model(model, "clustering")
     clustered, skipped = [], []
-    for layer in _common.iter_layers(model):
+    for layer in common.iter_layers(model):
         reason = _skip_reason(layer, cfg)
         if reason is None:
             clustered.append(layer.name)
@@ -79,16 +63,22 @@ def plan(model, cfg: ClusterConfig) -> ClusterPlan:
     return ClusterPlan(tuple(clustered), tuple(skipped))
 
 
-def cluster(model, cfg: ClusterConfig | None = None) -> keras.Model:
-    """Returns a copy of ``model`` with its clusterable layers wrapped for clustering; ``.cluster_plan`` says which."""
-    cfg = cfg or ClusterConfig()
-    _common.require_graph_model(model, "clustering")
-    _common.refuse_wrapped(model, "clustering")
+def check(model, cfg: ClusterConfig) -> ClusterPlan:
+    """Returns the ClusterPlan, raising the UserError ``cluster`` would raise (so a run can fail before it trains)."""
+    common.require_graph_model(model, "clustering")
+    common.refuse_wrapped(model, "clustering")
     p = plan(model, cfg)
     if not p.clustered:
         why = "; ".join(f"{n}: {r}" for n, r in p.skipped) or "it has no Conv2D or Dense layer"
         raise UserError(f"nothing to cluster in model {model.name!r} ({why})")
-    chosen = {id(layer) for layer in _common.iter_layers(model) if _skip_reason(layer, cfg) is None}
+    return p
+
+
+def cluster(model, cfg: ClusterConfig | None = None) -> keras.Model:
+    """Returns a copy of ``model`` with its clusterable layers wrapped for clustering; ``.cluster_plan`` says which."""
+    cfg = cfg or ClusterConfig()
+    p = check(model, cfg)
+    chosen = {id(layer) for layer in common.iter_layers(model) if _skip_reason(layer, cfg) is None}
 
     def wrap(fresh, original):
         if id(original) in chosen:
@@ -97,17 +87,17 @@ def cluster(model, cfg: ClusterConfig | None = None) -> keras.Model:
                                                           preserve_sparsity=cfg.preserve_sparsity)
         return fresh
 
-    wrapped = _common.clone_with(model, wrap)
+    wrapped = common.clone_with(model, wrap)
     wrapped.cluster_plan = p
     return wrapped
 
 
 def strip(model) -> keras.Model:
     """Returns a plain copy of a clustering-wrapped ``model``: each wrapper replaced by its layer with clustered weights."""
-    _common.require_graph_model(model, "cluster.strip")
-    with keras.utils.custom_object_scope(_common.custom_objects(model)):
+    common.require_graph_model(model, "cluster.strip")
+    with keras.utils.custom_object_scope(common.custom_objects(model)):
         stripped = tfmot.clustering.keras.strip_clustering(model)
-    return _common.clone_with(stripped)
+    return common.clone_with(stripped)
 
 
 def _skip_reason(layer, cfg: ClusterConfig) -> str | None:

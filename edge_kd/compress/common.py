@@ -1,9 +1,9 @@
-"""Helpers shared by prune, qat and cluster: model checks, weight-preserving copies, config validation.
+"""Helpers shared by prune, qat, cluster and the Distiller: model checks and weight-preserving copies.
 
 >>> import models
->>> from edge_kd.compress import _common
+>>> from edge_kd.compress import common
 >>> m = models.build("cnn", (28, 28, 1), 10)
->>> copy = _common.clone_with(m)
+>>> copy = common.clone_with(m)
 >>> [l.name for l in copy.layers] == [l.name for l in m.layers]
 True
 """
@@ -106,37 +106,8 @@ def clone_with(model, wrap: Callable | None = None):
         return keras.models.clone_model(model, clone_function=fn)
 
 
-# -- config validation: one line naming the key, the value and what is allowed --------------------------
-def check_choice(key: str, value, allowed) -> str:
-    """Returns ``value`` when it is one of ``allowed``; raises UserError otherwise."""
-    if not isinstance(value, str) or value not in allowed:
-        raise UserError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
-
-
-def check_bool(key: str, value) -> bool:
-    """Returns ``value`` when it is a bool; raises UserError otherwise."""
-    if not isinstance(value, bool):
-        raise UserError(f"{key} must be true or false; got {value!r}")
-    return value
-
-
-def check_int(key: str, value, low: int, high: int | None = None) -> int:
-    """Returns ``value`` as int when it is an integer in [low, high]; raises UserError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
-            high is not None and value > high):
-        allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-        raise UserError(f"{key} must be {allowed}; got {value!r}")
+def check_int(key: str, value, low: int) -> int:
+    """Returns ``value`` as int when it is an integer ≥ ``low``; raises UserError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise UserError(f"{key} must be an integer ≥ {low}, got {value!r}")
     return int(value)
-
-
-def check_fraction(key: str, value, low_open: bool = False, high_open: bool = True) -> float:
-    """Returns ``value`` as float when it lies in the interval 0..1 with the given open ends; raises UserError."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
-    if not ok:
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise UserError(f"{key} must be a number in {interval}; got {value!r}")
-    return float(value)

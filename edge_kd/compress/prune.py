@@ -32,41 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_kd.compress import _common
+from edge_kd.compress import common
+from edge_kd.compress.config import PruneConfig
 from edge_kd.errors import UserError
 from edge_kd.keras import keras
 
 import tensorflow_model_optimization as tfmot  # noqa: E402  (after edge_kd.keras: resolves to tf_keras)
 
-SCHEDULES = ("polynomial", "constant")
 # tfmot's PruneRegistry gives these a "kernel" to prune; edge-kd prunes exactly these classes.
 PRUNABLE = (keras.layers.Conv2D, keras.layers.Dense)
-
-
-@dataclasses.dataclass
-class PruneConfig:
-    """Settings of magnitude pruning; a wrong value is a UserError naming the key, the value and what is allowed."""
-
-    target_sparsity: float = 0.75
-    schedule: str = "polynomial"
-    initial_sparsity: float = 0.0
-    begin_step: int = 0
-    end_step: int | None = None  # None: the total steps passed to prune()
-    frequency: int = 100
-    structured_2_4: bool = False
-
-    def __post_init__(self):
-        _common.check_fraction("prune.target_sparsity", self.target_sparsity, low_open=True)
-        _common.check_choice("prune.schedule", self.schedule, SCHEDULES)
-        _common.check_fraction("prune.initial_sparsity", self.initial_sparsity)
-        if self.schedule == "polynomial" and not self.initial_sparsity < self.target_sparsity:
-            raise UserError(f"prune.initial_sparsity must be below prune.target_sparsity "
-                            f"({self.target_sparsity:g}); got {self.initial_sparsity!r}")
-        _common.check_int("prune.begin_step", self.begin_step, 0)
-        if self.end_step is not None:
-            _common.check_int("prune.end_step", self.end_step, self.begin_step + 1)
-        _common.check_int("prune.frequency", self.frequency, 1)
-        _common.check_bool("prune.structured_2_4", self.structured_2_4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +57,10 @@ class PrunePlan:
 
 def plan(model, cfg: PruneConfig, total_steps: int) -> PrunePlan:
     """Returns the PrunePlan of pruning ``model`` with ``cfg`` over ``total_steps`` training steps."""
-    _common.require_graph_model(model, "pruning")
-    total_steps = _common.check_int("prune total_steps", total_steps, 1)
+    common.require_graph_model(model, "pruning")
+    total_steps = common.check_int("prune total_steps", total_steps, 1)
     pruned, skipped = [], []
-    for layer in _common.iter_layers(model):
+    for layer in common.iter_layers(model):
         reason = _skip_reason(layer, cfg)
         if reason is None:
             pruned.append(layer.name)
@@ -102,25 +76,31 @@ def plan(model, cfg: PruneConfig, total_steps: int) -> PrunePlan:
     return PrunePlan(tuple(pruned), tuple(skipped), text, begin, end, frequency)
 
 
-def prune(model, cfg: PruneConfig, total_steps: int) -> keras.Model:
-    """Returns a copy of ``model`` with its prunable layers wrapped for pruning; ``.prune_plan`` says which."""
-    _common.require_graph_model(model, "pruning")
-    _common.refuse_wrapped(model, "pruning")
+def check(model, cfg: PruneConfig, total_steps: int) -> PrunePlan:
+    """Returns the PrunePlan, raising the UserError ``prune`` would raise (so a run can fail before it trains)."""
+    common.require_graph_model(model, "pruning")
+    common.refuse_wrapped(model, "pruning")
     p = plan(model, cfg, total_steps)
     if not p.pruned:
         why = "; ".join(f"{n}: {r}" for n, r in p.skipped) or "it has no Conv2D or Dense layer"
         raise UserError(f"nothing to prune in model {model.name!r} ({why})")
+    return p
+
+
+def prune(model, cfg: PruneConfig, total_steps: int) -> keras.Model:
+    """Returns a copy of ``model`` with its prunable layers wrapped for pruning; ``.prune_plan`` says which."""
+    p = check(model, cfg, total_steps)
     params = {"pruning_schedule": _schedule(cfg, p)}
     if cfg.structured_2_4:
         params["sparsity_m_by_n"] = (2, 4)
-    chosen = {id(layer) for layer in _common.iter_layers(model) if _skip_reason(layer, cfg) is None}
+    chosen = {id(layer) for layer in common.iter_layers(model) if _skip_reason(layer, cfg) is None}
 
     def wrap(fresh, original):
         if id(original) in chosen:
             return tfmot.sparsity.keras.prune_low_magnitude(fresh, **params)
         return fresh
 
-    wrapped = _common.clone_with(model, wrap)
+    wrapped = common.clone_with(model, wrap)
     wrapped.prune_plan = p
     return wrapped
 
@@ -132,15 +112,15 @@ def callbacks() -> list:
 
 def strip(model) -> keras.Model:
     """Returns a plain copy of a pruning-wrapped ``model``: every wrapper replaced by its layer with masked weights."""
-    _common.require_graph_model(model, "prune.strip")
-    for layer in _common.iter_layers(model):
-        if isinstance(layer, _common.PruneLowMagnitude) and layer.built:
+    common.require_graph_model(model, "prune.strip")
+    for layer in common.iter_layers(model):
+        if isinstance(layer, common.PruneLowMagnitude) and layer.built:
             # UpdatePruningStep masks the weights at each epoch's end; a fit stopped mid-epoch has not yet.
             layer.pruning_obj.weight_mask_op()
-    with keras.utils.custom_object_scope(_common.custom_objects(model)):
+    with keras.utils.custom_object_scope(common.custom_objects(model)):
         stripped = tfmot.sparsity.keras.strip_pruning(model)
     # strip_pruning shares layers with the wrapped model; a copy owns its layers and graph.
-    return _common.clone_with(stripped)
+    return common.clone_with(stripped)
 
 
 def _skip_reason(layer, cfg: PruneConfig) -> str | None:
@@ -161,7 +141,7 @@ def _skip_reason(layer, cfg: PruneConfig) -> str | None:
 def _steps(cfg: PruneConfig, total_steps: int) -> tuple[int, int, int]:
     """Returns (begin, end, frequency) such that the last mask update, at ``end``, reaches the target."""
     begin = cfg.begin_step
-    end = cfg.end_step if cfg.end_step is not None else total_steps
+    end = cfg.end_step if cfg.end_step is not None else max(begin + 1, int(total_steps * cfg.end_fraction))
     if end > total_steps:
         raise UserError(f"prune.end_step {end} is beyond the {total_steps} training steps; the target sparsity "
                         f"would never be reached")

@@ -33,10 +33,10 @@ saved weights into it, which keeps every quantizer and works for PCQAT too.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from pathlib import Path
 
-from edge_kd.compress import _common
+from edge_kd.compress import common
+from edge_kd.compress.config import QATConfig
 from edge_kd.errors import UserError
 from edge_kd.keras import keras
 
@@ -46,22 +46,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.d
 from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer  # noqa: E402
 from tensorflow_model_optimization.python.core.quantization.keras.quantize_wrapper import QuantizeWrapperV2  # noqa: E402
 
-UNSUPPORTED = ("error", "float")
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
-
-
-@dataclasses.dataclass
-class QATConfig:
-    """Settings of quantization-aware training; a wrong value is a UserError naming the key, value and allowed."""
-
-    preserve_sparsity: bool = True
-    preserve_clusters: bool = False
-    unsupported: str = "error"
-
-    def __post_init__(self):
-        _common.check_bool("qat.preserve_sparsity", self.preserve_sparsity)
-        _common.check_bool("qat.preserve_clusters", self.preserve_clusters)
-        _common.check_choice("qat.unsupported", self.unsupported, UNSUPPORTED)
 
 
 def scheme(cfg: QATConfig):
@@ -89,29 +74,35 @@ def unsupported_layers(model, cfg: QATConfig | None = None) -> list[tuple[str, s
     them or support in both the scheme's registry and the default 8-bit registry.
     """
     cfg = cfg or QATConfig()
-    _common.require_graph_model(model, "quantization-aware training")
-    _common.refuse_wrapped(model, "quantization-aware training")
+    common.require_graph_model(model, "quantization-aware training")
+    common.refuse_wrapped(model, "quantization-aware training")
     _refuse_nested(model)
     return [(layer.name, type(layer).__name__) for layer in _unsupported(model, cfg)]
 
 
-def quantize(model, cfg: QATConfig | None = None) -> keras.Model:
-    """Returns a quantization-aware copy of ``model``; ``.qat_float_layers`` names the layers left in float."""
-    cfg = cfg or QATConfig()
-    _common.require_graph_model(model, "quantization-aware training")
-    _common.refuse_wrapped(model, "quantization-aware training")
+def check(model, cfg: QATConfig) -> list[str]:
+    """Returns the layers ``quantize`` would leave in float, raising the UserError it would raise."""
+    common.require_graph_model(model, "quantization-aware training")
+    common.refuse_wrapped(model, "quantization-aware training")
     _refuse_nested(model)
-    copy = _common.clone_with(model)
-    bad = _unsupported(copy, cfg)
+    bad = _unsupported(model, cfg)
     if bad and cfg.unsupported == "error":
         names = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in bad)
         noun = "layers" if len(bad) > 1 else "layer"
         raise UserError(f"{noun} {names} cannot be quantized by tfmot's {scheme_name(cfg)} scheme; "
                         f"set qat.unsupported: float to leave them in float")
     floats = {layer.name for layer in bad}
-    if all(layer.name in floats for layer in copy.layers if not isinstance(layer, keras.layers.InputLayer)):
+    if all(layer.name in floats for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)):
         raise UserError(f"no layer of model {model.name!r} can be quantized by tfmot's {scheme_name(cfg)} scheme")
-    objects = _common.custom_objects(copy)
+    return sorted(floats)
+
+
+def quantize(model, cfg: QATConfig | None = None) -> keras.Model:
+    """Returns a quantization-aware copy of ``model``; ``.qat_float_layers`` names the layers left in float."""
+    cfg = cfg or QATConfig()
+    floats = set(check(model, cfg))
+    copy = common.clone_with(model)
+    objects = common.custom_objects(copy)
     with keras.utils.custom_object_scope(objects):
         annotated = keras.models.clone_model(
             copy, clone_function=lambda layer: layer if layer.name in floats
@@ -182,7 +173,7 @@ def _unsupported(model, cfg: QATConfig) -> list:
     quantize_scheme = scheme(cfg)
     candidates = {layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)}
     bad: dict[str, object] = {}
-    with tfmot.quantization.keras.quantize_scope(_common.custom_objects(model)):
+    with tfmot.quantization.keras.quantize_scope(common.custom_objects(model)):
         # Leaving a layer in float can change which transforms match, so repeat until nothing new fails.
         while True:
             found = [layer for layer in _check(model, candidates - set(bad), quantize_scheme) if layer.name not in bad]
