@@ -25,8 +25,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from edge_kd.distill import losses as losses_mod
+from edge_kd.distill import losses
 from edge_kd.distill import taps as taps_mod
+from edge_kd.distill.registry import LossTerm, check_range
 from edge_kd.keras import keras, tf
 
 COMBINE = ("fixed", "confidence")
@@ -67,9 +68,15 @@ class Distiller(keras.Model):
     With ``peers`` (DML, Zhang et al. 2018), the student and each peer minimise their own
     ``hard_weight · CE + Σ term.weight · mean over the others of term(self, other)``, the others'
     logits held constant; only logit terms without variables may be used.
+
+    Sample weights (``fit(..., sample_weight=w)``, ``class_weight={...}``, or ``(x, y, w)`` batches)
+    weigh each example in the cross-entropy and in every term with one value per example, as Keras
+    weighs a loss: ``Σ_i w_i · l_i / batch``. As in Keras, ``compile(weighted_metrics=[...])`` are
+    weighted and ``metrics`` (the default accuracy) are not. A term whose value is not a mean over
+    examples (``rkd``, which compares pairs and triplets) refuses them.
     """
 
-    def __init__(self, student: keras.Model, teacher=None, terms: Sequence[losses_mod.LossTerm] = (),
+    def __init__(self, student: keras.Model, teacher=None, terms: Sequence[LossTerm] = (),
                  hard_weight: float = 1.0, *, teacher_weights: Sequence[float] | None = None,
                  combine: str = "fixed", ema_decay: float | None = None, peers: Sequence[keras.Model] = (),
                  **kwargs):
@@ -177,38 +184,60 @@ class Distiller(keras.Model):
                                                                     from_logits=True) for t in teachers])
         return tf.nn.softmax(-ce, axis=0)
 
-    def _term_value(self, term, student, teachers, weights, y):
+    @staticmethod
+    def _reduce(term, student, teacher, y, sw):
+        """Returns the term's batch value, each example weighted by ``sw`` when given."""
+        if sw is None:
+            return term(student, teacher, y)
+        return tf.reduce_mean(sw * term.per_sample(student, teacher, y))
+
+    def _term_value(self, term, student, teachers, weights, y, sw):
         if not term.needs_teacher:
-            return term(student, None, y)
+            return self._reduce(term, student, None, y, sw)
         if not term.reads_only_logits():  # layers or variables of one teacher: the first (class docstring)
-            return term(student, teachers[0], y)
+            return self._reduce(term, student, teachers[0], y, sw)
         total = 0.0
         for k, t in enumerate(teachers):
             if term.has_per_sample:
-                total += tf.reduce_mean(weights[k] * term.per_sample(student, t, y))
+                w = weights[k] if sw is None else weights[k] * sw
+                total += tf.reduce_mean(w * term.per_sample(student, t, y))
             else:
                 total += tf.reduce_mean(weights[k]) * term(student, t, y)
         return total
 
-    def _objective(self, student, teachers, y, weights, losses):
+    def _objective(self, student, teachers, y, sw, weights, losses):
         """Returns (total, hard, term values) of one model distilling from ``teachers``."""
-        hard = self._ce(y, student["logits"])
+        hard = self._ce(y, student["logits"], sample_weight=sw)
         total = self.hard_weight * hard
         values = []
         for term in self.terms:
-            v = self._term_value(term, student, teachers, weights, y)
+            v = self._term_value(term, student, teachers, weights, y, sw)
             values.append(v)
             total = total + term.weight * v
         if losses:
             total = total + tf.add_n(losses)
         return total, hard, values
 
-    def _compute_losses(self, x, y, training):
+    def unweighable_terms(self) -> list[str]:
+        """Returns the names of the terms that cannot weigh examples (no value per example)."""
+        return [t.name for t in self.terms if not t.has_per_sample]
+
+    def _check_weighable(self):
+        bad = self.unweighable_terms()
+        if bad:
+            raise ValueError(f"sample_weight/class_weight: the term(s) {', '.join(bad)} cannot weigh examples (their "
+                             f"value is not a sum over examples: rkd compares pairs and triplets); remove the "
+                             f"weights or the term")
+
+    def _compute_losses(self, x, y, training, sw=None):
         student, teachers = self._forward(x, training)
         extra = self.student.losses if training else []
+        if sw is not None:
+            self._check_weighable()  # at trace time; fit() checks before training starts
+            sw = tf.reshape(tf.cast(sw, tf.float32), [-1])
         if not self.peers:
             weights = self._weights(teachers, y) if teachers else None
-            total, hard, values = self._objective(student, teachers, y, weights, extra)
+            total, hard, values = self._objective(student, teachers, y, sw, weights, extra)
             return student, teachers, total, hard, values, None
         # Mutual learning: every model learns from the others' current predictions, held constant.
         models = [student] + [{"logits": p(x, training=training), "features": {}, "epoch": student["epoch"]}
@@ -217,14 +246,14 @@ class Distiller(keras.Model):
         others = lambda k: [f for j, f in enumerate(frozen) if j != k]  # noqa: E731
         n = len(models) - 1
         even = tf.fill([n, tf.shape(y)[0]], 1.0 / n)
-        total, hard, values = self._objective(student, others(0), y, even, extra)
+        total, hard, values = self._objective(student, others(0), y, sw, even, extra)
         peer_totals = []
         for k, peer in enumerate(self.peers, start=1):
-            pt, _, _ = self._objective(models[k], others(k), y, even, peer.losses if training else [])
+            pt, _, _ = self._objective(models[k], others(k), y, sw, even, peer.losses if training else [])
             peer_totals.append(pt)
         return student, teachers, total, hard, values, tf.add_n(peer_totals) / len(peer_totals)
 
-    def _update(self, y, s_logits, total, hard, values, peer_total):
+    def _update(self, y, sw, s_logits, total, hard, values, peer_total):
         # Weighted by batch size, as Keras weights its own loss, so an epoch's figure is the per-sample mean
         # even when the last batch is short.
         n = tf.cast(tf.shape(s_logits)[0], tf.float32)
@@ -234,7 +263,7 @@ class Distiller(keras.Model):
             tracker.update_state(v, sample_weight=n)
         if self._peer_tracker is not None:
             self._peer_tracker.update_state(peer_total, sample_weight=n)
-        self.compiled_metrics.update_state(y, s_logits)
+        self.compiled_metrics.update_state(y, s_logits, sample_weight=sw)
         return {m.name: m.result() for m in self.metrics}
 
     # -- Keras API -----------------------------------------------------------------------------------
@@ -246,6 +275,12 @@ class Distiller(keras.Model):
 
     def fit(self, *args, callbacks=None, **kwargs):
         """Keras ``fit``, keeping ``epoch()`` (read by terms with a warm-up) current."""
+        x = args[0] if args else kwargs.get("x")
+        weighted = (kwargs.get("sample_weight") is not None or bool(kwargs.get("class_weight"))
+                    or (isinstance(x, tf.data.Dataset) and isinstance(x.element_spec, tuple)
+                        and len(x.element_spec) == 3))
+        if weighted:
+            self._check_weighable()
         return super().fit(*args, callbacks=[_Progress(self), *(callbacks or [])], **kwargs)
 
     def call(self, inputs, training=None):
@@ -270,9 +305,9 @@ class Distiller(keras.Model):
         return found
 
     def train_step(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
-            student, teachers, total, hard, values, peer_total = self._compute_losses(x, y, training=True)
+            student, teachers, total, hard, values, peer_total = self._compute_losses(x, y, training=True, sw=sw)
             objective = total if peer_total is None else total + peer_total * len(self.peers)
         variables = self.trained_variables()
         self.optimizer.apply_gradients(zip(tape.gradient(objective, variables), variables))
@@ -280,12 +315,12 @@ class Distiller(keras.Model):
             term.after_train_step(student, teachers[0] if teachers else None, y)
         if self.ema_decay is not None:
             self._update_mean_teacher()
-        return self._update(y, student["logits"], total, hard, values, peer_total)
+        return self._update(y, sw, student["logits"], total, hard, values, peer_total)
 
     def test_step(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        student, _, total, hard, values, peer_total = self._compute_losses(x, y, training=False)
-        return self._update(y, student["logits"], total, hard, values, peer_total)
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        student, _, total, hard, values, peer_total = self._compute_losses(x, y, training=False, sw=sw)
+        return self._update(y, sw, student["logits"], total, hard, values, peer_total)
 
     def _update_mean_teacher(self):
         """teacher ← decay · teacher + (1 − decay) · student for trained weights; other state is copied."""
@@ -312,10 +347,10 @@ class Distiller(keras.Model):
 
 def _copy_of(model: keras.Model) -> keras.Model:
     """Returns an independent copy of ``model`` with its weights (tfmot wrappers included), for a mean teacher."""
-    from edge_kd.compress import _common, qat
+    from edge_kd.compress import common, qat
 
-    with qat.scope(_common.custom_objects(model)):
-        copy = _common.clone_with(model)  # rebuilds every layer holding a copy of its weights
+    with qat.scope(common.custom_objects(model)):
+        copy = common.clone_with(model)  # rebuilds every layer holding a copy of its weights
     if len(copy.weights) != len(model.weights):  # _update_mean_teacher pairs them up one by one
         raise ValueError(f"the mean teacher's copy of '{model.name}' has {len(copy.weights)} weights, the "
                          f"student {len(model.weights)}")
@@ -324,6 +359,12 @@ def _copy_of(model: keras.Model) -> keras.Model:
 
 def hinton(student: keras.Model, teacher: keras.Model, alpha: float = 0.9, temperature: float = 4.0) -> Distiller:
     """Returns a Distiller with loss ``(1 - alpha) · CE + alpha · T² · KL(softmax(t/T) ‖ softmax(s/T))``."""
-    alpha = losses_mod._check_range("alpha", alpha, 0.0, 1.0)
-    term = losses_mod.get("hinton", temperature=temperature, weight=alpha)
-    return Distiller(student, teacher, terms=[term], hard_weight=1.0 - alpha)
+    hard, soft = alpha_weights(alpha)
+    term = losses.get("hinton", temperature=temperature, weight=soft)
+    return Distiller(student, teacher, terms=[term], hard_weight=hard)
+
+
+def alpha_weights(alpha: float) -> tuple[float, float]:
+    """Returns ``(hard_weight, soft_weight) = (1 − alpha, alpha)``; alpha outside [0, 1] is a UserError."""
+    alpha = check_range("alpha", alpha, 0.0, 1.0)
+    return 1.0 - alpha, alpha

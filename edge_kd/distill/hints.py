@@ -3,7 +3,7 @@
 ``fitnet`` — FitNets hints (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015,
 arXiv:1412.6550). One student layer (the guided layer) is regressed onto one teacher layer (the hint):
 
-    L = mean over all elements of (r(s) − t)²
+    L = mean over all elements of (r(s) − t)²   (the batch mean of each example's mean, equal sizes)
 
 where ``r`` is the adapter (the paper's regressor): the identity when both features have the same
 shape, else a 1×1 convolution to the teacher's channels (followed by a bilinear resize to the
@@ -31,15 +31,9 @@ and the term is the mean over pairs. The paper's β/2 (and its sum over pairs) i
 """
 from __future__ import annotations
 
-from edge_kd.distill.losses import LossTerm, _check_range, register
+from edge_kd.distill.registry import LossTerm, check_layer, check_range, register
 from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
-
-
-def _check_layer(term, key, value):
-    if not isinstance(value, str) or not value:
-        raise UserError(f"{term} {key} must be a layer name (a non-empty string), got {value!r}")
-    return value
 
 
 def _shape(x) -> tuple:
@@ -63,10 +57,12 @@ class FitNet(LossTerm):
     student and are never part of the exported student.
     """
 
+    has_per_sample = True
+
     def __init__(self, student_layer: str | None = None, teacher_layer: str | None = None, weight: float = 1.0):
         super().__init__(weight)
-        self.student_layer = _check_layer("fitnet", "student_layer", student_layer)
-        self.teacher_layer = _check_layer("fitnet", "teacher_layer", teacher_layer)
+        self.student_layer = check_layer("fitnet student_layer", student_layer)
+        self.teacher_layer = check_layer("fitnet teacher_layer", teacher_layer)
         self._adapter = None  # None after build means the identity (equal shapes)
         self._built = False
 
@@ -105,12 +101,13 @@ class FitNet(LossTerm):
         s = self._adapter(s)
         return _resize_to(s, teacher_feature) if s.shape.rank == 4 else s
 
-    def __call__(self, student, teacher, y):
+    def per_sample(self, student, teacher, y):
+        """Returns each example's mean squared error over its feature elements, shape (batch,)."""
         if not self._built:
             raise RuntimeError("fitnet: build() must run before the term is called")
         t = tf.stop_gradient(tf.cast(teacher["features"][self.teacher_layer], tf.float32))
         s = self.adapt(student["features"][self.student_layer], t)
-        return tf.reduce_mean(tf.square(s - t))
+        return tf.reduce_mean(tf.reshape(tf.square(s - t), [tf.shape(t)[0], -1]), axis=1)
 
 
 def _check_pairs(pairs) -> list:
@@ -149,7 +146,7 @@ class AttentionTransfer(LossTerm):
     def __init__(self, pairs: list | None = None, p: float = 2.0, weight: float = 1.0):
         super().__init__(weight)
         self.pairs = _check_pairs(pairs)
-        self.p = _check_range("p", p, 0.0, None, low_open=True)
+        self.p = check_range("p", p, 0.0, None, low_open=True)
 
     def student_taps(self):
         return [s for s, _ in self.pairs]

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from edge_kd.distill.losses import LossTerm, _check_range, register
+from edge_kd.distill.registry import LossTerm, check_int, check_layer, check_range, register
 from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
 
@@ -35,21 +35,6 @@ from edge_kd.keras import keras, tf
 _SQ_EPS = 1e-12
 #: Floor of the mean distance that normalises a model's distances (a batch of identical rows).
 _MEAN_EPS = 1e-12
-
-
-def _check_layer(key, value):
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise UserError(f"{key} must be a layer name or null, got {value!r}")
-    return value
-
-
-def _check_int(key, value, low):
-    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer, float, np.floating))
-    if ok and float(value).is_integer() and value >= low:
-        return int(value)
-    raise UserError(f"{key} must be an integer ≥ {low}, got {value!r}")
 
 
 def _huber(x):
@@ -63,8 +48,8 @@ class _EmbeddingTerm(LossTerm):
 
     def __init__(self, student_layer, teacher_layer, weight):
         super().__init__(weight)
-        self.student_layer = _check_layer("student_layer", student_layer)
-        self.teacher_layer = _check_layer("teacher_layer", teacher_layer)
+        self.student_layer = check_layer("student_layer", student_layer, optional=True)
+        self.teacher_layer = check_layer("teacher_layer", teacher_layer, optional=True)
 
     def student_taps(self):
         return [] if self.student_layer is None else [self.student_layer]
@@ -146,8 +131,8 @@ class RKD(_EmbeddingTerm):
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0,
                  student_layer: Optional[str] = None, teacher_layer: Optional[str] = None, weight: float = 1.0):
         super().__init__(student_layer, teacher_layer, weight)
-        self.distance_weight = _check_range("distance_weight", distance_weight, 0.0, None)
-        self.angle_weight = _check_range("angle_weight", angle_weight, 0.0, None)
+        self.distance_weight = check_range("distance_weight", distance_weight, 0.0, None)
+        self.angle_weight = check_range("angle_weight", angle_weight, 0.0, None)
         if self.distance_weight == 0.0 and self.angle_weight == 0.0:
             raise UserError("rkd needs distance_weight or angle_weight > 0, got both 0")
 
@@ -210,9 +195,9 @@ class CRD(_EmbeddingTerm):
     def __init__(self, dim: int = 128, temperature: float = 0.07, bank_size: int = 4096,
                  student_layer: Optional[str] = None, teacher_layer: Optional[str] = None, weight: float = 1.0):
         super().__init__(student_layer, teacher_layer, weight)
-        self.dim = _check_int("dim", dim, 1)
-        self.temperature = _check_range("temperature", temperature, 0.0, None, low_open=True)
-        self.bank_size = _check_int("bank_size", bank_size, 0)
+        self.dim = check_int("dim", dim, 1)
+        self.temperature = check_range("temperature", temperature, 0.0, None, low_open=True)
+        self.bank_size = check_int("bank_size", bank_size, 0)
         self.student_head = None
         self.teacher_head = None
         self.student_bank = None  # (bank_size, dim) student-side negatives, for teacher anchors

@@ -1,5 +1,8 @@
-"""Soft-target terms on logits beyond Hinton's: decoupled KD and a teacher-free virtual teacher.
+"""Soft-target terms on logits: Hinton's KD, decoupled KD and a teacher-free virtual teacher.
 
+``hinton``
+    Soft targets. G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network",
+    NIPS 2014 Deep Learning Workshop (arXiv:1503.02531).
 ``dkd``
     Decoupled Knowledge Distillation. B. Zhao, Q. Cui, R. Song, Y. Qiu, J. Liang, "Decoupled
     Knowledge Distillation", CVPR 2022 (arXiv:2203.08679); reference code: megvii-research/mdistiller.
@@ -20,9 +23,36 @@ from __future__ import annotations
 
 import math
 
-from edge_kd.distill.losses import LossTerm, _check_range, register, soft_kl
+from edge_kd.distill.registry import LossTerm, check_range, register
 from edge_kd.errors import UserError
 from edge_kd.keras import tf
+
+
+def soft_kl(teacher_logits, student_logits, temperature):
+    """Returns the per-sample KL(softmax(t/T) ‖ softmax(s/T)) as a (batch,) tensor."""
+    t = tf.cast(teacher_logits, tf.float32) / temperature
+    s = tf.cast(student_logits, tf.float32) / temperature
+    log_p_t = tf.nn.log_softmax(t, axis=-1)
+    log_p_s = tf.nn.log_softmax(s, axis=-1)
+    return tf.reduce_sum(tf.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+
+
+@register("hinton")
+class Hinton(LossTerm):
+    """Hinton et al. (2015) soft targets: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batch-averaged.
+
+    The T² factor keeps the soft term's gradient magnitude comparable across temperatures, so the
+    weight between hard and soft terms need not be retuned when T changes.
+    """
+
+    def __init__(self, temperature: float = 4.0, weight: float = 1.0):
+        super().__init__(weight)
+        self.temperature = check_range("temperature", temperature, 0.0, None, low_open=True)
+
+    has_per_sample = True
+
+    def per_sample(self, student, teacher, y):
+        return (self.temperature ** 2) * soft_kl(teacher["logits"], student["logits"], self.temperature)
 
 
 def _num_classes(logits):
@@ -93,10 +123,10 @@ class DKD(LossTerm):
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
                  warmup_epochs: float = 1.0, weight: float = 1.0):
         super().__init__(weight)
-        self.alpha = _check_range("alpha", alpha, 0.0, None)
-        self.beta = _check_range("beta", beta, 0.0, None)
-        self.temperature = _check_range("temperature", temperature, 0.0, None, low_open=True)
-        self.warmup_epochs = _check_range("warmup_epochs", warmup_epochs, 0.0, None)
+        self.alpha = check_range("alpha", alpha, 0.0, None)
+        self.beta = check_range("beta", beta, 0.0, None)
+        self.temperature = check_range("temperature", temperature, 0.0, None, low_open=True)
+        self.warmup_epochs = check_range("warmup_epochs", warmup_epochs, 0.0, None)
 
     def warmup_factor(self, student: dict):
         """Returns ``min(epoch / warmup_epochs, 1)`` (clipped at 0 too), or 1.0 without a warm-up."""
@@ -135,10 +165,10 @@ class VirtualTeacher(LossTerm):
 
     def __init__(self, correct_prob: float = 0.9, temperature: float = 20.0, weight: float = 1.0):
         super().__init__(weight)
-        self.correct_prob = _check_range("correct_prob", correct_prob, None, None)
+        self.correct_prob = check_range("correct_prob", correct_prob, None, None)
         if not 0.0 < self.correct_prob < 1.0:
             raise UserError(f"correct_prob must be in (0, 1), got {correct_prob!r}")
-        self.temperature = _check_range("temperature", temperature, 0.0, None, low_open=True)
+        self.temperature = check_range("temperature", temperature, 0.0, None, low_open=True)
 
     def log_probs(self, logits, y) -> tf.Tensor:
         """Returns ``log p_v``, the virtual teacher's log-probabilities, shaped like ``logits``."""
