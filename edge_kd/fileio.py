@@ -1,8 +1,17 @@
-"""Atomic writes: an artefact is either absent or complete, never half-written."""
+"""Atomic writes: an artefact is either absent or complete, never half-written.
+
+Files are written beside their destination and renamed onto it (``atomic_path``). A folder is built in
+``staging_dir(dest)`` and swapped onto ``dest`` by ``swap_dir``; ``clean_leftovers`` removes (or puts
+back) whatever a process killed in the middle of either left behind.
+"""
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
+import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,3 +63,94 @@ def write_text(path, text: str) -> Path:
 def write_json(path, obj) -> Path:
     """Writes ``obj`` as indented JSON to ``path`` atomically; returns the path."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# -- folders ------------------------------------------------------------------------------------------------
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
+
+def staging_dir(dest) -> Path:
+    """Returns a new empty hidden folder beside ``dest`` (``.<name>.partial-<pid>-<random>``) to build it in."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=dest.parent))
+
+
+def swap_dir(work, dest) -> Path:
+    """Puts folder ``work`` in the place of ``dest`` (replacing an existing folder); returns ``dest``.
+
+    On Linux the two are exchanged in one atomic rename (renameat2 RENAME_EXCHANGE), then the old
+    folder is deleted. Elsewhere the old folder steps aside to ``.<name>.old-<pid>-<random>`` first and
+    comes back if ``work`` cannot take its place; a kill between the two renames leaves ``dest``
+    absent and the old folder aside, which ``clean_leftovers`` puts back.
+    """
+    work, dest = Path(work), Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise NotADirectoryError(f"{dest} exists and is not a folder")
+    if dest.exists() and _exchange(work, dest):
+        shutil.rmtree(work, ignore_errors=True)  # work now holds the old folder
+        return dest
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{os.getpid()}-", dir=dest.parent))
+        old.rmdir()
+        os.replace(dest, old)
+    try:
+        os.replace(work, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def clean_leftovers(parent) -> list[Path]:
+    """Removes the staging folders of dead processes under ``parent``; puts back a swapped-out folder.
+
+    A ``.<name>.old-*`` folder whose ``<name>`` is missing is the last complete version of it (its
+    process died between the two renames of ``swap_dir``): it is renamed back. Folders of processes
+    still running (other than this one) are left alone. Returns the paths removed or restored.
+    """
+    parent, done = Path(parent), []
+    if not parent.is_dir():
+        return done
+    for p in sorted(parent.iterdir()):
+        m = _LEFTOVER.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _alive(pid):
+            continue
+        target = parent / m["name"]
+        if m["kind"] == "old" and not target.exists():
+            os.replace(p, target)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        done.append(p)
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); returns False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -154,3 +154,12 @@ def _count_zeros(values: np.ndarray, detail: dict) -> int:
     shape = [1] * values.ndim
     shape[axis] = zero_points.size
     return int(np.count_nonzero(values.astype(np.int64) == zero_points.reshape(shape)))
+
+
+def layer_of(tensor_name: str) -> str:
+    """Returns the Keras layer a TFLite weight tensor belongs to ("cnn/quant_logits/MatMul;..." -> "logits")."""
+    parts = tensor_name.split(";")[0].split("/")
+    layer = parts[1] if len(parts) > 2 else parts[0]
+    for prefix in ("quant_", "prune_low_magnitude_", "cluster_"):
+        layer = layer[len(prefix):] if layer.startswith(prefix) else layer
+    return layer

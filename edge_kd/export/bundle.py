@@ -13,9 +13,9 @@ Example::
     from edge_kd.export.bundle import measured_from, pick, write_bundle
 
     rows = json.load(open("tflite_out/mnist-cnn/benchmark/models.json"))["models"]
-    row = pick(rows)                                  # smallest int8 student within 0.5 pp of the best
+    row = pick(rows)                                  # a ModelRow: the smallest int8 student within 0.5 pp
     b = data.load("mnist", limit_test=16)
-    write_bundle("tflite_out/mnist-cnn/bundle", "tflite_out/mnist-cnn/" + row["path"],
+    write_bundle("tflite_out/mnist-cnn/bundle", "tflite_out/mnist-cnn/" + row.path,
                  class_names=b.info.class_names, input_scale=b.info.input_scale,
                  input_offset=b.info.input_offset, channel_order="grayscale",
                  golden_x_raw=b.x_test[:16], measured=measured_from(row),
@@ -23,21 +23,19 @@ Example::
 """
 from __future__ import annotations
 
-import ctypes
 import io
 import json
 import os
 import re
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from edge_kd.bench.results import ModelRow, rows_of
 from edge_kd.errors import UserError
-from edge_kd.fileio import sha256_file, umask
+from edge_kd.fileio import sha256_file, staging_dir, swap_dir, umask
 
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -51,39 +49,38 @@ MEASURED_KEYS = ("name", "accuracy", "latency_ms", "size_bytes", "gzip_bytes", "
 
 
 # -- choosing the model ------------------------------------------------------------------------------
-def pick(models: list[dict], tolerance_pp: float = 0.5, name: str | None = None) -> dict:
-    """Returns the models.json row to bundle: ``name``'s, else the smallest int8 student within tolerance.
+def pick(models: list[ModelRow], tolerance_pp: float = 0.5, name: str | None = None) -> ModelRow:
+    """Returns the results row to bundle: ``name``'s, else the smallest int8 student within tolerance.
 
     The default is the smallest (``size_bytes``) int8 student ``.tflite`` whose accuracy lies within
     ``tolerance_pp`` percentage points of the most accurate student ``.tflite``; where no int8 one
     does, the smallest student ``.tflite`` of any variant within that tolerance.
     """
-    tflite = [m for m in models if m.get("format") == "tflite"]
+    tflite = [m for m in rows_of(models) if m.format == "tflite"]
     if name is not None:
         for m in tflite:
-            if m.get("name") == name:
+            if m.name == name:
                 return m
-        names = ", ".join(m.get("name", "?") for m in tflite) or "none"
+        names = ", ".join(m.name for m in tflite) or "none"
         raise UserError(f"unknown model '{name}' for the bundle; the tflite models of this run are: {names}")
     if not (isinstance(tolerance_pp, (int, float)) and tolerance_pp >= 0):
         raise UserError(f"bundle tolerance must be a number of percentage points >= 0, got {tolerance_pp!r}")
-    students = [m for m in tflite if m.get("role") == "student"]
+    students = [m for m in tflite if m.role == "student"]
     if not students:
         raise UserError("no student .tflite model in this run to bundle; "
-                        f"tflite models: {', '.join(m.get('name', '?') for m in tflite) or 'none'}")
-    best = max(float(m["accuracy"]) for m in students)
+                        f"tflite models: {', '.join(m.name for m in tflite) or 'none'}")
+    best = max(m.accuracy for m in students)
     # 1e-9 keeps a model exactly at the tolerance edge in despite float rounding of accuracy - best.
-    close = [m for m in students if float(m["accuracy"]) >= best - tolerance_pp / 100.0 - 1e-9]
-    int8 = [m for m in close if m.get("variant") == "int8"]
-    return min(int8 or close, key=lambda m: (int(m["size_bytes"]), -float(m["accuracy"]), str(m.get("name"))))
+    close = [m for m in students if m.accuracy >= best - tolerance_pp / 100.0 - 1e-9]
+    int8 = [m for m in close if m.variant == "int8"]
+    return min(int8 or close, key=lambda m: (m.size_bytes, -m.accuracy, m.name))
 
 
-def measured_from(row: dict) -> dict:
-    """Returns the ``measured`` dict write_bundle takes, from one models.json row."""
-    latency = row.get("latency") or {}
-    return {"name": row["name"], "variant": row.get("variant"), "accuracy": row["accuracy"],
-            "latency_ms": {str(t): float(v["mean_ms"]) for t, v in latency.items()},
-            "size_bytes": row["size_bytes"], "gzip_bytes": row["gzip_bytes"], "sparsity": row.get("sparsity")}
+def measured_from(row: ModelRow) -> dict:
+    """Returns the ``measured`` dict write_bundle takes, from one results row."""
+    return {"name": row.name, "variant": row.variant, "accuracy": row.accuracy,
+            "latency_ms": {str(t): float(v["mean_ms"]) for t, v in (row.latency or {}).items()},
+            "size_bytes": row.size_bytes, "gzip_bytes": row.gzip_bytes, "sparsity": row.sparsity}
 
 
 # -- the preprocessing the manifest states (shared by the bundle writer and pipelines.verify) -------
@@ -213,8 +210,7 @@ def write_bundle(dest_dir, model_path, *, class_names, input_scale: float, input
                    "run": "LiteRT CPU (default XNNPACK delegate), 1 thread, batch 1, one image at a time"},
     }
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    work = staging_dir(dest)
     try:
         shutil.copyfile(model_path, work / model_path.name)
         (work / LABELS).write_text("".join(c + "\n" for c in class_names), encoding="utf-8")
@@ -227,47 +223,11 @@ def write_bundle(dest_dir, model_path, *, class_names, input_scale: float, input
         mode = 0o777 & ~umask()
         for p in [work, *work.rglob("*")]:
             os.chmod(p, mode if p.is_dir() else mode & 0o666)
-        _swap_into_place(work, dest)
+        swap_dir(work, dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return dest
-
-
-def _swap_into_place(work: Path, dest: Path):
-    if dest.exists() and _exchange(work, dest):
-        shutil.rmtree(work, ignore_errors=True)  # work now holds the old bundle
-        return
-    # A folder cannot be renamed over a non-empty one without renameat2: the old bundle steps aside
-    # first and comes back if the new one cannot take its place. Only a kill between the two renames
-    # leaves dest absent, with the old bundle kept in .<name>.old-*.
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        old.rmdir()
-        os.replace(dest, old)
-    try:
-        os.replace(work, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swaps two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); returns False where unsupported."""
-    if sys.platform != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _save_npy(path: Path, array: np.ndarray):

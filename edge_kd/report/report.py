@@ -1,6 +1,7 @@
 """A run's results as results.json, results.csv, report.md and pareto.png.
 
-``results`` is the dict the pipeline builds (see ``write_report``); this module only formats it.
+``results`` is the dict the pipeline builds (see ``write_report``); its ``models`` are results rows
+(``edge_kd.bench.results.ModelRow``, or their dicts as results.json holds them). This module only formats it.
 
 Example::
 
@@ -11,10 +12,12 @@ Example::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from pathlib import Path
 
+from edge_kd.bench.results import ModelRow, rows_of
 from edge_kd.fileio import write_bytes, write_json, write_text
 
 KB = 1024
@@ -29,8 +32,9 @@ def write_report(run_dir, results: dict) -> dict:
     """Returns {"json", "csv", "md", "png"}: the paths of the report files written into ``run_dir``."""
     _check(results)
     run_dir = Path(run_dir)
+    plain = {**results, "models": [m.to_dict() for m in _rows(results)]}
     return {
-        "json": write_json(run_dir / "results.json", results),
+        "json": write_json(run_dir / "results.json", plain),
         "csv": write_text(run_dir / "results.csv", results_csv(results)),
         "md": write_text(run_dir / "report.md", report_markdown(results)),
         "png": write_bytes(run_dir / "pareto.png", pareto_png(results)),
@@ -43,17 +47,17 @@ def markdown_table(results: dict) -> str:
     header = ["model", "role", "format", "variant", "accuracy %", "Δ vs teacher (pp)", "size (KB)", "gzip (KB)",
               "sparsity %", "latency 1 thr mean ms (p90)", "latency 2 thr mean ms", "params", "MACs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
-    for m in results["models"]:
+    for m in _rows(results):
         lat1, lat2 = _latency(m, 1), _latency(m, 2)
         cells = [
-            _cell(m.get("name")), _cell(m.get("role")), _cell(m.get("format")), _cell(m.get("variant")),
-            _pct(m.get("accuracy")),
+            _cell(m.name), _cell(m.role), _cell(m.format), _cell(m.variant),
+            _pct(m.accuracy),
             _delta(m),
-            _kb(m.get("size_bytes")), _kb(m.get("gzip_bytes")),
-            _pct(m.get("sparsity")) if _num(m.get("sparsity")) else "—",
+            _kb(m.size_bytes), _kb(m.gzip_bytes),
+            _pct(m.sparsity) if _num(m.sparsity) else "—",
             f"{_ms(lat1['mean_ms'])} ({_ms(lat1['p90_ms'])})" if lat1 else "—",
             _ms(lat2["mean_ms"]) if lat2 else "—",
-            _int(m.get("params")), _int(m.get("macs")),
+            _int(m.params), _int(m.macs),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -65,7 +69,7 @@ def report_markdown(results: dict) -> str:
     data = results.get("data") or {}
     runtime = results.get("runtime") or {}
     threads = _threads(results)
-    runs = [lat["runs"] for m in results["models"] for lat in (m.get("latency") or {}).values() if lat and "runs" in lat]
+    runs = [lat["runs"] for m in _rows(results) for lat in (m.latency or {}).values() if lat and "runs" in lat]
     shape = "×".join(str(d) for d in data.get("input_shape") or []) or "?"
     test_size = data.get("test_size")
 
@@ -124,10 +128,10 @@ def report_markdown(results: dict) -> str:
 
 def _distillation_lines(results: dict) -> list:
     """Returns the lines comparing the distilled student with the same student trained without a teacher."""
-    by_role = {m["role"]: m for m in results["models"] if m.get("format") == "keras"}
+    by_role = {m.role: m for m in _rows(results) if m.format == "keras"}
     if "student" not in by_role or "baseline" not in by_role:
         return []
-    s, b = by_role["student"]["accuracy"], by_role["baseline"]["accuracy"]
+    s, b = by_role["student"].accuracy, by_role["baseline"].accuracy
     d = results.get("distillation") or {}
     how = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in d.items())
     return [f"Distillation ({how}): the distilled student scores {_pct(s)} % against {_pct(b)} % for the same "
@@ -136,16 +140,16 @@ def _distillation_lines(results: dict) -> list:
 
 def stage_table(results: dict) -> str:
     """Returns a markdown table with each compression stage's int8 TFLite model, or "" where there is none."""
-    rows = [m for m in results["models"] if m.get("format") == "tflite" and m.get("variant") == "int8"
-            and m.get("role") != "teacher" and m.get("stage")]
+    rows = [m for m in _rows(results) if m.format == "tflite" and m.variant == "int8"
+            and m.role != "teacher" and m.stage]
     if not rows:
         return ""
     lines = ["| stage | model | accuracy % | Δ vs teacher (pp) | size (KB) | gzip (KB) | sparsity % | "
              "latency 1 thr mean ms |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
         lat1 = _latency(m, 1)
-        cells = [m["stage"], m["name"], _pct(m.get("accuracy")), _delta(m), _kb(m.get("size_bytes")),
-                 _kb(m.get("gzip_bytes")), _pct(m.get("sparsity")) if _num(m.get("sparsity")) else "—",
+        cells = [m.stage, m.name, _pct(m.accuracy), _delta(m), _kb(m.size_bytes),
+                 _kb(m.gzip_bytes), _pct(m.sparsity) if _num(m.sparsity) else "—",
                  _ms(lat1["mean_ms"]) if lat1 else "—"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -153,31 +157,31 @@ def stage_table(results: dict) -> str:
 
 def sparsity_table(results: dict) -> str:
     """Returns a markdown table of per-kernel sparsity for the tflite rows that were pruned, or ""."""
-    rows = [m for m in results["models"] if m.get("sparsity_layers") and _num(m.get("sparsity"))
-            and m["sparsity"] >= 0.05]
+    rows = [m for m in _rows(results) if m.sparsity_layers and _num(m.sparsity)
+            and m.sparsity >= 0.05]
     if not rows:
         return ""
-    layers = list(dict.fromkeys(k for m in rows for k in m["sparsity_layers"]))
-    lines = ["| kernel | " + " | ".join(m["name"] for m in rows) + " |", "|---|" + "---:|" * len(rows)]
+    layers = list(dict.fromkeys(k for m in rows for k in m.sparsity_layers))
+    lines = ["| kernel | " + " | ".join(m.name for m in rows) + " |", "|---|" + "---:|" * len(rows)]
     for k in layers:
-        lines.append(f"| {k} | " + " | ".join(_pct(m["sparsity_layers"].get(k)) if k in m["sparsity_layers"]
+        lines.append(f"| {k} | " + " | ".join(_pct(m.sparsity_layers.get(k)) if k in m.sparsity_layers
                                                else "—" for m in rows) + " |")
-    lines.append("| **overall** | " + " | ".join(_pct(m["sparsity"]) for m in rows) + " |")
+    lines.append("| **overall** | " + " | ".join(_pct(m.sparsity) for m in rows) + " |")
     return "\n".join(lines) + "\n"
 
 
 def parity_table(results: dict) -> str:
     """Returns a markdown table of each tflite row's parity with its Keras model and the ops it uses, or ""."""
-    rows = [m for m in results["models"] if m.get("parity")]
+    rows = [m for m in _rows(results) if m.parity]
     if not rows:
         return ""
     lines = ["| model | max abs diff | top-1 agreement % | ops | falls back from XNNPACK |",
              "|---|---:|---:|---|---|"]
     for m in rows:
-        p, o = m["parity"], m.get("ops") or {}
+        p, o = m.parity, m.ops or {}
         ops = ", ".join(f"{k}×{v}" for k, v in sorted((o.get("ops") or {}).items()))
         fallback = ", ".join(f"{k}×{v}" for k, v in sorted((o.get("xnnpack_fallback") or {}).items())) or "none"
-        lines.append(f"| {m['name']} | {p['max_abs_diff']:.2e} | {_pct(p.get('top1_agreement'))} | {ops or '—'} | "
+        lines.append(f"| {m.name} | {p['max_abs_diff']:.2e} | {_pct(p.get('top1_agreement'))} | {ops or '—'} | "
                      f"{fallback} |")
     return "\n".join(lines) + "\n"
 
@@ -186,11 +190,11 @@ def latency_table(results: dict) -> str:
     """Returns a markdown table of every timed row's latency figures per thread count."""
     lines = ["| model | threads | init | first run | mean | std | p50 | p90 | runs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in results["models"]:
-        for threads, lat in sorted((m.get("latency") or {}).items(), key=lambda kv: int(kv[0])):
+    for m in _rows(results):
+        for threads, lat in sorted((m.latency or {}).items(), key=lambda kv: int(kv[0])):
             if not lat:
                 continue
-            cells = [m["name"], threads] + [_ms(lat.get(k)) for k in ("init_ms", "first_ms", "mean_ms", "std_ms",
+            cells = [m.name, threads] + [_ms(lat.get(k)) for k in ("init_ms", "first_ms", "mean_ms", "std_ms",
                                                                       "p50_ms", "p90_ms")] + [_int(lat.get("runs"))]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -201,21 +205,18 @@ def results_csv(results: dict) -> str:
     _check(results)
     threads = _threads(results)
     known = set(_MODEL_FIELDS) | {"latency"}
-    extra = []
-    for m in results["models"]:
-        for key, value in m.items():
-            if key not in known and key not in extra and not isinstance(value, (dict, list)):
-                extra.append(key)
+    extra = [f.name for f in dataclasses.fields(ModelRow)
+             if f.name not in known and any(not isinstance(getattr(m, f.name), (dict, list)) for m in _rows(results))]
     columns = list(_MODEL_FIELDS) + [f"latency_{t}_{f}" for t in threads for f in _LATENCY_FIELDS] + extra
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
-    for m in results["models"]:
-        lat = m.get("latency") or {}
-        row = [m.get(k) for k in _MODEL_FIELDS]
+    for m in _rows(results):
+        lat = m.latency or {}
+        row = [getattr(m, k) for k in _MODEL_FIELDS]
         row += [(lat.get(t) or {}).get(f) for t in threads for f in _LATENCY_FIELDS]
-        row += [m.get(k) for k in extra]
+        row += [getattr(m, k) for k in extra]
         writer.writerow(["" if v is None else v for v in row])
     return buf.getvalue()
 
@@ -243,11 +244,11 @@ def pareto_png(results: dict) -> bytes:
 
 def _plot_points(results):
     """(size KB, accuracy %, model) and (1-thread mean ms, accuracy %, model) for the rows that have them."""
-    size_points = [(m["size_bytes"] / KB, m["accuracy"] * 100, m) for m in results["models"]
-                   if _num(m.get("size_bytes")) and _num(m.get("accuracy"))]
+    size_points = [(m.size_bytes / KB, m.accuracy * 100, m) for m in _rows(results)
+                   if _num(m.size_bytes) and _num(m.accuracy)]
     # keras rows carry no latency, so they drop out of the latency panel here.
-    lat_points = [(_latency(m, 1)["mean_ms"], m["accuracy"] * 100, m) for m in results["models"]
-                  if _latency(m, 1) and _num(_latency(m, 1).get("mean_ms")) and _num(m.get("accuracy"))]
+    lat_points = [(_latency(m, 1)["mean_ms"], m.accuracy * 100, m) for m in _rows(results)
+                  if _latency(m, 1) and _num(_latency(m, 1).get("mean_ms")) and _num(m.accuracy)]
     return size_points, lat_points
 
 
@@ -272,16 +273,16 @@ def _panel(ax, points, xlabel, log):
         ax.set_xscale("log")
     for role in _ROLE_COLOURS:
         for fmt in _FORMAT_MARKERS:
-            sel = [p for p in points if p[2].get("role") == role and p[2].get("format") == fmt]
+            sel = [p for p in points if p[2].role == role and p[2].format == fmt]
             if sel:
                 ax.scatter([p[0] for p in sel], [p[1] for p in sel], c=_ROLE_COLOURS[role],
                            marker=_FORMAT_MARKERS[fmt], s=40, zorder=3, label=f"{role} ({fmt})")
-    others = [p for p in points if p[2].get("role") not in _ROLE_COLOURS or p[2].get("format") not in _FORMAT_MARKERS]
+    others = [p for p in points if p[2].role not in _ROLE_COLOURS or p[2].format not in _FORMAT_MARKERS]
     if others:
         ax.scatter([p[0] for p in others], [p[1] for p in others], c="tab:green", s=40, zorder=3, label="other")
     # Variants of one model often sit almost on top of each other; alternating the label side keeps them legible.
     for k, (x, y, m) in enumerate(sorted(points, key=lambda p: (p[0], p[1]))):
-        ax.annotate(str(m.get("name")), (x, y), textcoords="offset points", xytext=(5, 5 if k % 2 == 0 else -12),
+        ax.annotate(str(m.name), (x, y), textcoords="offset points", xytext=(5, 5 if k % 2 == 0 else -12),
                     fontsize=8)
     front = pareto_front(points)
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", alpha=0.6,
@@ -292,18 +293,21 @@ def _panel(ax, points, xlabel, log):
 def _check(results):
     if not isinstance(results, dict) or not isinstance(results.get("models"), list):
         raise ValueError("results must be a dict with a 'models' list")
-    for i, m in enumerate(results["models"]):
-        if not isinstance(m, dict) or not m.get("name"):
-            raise ValueError(f"results['models'][{i}] must be a dict with a 'name'")
+    _rows(results)
+
+
+def _rows(results) -> list[ModelRow]:
+    """Returns the results' models as typed rows (they may be given as rows or as their dicts)."""
+    return rows_of(results["models"])
 
 
 def _threads(results) -> list[str]:
-    keys = {str(k) for m in results["models"] for k in (m.get("latency") or {})}
+    keys = {str(k) for m in _rows(results) for k in (m.latency or {})}
     return sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
 
 
 def _latency(m, threads: int):
-    lat = m.get("latency") or {}
+    lat = m.latency or {}
     return lat.get(str(threads)) or lat.get(threads)
 
 
@@ -320,7 +324,7 @@ def _pct(v) -> str:
 
 
 def _delta(m) -> str:
-    gap = m.get("gap_to_teacher")
+    gap = m.gap_to_teacher
     if not _num(gap):
         return "—"
     return f"{-gap * 100 + 0.0:+.2f}"  # + 0.0 turns -0.0 into 0.0, so the teacher reads +0.00

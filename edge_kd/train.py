@@ -1,0 +1,61 @@
+"""The one fit loop: Adam with cosine decay to zero, progress per epoch, and a stop on a non-finite loss.
+
+>>> from edge_kd import data, train
+>>> from edge_kd.distill import Distiller
+>>> import models
+>>> b = data.load("mnist", limit_train=600, limit_test=100)
+>>> student = models.build("mlp", b.info.input_shape, b.info.num_classes, hidden=(32,))
+>>> history = train.fit(Distiller(student), b.dataset("train", 64, shuffle=True), epochs=1,
+...                     learning_rate=2e-3, validation=b.dataset("val"), verbose=0)
+>>> sorted(history)[:2]
+['accuracy', 'loss']
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+from edge_kd.errors import UserError
+from edge_kd.keras import keras
+
+
+def verbosity() -> int:
+    """Returns 1 (a live progress bar) on a terminal, 2 (one line per epoch) in logs."""
+    return 1 if sys.stdout.isatty() else 2
+
+
+class Diverged(UserError):
+    """The training loss stopped being a finite number: training stopped at the end of that epoch."""
+
+    def __init__(self, epoch: int, epochs: int | None, value: float):
+        of = f" of {epochs}" if epochs else ""
+        super().__init__(f"the training loss became {value} in epoch {epoch}{of}, so training stopped and the stage "
+                         "kept nothing; lower the learning rate, or check the data and the loss weights")
+        self.epoch, self.value = epoch, value
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raises ``Diverged`` at the end of the first epoch whose mean training loss is NaN or infinite.
+
+    An epoch's mean is non-finite as soon as one batch's loss is, so checking once per epoch catches
+    every divergence without the per-batch copy of the logs that a batch hook costs.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise Diverged(epoch + 1, (self.params or {}).get("epochs"), float(loss))
+
+
+def fit(model, train, epochs: int, learning_rate: float, validation=None, callbacks=(), verbose=None) -> dict:
+    """Compiles ``model`` with Adam and cosine decay over the whole fit, trains it; returns the history as lists.
+
+    ``train`` is a batched tf.data dataset of known length; a non-finite loss raises ``Diverged``.
+    """
+    steps = max(1, epochs * len(train))
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+    model.compile(optimizer=keras.optimizers.Adam(schedule))
+    history = model.fit(train, validation_data=validation, epochs=epochs,
+                        verbose=verbosity() if verbose is None else verbose,
+                        callbacks=[StopOnNonFiniteLoss(), *callbacks])
+    return {k: [float(v) for v in vs] for k, vs in history.history.items()}
