@@ -5,7 +5,7 @@ teacher CNN, distils a small student, trains the same student without a teacher 
 prunes the student to 75 % while distilling, runs sparsity-preserving quantization-aware training
 while distilling, exports TFLite models, measures them with LiteRT and writes
 tflite_out/<run>/report.md, results.json, results.csv and pareto.png. Each stage is resumable:
-rerunning a command skips the stages that finished with the same settings and inputs.
+rerunning a command skips the stages that finished with the same settings, inputs and code.
 """
 from __future__ import annotations
 
@@ -134,10 +134,14 @@ def load_recipe(args):
     r = recipe_mod.load(args.recipe)
     r = recipe_mod.apply_overrides(r, _shortcut_overrides(args) + list(args.overrides))
     if args.temperature is not None or args.alpha is not None:
-        if args.temperature is not None and not args.temperature > 0:
-            raise UserError(f"--temperature must be > 0, got {args.temperature:g}")
-        if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
-            raise UserError(f"--alpha must be in [0, 1], got {args.alpha:g}")
+        from edge_kd.distill import alpha_weights, losses
+
+        try:  # the option's value is checked by the rule it feeds, named as the option
+            if args.temperature is not None:
+                losses.get("hinton", temperature=args.temperature)
+            hard, soft = alpha_weights(args.alpha) if args.alpha is not None else (None, None)
+        except UserError as e:
+            raise UserError(f"--{e}") from None
         idx = [i for i, t in enumerate(r.distillation.terms) if t.get("name") == "hinton"]
         if not idx:
             raise UserError("--temperature/--alpha set the hinton term, but the recipe's distillation.terms has none")
@@ -145,8 +149,7 @@ def load_recipe(args):
         if args.temperature is not None:
             sets.append(f"distillation.terms.{idx[0]}.temperature={args.temperature!r}")
         if args.alpha is not None:
-            sets += [f"distillation.terms.{idx[0]}.weight={args.alpha!r}",
-                     f"distillation.hard_weight={1.0 - args.alpha!r}"]
+            sets += [f"distillation.terms.{idx[0]}.weight={soft!r}", f"distillation.hard_weight={hard!r}"]
         r = recipe_mod.apply_overrides(r, sets)
     return r
 
@@ -180,7 +183,7 @@ def main(argv=None, quiet_native: bool = False) -> int:
     try:
         recipe = load_recipe(args)
         from pipelines.run import run
-        from pipelines.stages import Interrupted
+        from pipelines.runner import Interrupted
 
         try:
             run_dir = run(recipe, out=args.out, command=command)

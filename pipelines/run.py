@@ -1,23 +1,43 @@
-"""One run of a recipe: check every user input, then run the stages into tflite_out/<run>/."""
+"""One run of a recipe: check every input before anything trains, then run the stages into <out>/<run>/."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import yaml
 
+from edge_kd.errors import UserError
 from edge_kd.fileio import write_text
+from pipelines.context import Context
 from pipelines.recipe import Recipe
-from pipelines.stages import Context, run_stages
+from pipelines.runner import run_stages
 
 
-def check_inputs(ctx: Context):
-    """Loads the data, builds the student and loads the user's teacher, so a mistake fails before any training."""
+def check_out_folder(run_dir: Path, option: str = "--out") -> None:
+    """Raises a UserError unless ``run_dir`` is, or can be made, a writable folder (nothing is created)."""
+    run_dir = Path(run_dir)
+    for p in (run_dir, *run_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"{option}: {p} is a file, not a folder; the run folder {run_dir} cannot go under it")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise UserError(f"{option}: cannot write into {p} (permission denied)")
+            return
+
+
+def preflight(ctx: Context) -> None:
+    """Makes every mistake fail now, before the first stage trains: the output folder, the data, the teachers,
+    and each enabled stage's own check (layer names, what can be pruned, clustered or quantized, the bundle's pick).
+    """
+    check_out_folder(ctx.run_dir)
     ctx.bundle
-    ctx.build_student()
     if ctx.recipe.teacher is not None and ctx.recipe.teacher.path is not None:
         ctx.teacher()
+    ctx.extra_teachers()
+    for name in ctx.enabled():
+        ctx.stages[name].check(ctx)
 
 
 def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.compress", stream=None) -> Path:
@@ -26,7 +46,7 @@ def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.co
 
     stream = stream or sys.stdout
     ctx = Context(recipe, Path(out) / recipe.run_name(), command)
-    check_inputs(ctx)
+    preflight(ctx)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     write_text(ctx.run_dir / "recipe.yaml",
                f"# resolved recipe of: {command}\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False))

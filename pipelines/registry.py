@@ -1,0 +1,22 @@
+"""The stages of a run, in running order: the one list the recipe, the runner and the report derive from.
+
+Adding a stage is one module under ``pipelines/stages/`` (a ``Stage`` subclass, see ``pipelines.stage``)
+and one entry here, at the place in the order where it runs.
+"""
+from __future__ import annotations
+
+from pipelines.stage import Stage
+from pipelines.stages import baseline, benchmark, bundle, cluster, distill, export, prune, qat, report, teacher
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    teacher.Teacher(),
+    distill.Distill(),
+    baseline.Baseline(),
+    prune.Prune(),
+    cluster.Cluster(),
+    qat.QAT(),
+    export.Export(),
+    benchmark.Benchmark(),
+    bundle.Bundle(),
+    report.Report(),
+)}

@@ -1,0 +1,127 @@
+"""The runner: runs each enabled stage of the registry, or skips it when its result is already there.
+
+A stage is built in a hidden staging folder (``edge_kd.fileio.staging_dir``), swapped into place
+(``swap_dir``) when it is done, and only then recorded in ``manifests/<stage>.json``: the
+fingerprint of its settings, of the recipe parts it depends on, of its inputs (the manifests of the
+stages it reads) and of its code, with the sha256 of every file it wrote. A rerun skips a stage
+whose manifest matches and whose files still hash as recorded; anything else (a changed setting,
+input or source file, a missing or altered file, a stage killed at any moment) reruns that stage
+and every stage that reads from it. Whatever a killed run left behind is cleaned at the next start.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from edge_kd.errors import UserError
+from edge_kd.fileio import clean_leftovers, sha256_file, staging_dir, swap_dir, write_json
+from pipelines import codehash
+from pipelines.context import Context
+from pipelines.recipe import fingerprint
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a stage: carries the stage's name for the resume message."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
+
+
+@dataclasses.dataclass
+class StageRecord:
+    """What happened to one stage in a run."""
+
+    stage: str
+    skipped: bool
+    seconds: float = 0.0
+
+
+def stage_fingerprint(ctx: Context, name: str) -> str:
+    """Returns the hash of everything stage ``name``'s result depends on (its stages read must be done)."""
+    stage = ctx.stages[name]
+    settings = ctx.settings(name)
+    key = {"stage": name, "settings": settings.model_dump(), "key": stage.key(ctx),
+           "code": codehash.code_hash(stage_modules(stage)),
+           # what an input stage wrote, not only how it was configured: a rerun of it that wrote
+           # other bytes (training is not bit-reproducible) makes this stage rerun too
+           "inputs": {d: fingerprint([ctx.manifests[d]["fingerprint"], ctx.manifests[d]["files"]])
+                      for d in stage.reads(ctx)}}
+    return fingerprint(key)
+
+
+def stage_modules(stage) -> list[str]:
+    """Returns the modules whose closure is a stage's code: its own module and the context every stage uses."""
+    return [type(stage).__module__, "pipelines.context"]
+
+
+def read_manifest(path: Path) -> dict | None:
+    """Returns the stage manifest at ``path``, or None where there is none or it is unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_finished(folder: Path, manifest_path: Path, expected_fingerprint: str) -> dict | None:
+    """Returns the manifest if the stage in ``folder`` finished with ``expected_fingerprint`` and its files are intact."""
+    m = read_manifest(manifest_path)
+    if not m or m.get("fingerprint") != expected_fingerprint:
+        return None
+    for rel, digest in m.get("files", {}).items():
+        f = folder / rel
+        if not f.is_file() or sha256_file(f) != digest:
+            return None
+    return m
+
+
+def run_stages(ctx: Context, stream=None) -> list[StageRecord]:
+    """Runs (or skips, when finished and unchanged) every enabled stage; returns one record per stage."""
+    stream = stream or sys.stdout
+    names = ctx.enabled()
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(ctx.run_dir)
+    records = []
+    for i, name in enumerate(names, 1):
+        stage = ctx.stages[name]
+        fp = stage_fingerprint(ctx, name)
+        folder = ctx.stage_dir(name)
+        manifest = is_finished(folder, ctx.manifest_path(name), fp)
+        label = f"[{i}/{len(names)}] {name}"
+        if manifest is not None:
+            print(f"{label}: finished earlier with the same settings, inputs and code, skipped", file=stream,
+                  flush=True)
+            ctx.manifests[name] = manifest
+            records.append(StageRecord(name, skipped=True))
+            continue
+        print(f"{label}: {stage.title(ctx.recipe)} ...", file=stream, flush=True)
+        work = staging_dir(folder)
+        start = time.perf_counter()
+        try:
+            summary = stage.run(ctx, work)
+        except KeyboardInterrupt:
+            shutil.rmtree(work, ignore_errors=True)
+            raise Interrupted(name) from None
+        except UserError as e:
+            shutil.rmtree(work, ignore_errors=True)
+            raise UserError(f"stage '{name}': {e}") from None
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - start
+        files = {p.relative_to(work).as_posix(): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
+        manifest = {"stage": name, "fingerprint": fp, "seconds": round(seconds, 2), "summary": summary,
+                    "files": files, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        swap_dir(work, folder)
+        # Written last: a kill before this leaves no manifest, or an older one whose hashes no longer match.
+        write_json(ctx.manifest_path(name), manifest)
+        ctx.manifests[name] = manifest
+        records.append(StageRecord(name, skipped=False, seconds=seconds))
+        print(f"{label}: done in {seconds:.1f} s", file=stream, flush=True)
+    for name in names:
+        ctx.stages[name].publish(ctx)
+    return records

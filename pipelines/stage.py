@@ -1,0 +1,138 @@
+"""What a stage is: one object that owns its settings, its inputs, its fingerprint, its title, its files and its run.
+
+A stage subclasses ``Stage`` in a module of its own under ``pipelines/stages/`` and is listed, in
+running order, in ``pipelines/registry.py``. Everything else follows from that: the recipe gains a
+``stages.<name>`` section typed by ``settings``, the runner builds it in a hidden folder, swaps it
+into place and records ``manifests/<name>.json`` with the fingerprint of
+
+- its settings and the parts of the recipe named by ``key``,
+- the files written by the stages named by ``reads``,
+- the edge-kd source its module can import (``pipelines.codehash``),
+
+and skips it on a rerun while that fingerprint and its files are unchanged.
+
+Stages that leave a student model (``StudentStage``) form a chain: each refines the student the
+previous enabled one left (distill → prune → cluster → qat), and the export stage converts each.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, ClassVar, Optional
+
+from edge_kd.config import Bool, Config, Field, Float, Int
+
+if TYPE_CHECKING:  # only for annotations: a stage module imports no pipeline code it does not run
+    from pipelines.context import Context
+    from pipelines.recipe import Recipe
+
+Epochs = Annotated[Int, Field(ge=1)]
+#: a stage's learning rate; null means the recipe's training.learning_rate (resolved when the recipe loads)
+LearningRate = Optional[Annotated[Float, Field(gt=0)]]
+
+
+class StageSettings(Config):
+    """The settings every stage has; a stage's own type adds its keys."""
+
+    enabled: Bool = True
+
+
+class TrainSettings(StageSettings):
+    """A stage that trains the student: for how long, how fast, and whether it distils."""
+
+    epochs: Epochs = 8
+    learning_rate: LearningRate = None
+    distill: Bool = True
+
+
+def library_config(settings: Config, cls: type[Config]) -> Config:
+    """Returns the library config ``cls`` (e.g. PruneConfig) made of the fields a stage's settings share with it."""
+    return cls(**{k: getattr(settings, k) for k in cls.model_fields})
+
+
+class Stage:
+    """One step of a run. Subclasses set the class attributes and override what they need."""
+
+    #: the stage's name: its recipe key (``stages.<name>``), manifest and, unless ``folder`` says otherwise, folder
+    name: ClassVar[str]
+    settings: ClassVar[type[StageSettings]] = StageSettings
+    #: the folder in the run folder, where it is not ``name``
+    folder: ClassVar[Optional[str]] = None
+    #: the model file it writes, where it writes one
+    model_file: ClassVar[Optional[str]] = None
+    #: a recipe without this stage is refused
+    required: ClassVar[bool] = False
+    #: (name, role) of this stage's Keras model's row in the benchmark, where it has one
+    keras_row: ClassVar[Optional[tuple[str, str]]] = None
+
+    def title(self, recipe: "Recipe") -> str:
+        """Returns what the stage does, in a few words, for its progress line."""
+        return self.name
+
+    def resolve(self, settings: StageSettings, recipe: "Recipe") -> list[str]:
+        """Fills in, when the recipe loads, the settings whose default comes from elsewhere in the recipe.
+
+        Returns the keys it filled, so that a later ``--set`` of what they come from reaches them too.
+        """
+        return []
+
+    def reads(self, ctx: "Context") -> list[str]:
+        """Returns the enabled stages whose files this stage reads (their changes rerun it)."""
+        return []
+
+    def key(self, ctx: "Context") -> dict:
+        """Returns the parts of the recipe (beyond its own settings) that its result depends on."""
+        return {}
+
+    def check(self, ctx: "Context") -> None:
+        """Raises the UserError a run would meet in this stage, before any stage trains (default: none)."""
+
+    def run(self, ctx: "Context", out: Path) -> dict:  # pragma: no cover - abstract
+        """Writes the stage's files into the empty folder ``out``; returns a small summary for the manifest."""
+        raise NotImplementedError
+
+    def weights_stage(self, ctx: "Context") -> str:
+        """Returns the stage whose model holds this stage's weights (to count parameters and MACs): itself."""
+        return self.name
+
+    def publish(self, ctx: "Context") -> None:
+        """Runs after every run that has this stage, finished now or earlier (the report copies its files up)."""
+
+    def load(self, ctx: "Context"):
+        """Returns the Keras model this stage saved."""
+        from edge_kd.keras import keras
+
+        return keras.models.load_model(ctx.stage_dir(self.name) / self.model_file, compile=False)
+
+    def __repr__(self):
+        return f"<stage {self.name}>"
+
+
+class StudentStage(Stage):
+    """A stage that leaves the student model: the first one builds it, each later one refines the last one's."""
+
+    settings: ClassVar[type[StageSettings]] = TrainSettings
+    #: its exported files are named ``<export_prefix>-<variant>.tflite``
+    export_prefix: ClassVar[str]
+    #: False for the first stage of the chain, which starts from a fresh student
+    refines: ClassVar[bool] = True
+
+    def export_variants(self, recipe: "Recipe") -> list[str]:
+        """Returns the TFLite variants the export stage makes of this stage's student."""
+        return list(recipe.stages.export.variants)
+
+    def reads(self, ctx):
+        deps = []
+        if ctx.recipe.distils(self.name) and "teacher" in ctx.recipe.stages.enabled():
+            deps.append("teacher")
+        if self.refines:
+            deps.append(ctx.previous_student(self.name))
+        return deps
+
+    def key(self, ctx):
+        return {**ctx.training_key(), **(ctx.distillation_key() if ctx.recipe.distils(self.name) else {})}
+
+    def resolve(self, settings, recipe):
+        if settings.learning_rate is None:
+            settings.learning_rate = recipe.training.learning_rate
+            return ["learning_rate"]
+        return []

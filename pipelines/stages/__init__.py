@@ -1,0 +1,1 @@
+"""One module per stage; ``pipelines.registry`` lists them in running order."""

@@ -1,0 +1,44 @@
+"""The baseline stage: the same student, same initial weights, epochs and learning rate, trained without a teacher.
+
+It is what every claim of a distillation gain is measured against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from pipelines.stage import Epochs, Stage, StageSettings
+
+
+class BaselineSettings(StageSettings):
+    epochs: Optional[Epochs] = None  # null: the distill stage's epochs (resolved when the recipe loads)
+
+
+class Baseline(Stage):
+    name = "baseline"
+    settings = BaselineSettings
+    model_file = "baseline.keras"
+    keras_row = ("baseline", "baseline")
+
+    def title(self, recipe):
+        return f"train the same student without a teacher ({recipe.stages.baseline.epochs} epochs, same seed)"
+
+    def resolve(self, settings, recipe):
+        if settings.epochs is None:
+            settings.epochs = recipe.stages.distill.epochs
+            return ["epochs"]
+        return []
+
+    def key(self, ctx):
+        return {**ctx.training_key(), "learning_rate": ctx.recipe.stages.distill.learning_rate}
+
+    def run(self, ctx, out):
+        from edge_kd.distill import Distiller
+        from edge_kd.fileio import write_json
+        from pipelines.stages.common import save_model
+
+        r = ctx.recipe
+        student = ctx.build_student()  # the same initial weights as the distilled student
+        history = ctx.fit(Distiller(student), r.stages.baseline.epochs, r.stages.distill.learning_rate)
+        save_model(student, out / self.model_file)
+        write_json(out / "history.json", history)
+        return {"val_accuracy": history["val_accuracy"][-1]}

@@ -1,0 +1,87 @@
+"""The benchmark stage: every model of the run measured with LiteRT (Keras rows with Keras) on the whole test set."""
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+from edge_kd.config import Field, Float, Int
+from pipelines.stage import Stage, StageSettings
+
+
+class BenchmarkSettings(StageSettings):
+    threads: Annotated[list[Annotated[Int, Field(ge=1)]], Field(min_length=1)] = [1, 2]
+    #: timed runs last at least this long (benchmark_model: 1 s)
+    min_seconds: Annotated[Float, Field(ge=0)] = 1.0
+    #: warm-up lasts at least this long (benchmark_model: 0.5 s)
+    warmup_seconds: Annotated[Float, Field(ge=0)] = 0.5
+
+
+class Benchmark(Stage):
+    name = "benchmark"
+    settings = BenchmarkSettings
+    required = True
+
+    def title(self, recipe):
+        return f"benchmark with LiteRT at {', '.join(map(str, recipe.stages.benchmark.threads))} thread(s)"
+
+    def reads(self, ctx):
+        return [n for n in ctx.enabled() if ctx.stages[n].keras_row is not None or n == "export"]
+
+    def key(self, ctx):
+        return {**ctx.data_key(), "teacher": ctx.teacher_key()}
+
+    def run(self, ctx, out):
+        import json
+
+        import numpy as np
+
+        from edge_kd.bench import litert, parity, stats
+        from edge_kd.bench.results import ModelRow
+        from edge_kd.fileio import write_json
+
+        r, info = ctx.recipe, ctx.bundle.info
+        x_test, y_test = ctx.bundle.arrays("test")
+        plan = json.loads((ctx.stage_dir("export") / "exports.json").read_text())
+        sources = {}
+
+        def source_model(stage):
+            if stage not in sources:
+                sources[stage] = ctx.teacher() if stage == "teacher" else ctx.load_student(stage)
+            return sources[stage]
+
+        def row(name, role, fmt, variant, stage, rel, file, acc, **tflite_figures):
+            size, gz = stats.file_sizes(file)
+            model = source_model(stage if stage == "teacher" else ctx.stages[stage].weights_stage(ctx))
+            return ModelRow(name=name, role=role, format=fmt, variant=variant, stage=stage, path=rel,
+                            accuracy=float(acc), size_bytes=int(size), gzip_bytes=int(gz),
+                            params=stats.count_params(model), macs=stats.count_macs(model),
+                            input_scale=float(info.input_scale), input_offset=float(info.input_offset), **tflite_figures)
+
+        keras_rows = [("teacher", "teacher", "teacher")] if r.teacher is not None else []
+        keras_rows += [(*ctx.stages[n].keras_row, n) for n in ctx.enabled()
+                       if n != "teacher" and ctx.stages[n].keras_row is not None]
+        rows = []
+        for name, role, stage in keras_rows:
+            model = source_model(stage)
+            file = ctx.teacher_file() if stage == "teacher" else ctx.stage_dir(stage) / ctx.stages[stage].model_file
+            rel = os.path.relpath(file, ctx.run_dir) if stage != "teacher" or r.teacher.path is None else str(file)
+            acc = float(np.mean(np.argmax(model.predict(x_test, batch_size=512, verbose=0), -1) == y_test))
+            rows.append(row(name, role, "keras", "fp32", stage, rel, file, acc))
+        b = r.stages.benchmark
+        for item in plan:
+            file = ctx.run_dir / item["path"]
+            acc = litert.accuracy(file, x_test, y_test)
+            latency = {str(t): litert.latency(file, x_test[0], num_threads=t, min_seconds=b.min_seconds,
+                                              min_warmup_seconds=b.warmup_seconds) for t in b.threads}
+            sparsity = stats.tflite_weight_sparsity(file)
+            rows.append(row(item["name"], item["role"], "tflite", item["variant"], item["stage"], item["path"], file,
+                            acc, latency=latency, sparsity=sparsity["overall"],
+                            sparsity_layers={stats.layer_of(k): v["sparsity"] for k, v in sparsity["layers"].items()},
+                            parity=parity.parity(source_model(item["stage"]), file, x_test),
+                            ops=parity.ops(file)))
+        teacher_acc = rows[0].accuracy if r.teacher is not None else None
+        for m in rows:
+            m.gap_to_teacher = None if teacher_acc is None else teacher_acc - m.accuracy
+        write_json(out / "models.json", {"models": [m.to_dict() for m in rows], "runtime": litert.runtime_info(),
+                                         "teacher": ctx.teacher_info if r.teacher is not None else None})
+        return {"models": len(rows)}

@@ -1,0 +1,61 @@
+"""The bundle stage: the folder an app developer drops in (the chosen .tflite, labels, manifest, golden vectors)."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+from edge_kd.config import Field, Float, Int, Str
+from edge_kd.errors import UserError
+from pipelines.stage import Stage, StageSettings
+
+
+class BundleSettings(StageSettings):
+    #: the exported model to bundle, e.g. qat-int8; default: the smallest int8 model within tolerance_pp of the best
+    pick: Optional[Str] = None
+    #: accuracy points the default pick may give up for size
+    tolerance_pp: Annotated[Float, Field(ge=0)] = 0.5
+    #: real test images stored with their expected outputs
+    golden: Annotated[Int, Field(ge=1, le=1000)] = 8
+
+
+class Bundle(Stage):
+    name = "bundle"
+    settings = BundleSettings
+
+    def title(self, recipe):
+        return "write the deployable bundle"
+
+    def reads(self, ctx):
+        return ["benchmark"]
+
+    def key(self, ctx):
+        from pipelines.recipe import fingerprint
+
+        return {**ctx.data_key(), "recipe_hash": fingerprint(ctx.recipe.to_dict())}  # the manifest records it
+
+    def check(self, ctx):
+        pick = ctx.settings(self.name).pick
+        names = [item["name"] for item in ctx.stages["export"].plan(ctx)]
+        if pick is not None and pick not in names:
+            raise UserError(f"stages.bundle.pick '{pick}' is not a model this run exports; it exports: "
+                            f"{', '.join(names)}")
+
+    def run(self, ctx, out):
+        import json
+
+        import numpy as np
+
+        import edge_kd
+        from edge_kd.bench.results import rows_of
+        from edge_kd.export import bundle as bundle_mod
+        from pipelines.recipe import fingerprint
+
+        r, spec, info = ctx.recipe, ctx.settings(self.name), ctx.bundle.info
+        rows = rows_of(json.loads((ctx.stage_dir("benchmark") / "models.json").read_text())["models"])
+        chosen = bundle_mod.pick(rows, tolerance_pp=spec.tolerance_pp, name=spec.pick)
+        x_test = ctx.bundle.x_test
+        x_raw = x_test[np.random.default_rng(r.seed).permutation(len(x_test))[: spec.golden]]
+        bundle_mod.write_bundle(out, ctx.run_dir / chosen.path, class_names=list(info.class_names),
+                                input_scale=info.input_scale, input_offset=info.input_offset, golden_x_raw=x_raw,
+                                measured=bundle_mod.measured_from(chosen), recipe_hash=fingerprint(r.to_dict()),
+                                version=edge_kd.__version__)
+        return {"model": chosen.name, "accuracy": chosen.accuracy, "size_bytes": chosen.size_bytes}

@@ -1,0 +1,66 @@
+"""Helpers the stage modules share."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+
+def save_model(model, path: Path, scope=None) -> None:
+    """Saves Keras ``model`` to ``path`` atomically (inside ``scope()`` when given, e.g. QAT's custom objects)."""
+    from edge_kd.fileio import atomic_path
+
+    with atomic_path(path) as tmp, (scope() if scope else contextlib.nullcontext()):
+        model.save(tmp)
+
+
+def keras_sparsity(model) -> float:
+    """Returns the share of exact zeros in the kernels of ``model``'s conv, depthwise and dense layers."""
+    import numpy as np
+
+    zeros = total = 0
+    for layer in model.layers:
+        kernel = getattr(layer, "kernel", None) if not hasattr(layer, "depthwise_kernel") else layer.depthwise_kernel
+        if kernel is not None:
+            k = kernel.numpy()
+            zeros += int(np.sum(k == 0))
+            total += k.size
+    return zeros / total if total else 0.0
+
+
+def refine(stage, ctx, out: Path, wrap, strip, callbacks=()) -> dict:
+    """Wraps the previous stage's student, trains it in the Distiller for ``stage``, strips and saves it."""
+    from edge_kd.fileio import write_json
+
+    spec = ctx.settings(stage.name)
+    wrapped = wrap(ctx.load_student(ctx.previous_student(stage.name)))
+    history = ctx.fit(ctx.distiller(wrapped, stage.name), spec.epochs, spec.learning_rate, callbacks=callbacks)
+    stripped = strip(wrapped)
+    save_model(stripped, out / stage.model_file)
+    write_json(out / "history.json", history)
+    return {"val_accuracy": history["val_accuracy"][-1], "keras_sparsity": keras_sparsity(stripped)}
+
+
+def check_distiller(ctx, student, stage: str) -> None:
+    """Builds the Distiller ``stage`` trains ``student`` in, from fresh models: every layer a term reads must exist.
+
+    The teachers are the user's (loaded and adapted) or, where a stage of this run trains the teacher,
+    a fresh one of its architecture: the same layers, before any training.
+    """
+    from edge_kd.distill import taps
+    from edge_kd.errors import UserError
+
+    r = ctx.recipe
+    teachers = None
+    if r.distillation.mode == "teacher" and r.teacher is not None:
+        teachers = [ctx.adapt(ctx.build_teacher(), r.teacher.input_range)[0] if r.teacher.path is None
+                    else ctx.teacher(), *ctx.extra_teachers()]
+    for i, term in enumerate(r.distillation.build_terms()):
+        for side, model, names in (("student", student, term.student_taps()),
+                                   ("teacher", teachers[0] if teachers else None, term.teacher_taps())):
+            for layer in names if model is not None else ():
+                try:
+                    taps.find_layer(model, layer)
+                except UserError as e:
+                    raise UserError(f"distillation.terms.{i} ({term.name}) reads {side} layer '{layer}': {e}") from None
+    peers = ctx.build_peers() if r.distillation.mode == "mutual" else None
+    ctx.distiller(student, stage, peers=peers, teachers=teachers)  # builds every term on a batch of two

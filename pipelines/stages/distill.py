@@ -1,0 +1,47 @@
+"""The distill stage: a fresh student trained with the recipe's loss (or, without a teacher, on labels alone)."""
+from __future__ import annotations
+
+from pipelines.stage import StudentStage
+
+
+class Distill(StudentStage):
+    name = "distill"
+    model_file = "student.keras"
+    required = True
+    refines = False
+    export_prefix = "student"
+    keras_row = ("student", "student")
+
+    def title(self, recipe):
+        epochs, arch = recipe.stages.distill.epochs, recipe.student.arch
+        if recipe.distils("distill"):
+            return f"distil student '{arch}' ({epochs} epochs)"
+        return f"train student '{arch}' without a teacher ({epochs} epochs)"
+
+    def check(self, ctx):
+        from pipelines.stages.common import check_distiller
+
+        # Every distilling stage uses the same terms and teachers: one check, for the first that distils.
+        first = next((s for s in ctx.student_stages() if ctx.recipe.distils(s)), None)
+        if first is not None:
+            check_distiller(ctx, ctx.build_student(), first)
+
+    def run(self, ctx, out):
+        from edge_kd.fileio import write_json
+        from pipelines.stages.common import save_model
+
+        r = ctx.recipe
+        spec = r.stages.distill
+        student, peers = ctx.build_student(), None
+        if r.distils(self.name) and r.distillation.mode == "mutual":
+            # The recipe says which of the models trained together is exported; the others are kept as its peers.
+            models = [student, *ctx.build_peers()]
+            student = models.pop(r.distillation.export)
+            peers = models
+        history = ctx.fit(ctx.distiller(student, self.name, peers=peers), spec.epochs, spec.learning_rate)
+        save_model(student, out / self.model_file)
+        for i, peer in enumerate(peers or []):
+            (out / "peers").mkdir(exist_ok=True)
+            save_model(peer, out / "peers" / f"peer_{i}.keras")
+        write_json(out / "history.json", history)
+        return {"val_accuracy": history["val_accuracy"][-1], "distilled": r.distils(self.name)}

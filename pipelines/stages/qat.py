@@ -1,0 +1,61 @@
+"""The QAT stage: quantization-aware training of the previous stage's student, keeping its zeros (PQAT) and
+clusters (PCQAT), while it distils; the export stage makes it a full-int8 model."""
+from __future__ import annotations
+
+from edge_kd.compress.config import Unsupported
+from pipelines.stage import Epochs, LearningRate, StudentStage, TrainSettings
+
+
+class QATSettings(TrainSettings):
+    epochs: Epochs = 2
+    learning_rate: LearningRate = 1e-4
+    #: a layer the 8-bit scheme cannot quantize: a one-line error, or left in float
+    unsupported: Unsupported = "error"
+
+
+class QAT(StudentStage):
+    name = "qat"
+    settings = QATSettings
+    model_file = "qat.keras"
+    export_prefix = "qat"
+
+    def title(self, recipe):
+        return (f"quantization-aware training{' while distilling' if recipe.distils(self.name) else ''} "
+                f"({recipe.stages.qat.epochs} epochs)")
+
+    def export_variants(self, recipe):
+        return ["int8"]  # a QAT model exists to become int8; its float variants would only hold fake-quant ops
+
+    def key(self, ctx):
+        return {**super().key(ctx), "qat": ctx.qat_config().model_dump()}
+
+    def check(self, ctx):
+        from edge_kd.compress import qat
+
+        qat.check(ctx.build_student(), ctx.qat_config())  # the layers the scheme cannot quantize, by name
+
+    def load(self, ctx):
+        from edge_kd.compress import qat
+
+        # rebuilt from the model it quantized, so the PQAT/PCQAT quantizers come back exactly
+        return qat.load(ctx.stage_dir(self.name) / self.model_file, base=ctx.load_student(self.weights_stage(ctx)),
+                        cfg=ctx.qat_config())
+
+    def weights_stage(self, ctx):
+        # a QAT model's variables include its quantizers' ranges; its weights are those of the model it quantized
+        return ctx.previous_student(self.name)
+
+    def run(self, ctx, out):
+        from edge_kd.compress import qat
+        from edge_kd.fileio import write_json
+        from pipelines.stages.common import save_model
+
+        spec = ctx.settings(self.name)
+        source = ctx.previous_student(self.name)
+        cfg = ctx.qat_config()
+        quantized = qat.quantize(ctx.load_student(source), cfg)
+        history = ctx.fit(ctx.distiller(quantized, self.name), spec.epochs, spec.learning_rate)
+        save_model(quantized, out / self.model_file, scope=qat.scope)
+        write_json(out / "history.json", history)
+        return {"val_accuracy": history["val_accuracy"][-1], "scheme": qat.scheme_name(cfg), "from": source,
+                "float_layers": list(getattr(quantized, "qat_float_layers", ()))}

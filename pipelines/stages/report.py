@@ -1,0 +1,82 @@
+"""The report stage: report.md, results.json, results.csv and pareto.png, also copied to the run folder's top."""
+from __future__ import annotations
+
+from pipelines.stage import Stage
+
+PUBLISHED = ("report.md", "results.json", "results.csv", "pareto.png")
+
+
+class Report(Stage):
+    name = "report"
+    required = True
+
+    def title(self, recipe):
+        return "write report"
+
+    def reads(self, ctx):
+        return ["benchmark", *(["bundle"] if "bundle" in ctx.enabled() else [])]
+
+    def run(self, ctx, out):
+        import datetime as dt
+        import json
+        import os
+
+        from edge_kd.bench.results import rows_of
+        from edge_kd.report import report
+
+        r, info, b = ctx.recipe, ctx.bundle.info, ctx.bundle
+        bench = json.loads((ctx.stage_dir("benchmark") / "models.json").read_text())
+        histories, summaries = {}, {}
+        for stage in ctx.enabled():
+            h = ctx.stage_dir(stage) / "history.json"
+            if h.is_file():
+                histories[stage] = json.loads(h.read_text())
+            summaries[stage] = ctx.manifests.get(stage, {}).get("summary", {})
+        results = {
+            "run": ctx.run_dir.name, "command": ctx.command,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "data": {"name": info.name, "num_classes": info.num_classes, "input_shape": list(info.input_shape),
+                     "class_names": list(info.class_names), "train_size": int(len(b.y_train)),
+                     "val_size": int(len(b.y_val)), "test_size": int(len(b.y_test))},
+            "teacher": bench["teacher"],
+            "distillation": distillation_summary(r),
+            "stages": ctx.enabled(),
+            "stage_summaries": summaries,
+            "bundle": ({"path": os.path.relpath(ctx.stage_dir("bundle"), ctx.run_dir), **summaries.get("bundle", {})}
+                       if "bundle" in ctx.enabled() else None),
+            "runtime": bench["runtime"],
+            "models": rows_of(bench["models"]),
+            "history": histories,
+        }
+        report.write_report(out, results)
+        return {"published": list(PUBLISHED)}
+
+
+    def publish(self, ctx):
+        """Copies the report's files to the run folder's top level, where a user looks for them."""
+        from edge_kd.fileio import write_bytes
+
+        src = ctx.stage_dir(self.name)
+        for name in PUBLISHED:
+            f, dst = src / name, ctx.run_dir / name
+            if f.is_file() and (not dst.is_file() or dst.read_bytes() != f.read_bytes()):
+                write_bytes(dst, f.read_bytes())
+
+
+def distillation_summary(r):
+    """Returns the distillation settings the report states beside its gain, or None when the run did not distil."""
+    if not r.distils("distill"):
+        return None
+    dist = r.distillation
+    d = {"mode": dist.mode, "hard_weight": dist.hard_weight}
+    if dist.extra_teachers:
+        d.update(teachers=1 + len(dist.extra_teachers), combine=dist.combine)
+    if dist.mode == "mean_teacher":
+        d["ema_decay"] = dist.ema_decay
+    if dist.mode == "mutual":
+        d["peers"] = ", ".join(p["arch"] for p in r.peer_specs())
+    for t in dist.terms:
+        d.update({(k if k != "weight" else f"{t['name']}_weight"): v for k, v in t.items() if k != "name"})
+        d["loss"] = "+".join(x["name"] for x in dist.terms)
+    d["epochs"] = r.stages.distill.epochs
+    return d

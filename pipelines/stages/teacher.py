@@ -1,0 +1,31 @@
+"""The teacher stage: trains the recipe's teacher architecture when the user brings no teacher of their own."""
+from __future__ import annotations
+
+from pipelines.stage import Stage
+
+
+class Teacher(Stage):
+    name = "teacher"
+    model_file = "teacher.keras"
+    keras_row = ("teacher", "teacher")
+
+    def title(self, recipe):
+        return f"train teacher '{recipe.teacher.arch}' ({recipe.teacher.epochs} epochs)"
+
+    def key(self, ctx):
+        return {**ctx.data_key(), "training": ctx.recipe.training.model_dump(), "teacher": ctx.recipe.teacher.model_dump()}
+
+    def check(self, ctx):
+        ctx.build_teacher()  # the architecture and its options build for this data
+
+    def run(self, ctx, out):
+        from edge_kd.distill import Distiller
+        from edge_kd.fileio import write_json
+        from pipelines.stages.common import save_model
+
+        t = ctx.recipe.teacher
+        model = ctx.build_teacher()
+        history = ctx.fit(Distiller(model), t.epochs, t.learning_rate)
+        save_model(model, out / self.model_file)
+        write_json(out / "history.json", history)
+        return {"val_accuracy": history["val_accuracy"][-1]}
