@@ -58,7 +58,7 @@ def test_builtin_mnist_limits_are_a_subset_of_the_full_set():
 
 
 def test_real_mnist_matches_the_builtin_copy():
-    from conftest import shared_npz
+    from tests.conftest import shared_npz
 
     real = np.load(shared_npz("mnist.npz"))
     b = data.load(str(shared_npz("mnist.npz")), limit_test=100, val_fraction=0.1)
@@ -289,23 +289,33 @@ def test_image_folder_errors(tmp_path):
 # --- tfds -------------------------------------------------------------------------------------------------
 
 
-def test_tfds_mnist_through_mock_data(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    # mock_data needs the dataset's metadata (its split names) to be on disk; write mnist's, with made-up sizes.
-    builder = tfds.builder("mnist", data_dir=str(tmp_path))
-    builder.info.set_splits(tfds.core.SplitDict(
-        [tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0) for s, n in (("train", 60), ("test", 60))]))
-    builder.data_path.mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_dir)
-    with tfds.testing.mock_data(num_examples=60, data_dir=str(tmp_path)):
-        b = data.load("tfds:mnist", val_fraction=0.0)
-        sized = data.load("tfds:mnist", val_fraction=0.0, image_size=(16, 16))
-    assert b.info.name == "mnist" and b.info.input_shape == (28, 28, 1) and b.info.num_classes == 10
-    assert b.info.class_names == tuple(str(i) for i in range(10))
-    assert b.x_train.shape == (60, 28, 28, 1) and b.x_train.dtype == np.uint8 and b.y_train.dtype == np.int64
-    assert b.x_test.shape == (60, 28, 28, 1)
-    assert 0 <= b.y_train.min() and b.y_train.max() < 10
-    assert sized.info.input_shape == (16, 16, 1) and sized.x_train.dtype == np.uint8
+def test_tfds_dataset_goes_through_the_real_download_and_prepare(tmp_path, monkeypatch):
+    import importlib_resources  # noqa: F401  (tfds imports it while preparing; requirements.txt pins it)
+
+    from tests import tfds_tiny
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # read when data.load asks, not when tfds was imported
+    b = data.load(f"tfds:{tfds_tiny.NAME}", val_fraction=0.25)
+    # prepared on disk by the builder, as a downloaded dataset would be
+    prepared = tmp_path / tfds_tiny.NAME / "1.0.0"
+    assert (prepared / "dataset_info.json").is_file()
+    assert sorted(p.name.split(".")[0] for p in prepared.glob("*.tfrecord*")) == [
+        f"{tfds_tiny.NAME}-test", f"{tfds_tiny.NAME}-train"]
+    assert b.info.name == tfds_tiny.NAME and b.info.input_shape == (12, 12, 1)
+    assert b.info.class_names == tuple(tfds_tiny.CLASSES) and b.info.num_classes == 3
+    assert len(b.y_train) + len(b.y_val) == tfds_tiny.SIZES["train"] and len(b.y_val) == 15
+    # every image comes back with its label (tfds shuffles the order): as sorted (label, pixels) pairs
+    x_test, y_test = tfds_tiny.expected("test")
+
+    def pairs(x, y):
+        return sorted((int(label), img.tobytes()) for img, label in zip(x, y))
+
+    assert pairs(b.x_test, b.y_test) == pairs(x_test, y_test)
+    assert b.x_train.dtype == np.uint8 and b.y_train.dtype == np.int64
+    # a second load reads the prepared files: same images, and a resize on the way
+    sized = data.load(f"tfds:{tfds_tiny.NAME}", val_fraction=0.25, image_size=(16, 16))
+    assert sized.info.input_shape == (16, 16, 1) and sized.x_train.dtype == np.uint8 and len(sized.y_test) == 24
+    assert b.source_digest == sized.source_digest  # the same dataset and version
 
 
 def test_unknown_tfds_name_is_a_user_error():

@@ -1,34 +1,15 @@
-"""Shared, session-scoped fixtures of the compression tests: MNIST slices, a teacher, and one pruning run."""
+"""Session-scoped fixture of the compression tests: one pruning run (on tests/conftest.py's MNIST and teacher)."""
 import dataclasses
 
 import pytest
 
 import models
-from edge_kd import data
 from edge_kd.compress import prune
 from edge_kd.keras import keras
 
 from .compress_helpers import BATCH, PRUNE_STEPS, distiller
 
 PRUNE_CFG = prune.PruneConfig(target_sparsity=0.75, schedule="polynomial", frequency=50, end_step=200)
-
-
-@pytest.fixture(scope="session")
-def mnist():
-    """1,800 training, 200 validation and 500 test images of the built-in MNIST, normalised."""
-    bundle = data.load("mnist", limit_train=2000, limit_test=500, seed=0)
-    return bundle.arrays("train"), bundle.arrays("val"), bundle.arrays("test")
-
-
-@pytest.fixture(scope="session")
-def teacher(mnist):
-    (x, y), _, _ = mnist
-    keras.utils.set_random_seed(0)
-    model = models.build("mlp", (28, 28, 1), 10, hidden=(64,))
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=64, epochs=3, verbose=0)
-    return model
 
 
 @dataclasses.dataclass

@@ -76,11 +76,11 @@ def test_plan_skips_small_and_depthwise_kernels():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"clusters": 2}, "cluster.clusters must be an integer from 3 to 256; got 2"),
+    ({"clusters": 2}, "cluster.clusters must be at least 3 with preserve_sparsity (one cluster is the kept zero), got 2"),
     ({"clusters": 2, "preserve_sparsity": False}, None),
-    ({"clusters": 300}, "cluster.clusters must be an integer from 3 to 256; got 300"),
-    ({"init": "kmeans"}, "cluster.init must be one of kmeans_plus_plus, density_based, linear, random; got 'kmeans'"),
-    ({"preserve_sparsity": "true"}, "cluster.preserve_sparsity must be true or false; got 'true'"),
+    ({"clusters": 300}, "cluster.clusters must be an integer in [2, 256], got 300"),
+    ({"init": "kmeans"}, "cluster.init must be one of kmeans_plus_plus, density_based, linear, random, got 'kmeans'"),
+    ({"preserve_sparsity": "true"}, "cluster.preserve_sparsity must be true or false, got 'true'"),
 ])
 def test_config_errors_name_key_value_and_allowed(kwargs, message):
     if message is None:

@@ -94,7 +94,7 @@ def test_schedule_end_step_falls_on_a_mask_update_and_within_the_run():
     assert prune.plan(model, prune.PruneConfig(frequency=30), 100).end_step == 90
     with pytest.raises(UserError, match="prune.end_step 400 is beyond the 300 training steps"):
         prune.prune(model, prune.PruneConfig(end_step=400), total_steps=300)
-    with pytest.raises(UserError, match="total_steps must be an integer >= 1; got 0"):
+    with pytest.raises(UserError, match="total_steps must be an integer ≥ 1, got 0"):
         prune.prune(model, prune.PruneConfig(), total_steps=0)
     schedule = prune._schedule(prune.PruneConfig(schedule="constant", frequency=10),
                                prune.plan(model, prune.PruneConfig(frequency=10), 45))
@@ -103,14 +103,14 @@ def test_schedule_end_step_falls_on_a_mask_update_and_within_the_run():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"target_sparsity": 1.0}, "prune.target_sparsity must be a number in (0, 1); got 1.0"),
-    ({"target_sparsity": "0.5"}, "prune.target_sparsity must be a number in (0, 1); got '0.5'"),
-    ({"schedule": "cosine"}, "prune.schedule must be one of polynomial, constant; got 'cosine'"),
-    ({"initial_sparsity": 0.8}, "prune.initial_sparsity must be below prune.target_sparsity (0.75); got 0.8"),
-    ({"begin_step": -1}, "prune.begin_step must be an integer >= 0; got -1"),
-    ({"begin_step": 10, "end_step": 10}, "prune.end_step must be an integer >= 11; got 10"),
-    ({"frequency": 2.5}, "prune.frequency must be an integer >= 1; got 2.5"),
-    ({"structured_2_4": "yes"}, "prune.structured_2_4 must be true or false; got 'yes'"),
+    ({"target_sparsity": 1.0}, "prune.target_sparsity must be a number in (0, 1), got 1.0"),
+    ({"target_sparsity": "0.5"}, "prune.target_sparsity must be a number in (0, 1), got '0.5'"),
+    ({"schedule": "cosine"}, "prune.schedule must be one of polynomial, constant, got 'cosine'"),
+    ({"initial_sparsity": 0.8}, "prune.initial_sparsity must be below target_sparsity (0.75), got 0.8"),
+    ({"begin_step": -1}, "prune.begin_step must be an integer ≥ 0, got -1"),
+    ({"begin_step": 10, "end_step": 10}, "prune.end_step must be above begin_step (10), got 10"),
+    ({"frequency": 2.5}, "prune.frequency must be an integer ≥ 1, got 2.5"),
+    ({"structured_2_4": "yes"}, "prune.structured_2_4 must be true or false, got 'yes'"),
 ])
 def test_config_errors_name_key_value_and_allowed(kwargs, message):
     with pytest.raises(UserError) as e:

@@ -134,9 +134,9 @@ def test_unsupported_layers_are_named_or_left_in_float(teacher, mnist, tmp_path)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"unsupported": "skip"}, "qat.unsupported must be one of error, float; got 'skip'"),
-    ({"preserve_sparsity": 1}, "qat.preserve_sparsity must be true or false; got 1"),
-    ({"preserve_clusters": "no"}, "qat.preserve_clusters must be true or false; got 'no'"),
+    ({"unsupported": "skip"}, "qat.unsupported must be one of error, float, got 'skip'"),
+    ({"preserve_sparsity": 1}, "qat.preserve_sparsity must be true or false, got 1"),
+    ({"preserve_clusters": "no"}, "qat.preserve_clusters must be true or false, got 'no'"),
 ])
 def test_config_errors_name_key_value_and_allowed(kwargs, message):
     with pytest.raises(UserError) as e:

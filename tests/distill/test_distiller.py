@@ -3,31 +3,19 @@ import numpy as np
 import pytest
 
 import models
-from edge_kd import data
 from edge_kd.distill import Distiller, hinton, losses
 from edge_kd.keras import keras, tf
-from np_reference import np_log_softmax  # tests/distill is on sys.path
+from .np_reference import np_log_softmax
 
 T, ALPHA = 4.0, 0.7
 KEYS = {"loss", "student_loss", "hinton", "accuracy"}
 
 
 @pytest.fixture(scope="module")
-def mnist():
-    """600 built-in MNIST training images (stratified 10 % held out) and 200 test images, normalised."""
-    bundle = data.load("mnist", limit_train=600, limit_test=200, seed=3)
-    return bundle.arrays("train"), bundle.arrays("val"), bundle.arrays("test")
-
-
-@pytest.fixture(scope="module")
-def teacher(mnist):
-    (x, y), _, _ = mnist
-    keras.utils.set_random_seed(0)
-    model = models.build("mlp", (28, 28, 1), 10, hidden=(64,))
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=64, epochs=3, verbose=0)
-    return model
+def small(mnist):
+    """540 training, 200 validation and 200 test images of the shared MNIST slice (short fits)."""
+    (x, y), val, (xt, yt) = mnist
+    return (x[:540], y[:540]), val, (xt[:200], yt[:200])
 
 
 def _student(seed=1):
@@ -56,8 +44,8 @@ class _PerEpochWeights(keras.callbacks.Callback):
         self.weights.append(_snapshot(self.student))
 
 
-def test_fit_lowers_hinton_keeps_teacher_frozen_and_checkpoints_the_student(mnist, teacher, tmp_path):
-    (x, y), (xv, yv), (xt, yt) = mnist
+def test_fit_lowers_hinton_keeps_teacher_frozen_and_checkpoints_the_student(small, teacher, tmp_path):
+    (x, y), (xv, yv), (xt, yt) = small
     teacher_before = _snapshot(teacher)
     student = _student()
     d = hinton(student, teacher, alpha=ALPHA, temperature=T)
@@ -117,8 +105,8 @@ def test_fit_lowers_hinton_keeps_teacher_frozen_and_checkpoints_the_student(mnis
     _assert_weights_equal(teacher.get_weights(), teacher_before)
 
 
-def test_early_stopping_restores_the_best_student(mnist, teacher):
-    (x, y), (xv, yv), _ = mnist
+def test_early_stopping_restores_the_best_student(small, teacher):
+    (x, y), (xv, yv), _ = small
     teacher_before = _snapshot(teacher)
     student = _student(seed=2)
     d = Distiller(student, teacher, terms=[losses.get("hinton", temperature=2.0, weight=0.5)], hard_weight=0.5)
@@ -133,8 +121,8 @@ def test_early_stopping_restores_the_best_student(mnist, teacher):
     _assert_weights_equal(teacher.get_weights(), teacher_before)
 
 
-def test_save_weights_round_trips_the_student(mnist, teacher, tmp_path):
-    _, _, (xt, _) = mnist
+def test_save_weights_round_trips_the_student(small, teacher, tmp_path):
+    _, _, (xt, _) = small
     d = hinton(_student(seed=3), teacher)
     path = tmp_path / "student.weights.h5"
     d.save_weights(str(path))
@@ -143,8 +131,8 @@ def test_save_weights_round_trips_the_student(mnist, teacher, tmp_path):
     np.testing.assert_array_equal(other.predict(xt, verbose=0), d.predict(xt, verbose=0))
 
 
-def test_no_teacher_no_terms_is_plain_cross_entropy_training(mnist):
-    (x, y), (xv, yv), _ = mnist
+def test_no_teacher_no_terms_is_plain_cross_entropy_training(small):
+    (x, y), (xv, yv), _ = small
     a, b = _student(seed=5), _student(seed=6)
     b.set_weights(a.get_weights())
     d = Distiller(a)

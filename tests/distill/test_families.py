@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 import models
-from edge_kd import data
 from edge_kd.compress import prune, qat
 from edge_kd.distill import Distiller, adapt_teacher, losses
 from edge_kd.keras import keras, tf
-from np_reference import np_ce, np_kl, np_log_softmax  # tests/distill is on sys.path
+from .np_reference import np_ce, np_kl, np_log_softmax
 
 BATCH = 32
 
@@ -28,21 +27,10 @@ FAMILIES = {
 
 
 @pytest.fixture(scope="module")
-def mnist():
-    """600 built-in MNIST training images (stratified 10 % held out) and 200 test images, normalised."""
-    bundle = data.load("mnist", limit_train=600, limit_test=200, seed=4)
-    return bundle.arrays("train"), bundle.arrays("val")
-
-
-@pytest.fixture(scope="module")
-def teacher(mnist):
-    (x, y), _ = mnist
-    keras.utils.set_random_seed(0)
-    model = models.build("cnn", (28, 28, 1), 10, filters=(8, 16))
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=BATCH, epochs=3, verbose=0)
-    return model
+def small(mnist):
+    """540 training and 200 validation images of the shared MNIST slice (19 steps an epoch at batch 32)."""
+    (x, y), val, _ = mnist
+    return (x[:540], y[:540]), val
 
 
 def _student(seed=1):
@@ -54,16 +42,16 @@ def _term(name):
     return losses.get(name, weight=1.0, **FAMILIES[name])
 
 
-def _fit(d, mnist, epochs, callbacks=(), lr=3e-3):
-    (x, y), (xv, yv) = mnist
+def _fit(d, small, epochs, callbacks=(), lr=3e-3):
+    (x, y), (xv, yv) = small
     d.compile(optimizer=keras.optimizers.Adam(lr))
     return d.fit(x, y, batch_size=BATCH, epochs=epochs, validation_data=(xv, yv), verbose=0,
                  callbacks=list(callbacks)).history
 
 
-def _term_value(d, mnist):
+def _term_value(d, small):
     """The Distiller's term values on the validation images (test_step's figures, no training)."""
-    _, (xv, yv) = mnist
+    _, (xv, yv) = small
     student, teachers, _, _, values, _ = d._compute_losses(tf.constant(xv), tf.constant(yv), training=False)
     return [float(v) for v in values]
 
@@ -73,25 +61,29 @@ def test_every_family_is_registered():
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_each_family_trains_a_tiny_student(name, mnist, teacher):
+def test_each_family_trains_a_tiny_student(name, small, teacher):
     term = _term(name)
     d = Distiller(_student(), None if not term.needs_teacher else teacher, terms=[term], hard_weight=0.5)
-    before = _term_value(d, mnist)[0]
-    history = _fit(d, mnist, epochs=4)
-    after = _term_value(d, mnist)[0]
+    own_before = [v.numpy().copy() for v in term.trainable_variables]  # built when the Distiller was made
+    teacher_before = [w.copy() for w in teacher.get_weights()]
+    before = _term_value(d, small)[0]
+    history = _fit(d, small, epochs=4)
+    after = _term_value(d, small)[0]
     assert np.isfinite(history["loss"]).all()
     assert after < before, f"{name}: {before} -> {after}"
     assert history["val_accuracy"][-1] > 0.6
     # the term's own variables (adapters, heads) trained; the teacher did not move
-    for v in term.trainable_variables:
-        assert v.trainable
+    assert len(own_before) == {"fitnet": 2, "crd": 4}.get(name, 0)  # fitnet's 1×1 conv; crd's two dense heads
+    for v, b in zip(term.trainable_variables, own_before):
+        assert not np.array_equal(v.numpy(), b), f"{name}: {v.name} did not train"
+    assert all(np.array_equal(a, b) for a, b in zip(teacher.get_weights(), teacher_before))
     assert not teacher.trainable
 
 
 @pytest.mark.parametrize("wrap", ["pruned", "qat"])
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_each_family_trains_a_pruning_or_qat_wrapped_student(name, wrap, mnist, teacher):
-    (x, _), _ = mnist
+def test_each_family_trains_a_pruning_or_qat_wrapped_student(name, wrap, small, teacher):
+    (x, _), _ = small
     steps = int(np.ceil(len(x) / BATCH))
     student = _student()
     callbacks = []
@@ -103,9 +95,9 @@ def test_each_family_trains_a_pruning_or_qat_wrapped_student(name, wrap, mnist, 
         student = qat.quantize(student)
     term = _term(name)
     d = Distiller(student, None if not term.needs_teacher else teacher, terms=[term], hard_weight=0.5)
-    history = _fit(d, mnist, epochs=1, callbacks=callbacks)
+    history = _fit(d, small, epochs=1, callbacks=callbacks, lr=1e-2)  # one short epoch: a brisk rate
     assert np.isfinite(history["loss"]).all() and np.isfinite(history[name]).all()
-    assert history["val_accuracy"][-1] > 0.2  # above chance after one epoch of 19 steps
+    assert history["val_accuracy"][-1] > 0.2  # above chance after one epoch of 17 steps (measured: 0.37 to 0.74)
     if wrap == "pruned":
         kernel = prune.strip(student).get_layer("block2_conv").kernel.numpy()
         assert np.mean(kernel == 0) == pytest.approx(0.5, abs=0.02)
@@ -141,8 +133,8 @@ def test_several_teachers_combine_by_fixed_weights_or_per_example_confidence(com
     np.testing.assert_allclose(float(values[0]), expected, rtol=1e-5)
 
 
-def test_a_feature_term_reads_the_first_teacher_and_a_logit_term_all(mnist, teacher):
-    (x, y), _ = mnist
+def test_a_feature_term_reads_the_first_teacher_and_a_logit_term_all(small, teacher):
+    (x, y), _ = small
     other = _student(seed=9)
     terms = lambda: [losses.get("hinton", temperature=4.0), _term("at")]  # noqa: E731
     both = Distiller(_student(), [teacher, other], terms=terms(), teacher_weights=[0.5, 0.5])
@@ -154,9 +146,9 @@ def test_a_feature_term_reads_the_first_teacher_and_a_logit_term_all(mnist, teac
     np.testing.assert_allclose(float(v_both[1]), float(v_first[1]), rtol=1e-6)
 
 
-def test_teachers_of_other_architectures_input_sizes_and_heads_train_a_student(mnist, teacher):
+def test_teachers_of_other_architectures_input_sizes_and_heads_train_a_student(small, teacher):
     """A logits cnn at 28×28 and a softmax-headed MLP at 32×32 (adapted) teach one student by confidence."""
-    (x, y), _ = mnist
+    (x, y), _ = small
     keras.utils.set_random_seed(3)
     inp = keras.Input((32, 32, 1))
     h = keras.layers.Flatten()(inp)
@@ -168,7 +160,7 @@ def test_teachers_of_other_architectures_input_sizes_and_heads_train_a_student(m
     assert info["head"] == "softmax" and tuple(info["input_shape"])[:2] == (32, 32)
     d = Distiller(_student(), [teacher, adapted], terms=[losses.get("hinton", temperature=4.0, weight=0.7)],
                   hard_weight=0.3, combine="confidence")
-    history = _fit(d, mnist, epochs=3)
+    history = _fit(d, small, epochs=3)
     assert history["hinton"][-1] < history["hinton"][0]
     assert history["val_accuracy"][-1] > 0.6
 
@@ -188,8 +180,8 @@ def test_one_source_of_knowledge_and_valid_teacher_weights(teacher):
 
 # -- mean teacher ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("wrap", ["plain", "pruned"])
-def test_mean_teacher_is_the_exponential_moving_average_of_the_student(wrap, mnist):
-    (x, y), _ = mnist
+def test_mean_teacher_is_the_exponential_moving_average_of_the_student(wrap, small):
+    (x, y), _ = small
     student = _student()
     callbacks = []
     if wrap == "pruned":
@@ -212,13 +204,13 @@ def test_mean_teacher_is_the_exponential_moving_average_of_the_student(wrap, mni
             # the mean teacher carries the student's masks, so its pruned weights are zero too
             expected = np.where(s.numpy() == 0, 0.0, expected)
         np.testing.assert_allclose(m.numpy(), expected, rtol=1e-5, atol=1e-7)
-    history = _fit(d, mnist, epochs=3, callbacks=callbacks)
+    history = _fit(d, small, epochs=3, callbacks=callbacks)
     assert history["val_accuracy"][-1] > (0.6 if wrap == "plain" else 0.5)  # chance: 0.1
 
 
 # -- online mutual learning -----------------------------------------------------------------------
-def test_mutual_learning_trains_student_and_peers_each_from_the_others(mnist):
-    (x, y), _ = mnist
+def test_mutual_learning_trains_student_and_peers_each_from_the_others(small):
+    (x, y), _ = small
     student, peer = _student(seed=1), _student(seed=2)
     T = 1.0
     d = Distiller(student, terms=[losses.get("hinton", temperature=T)], hard_weight=1.0, peers=[peer])
@@ -233,7 +225,7 @@ def test_mutual_learning_trains_student_and_peers_each_from_the_others(mnist):
     assert all(g is None for g in tape.gradient(total, peer.trainable_variables))
 
     peer_before = [w.copy() for w in peer.get_weights()]
-    history = _fit(d, mnist, epochs=3)
+    history = _fit(d, small, epochs=3)
     assert "peer_loss" in history and history["peer_loss"][-1] < history["peer_loss"][0]
     assert history["val_accuracy"][-1] > 0.6
     assert any(not np.array_equal(a, b) for a, b in zip(peer_before, peer.get_weights()))
@@ -250,8 +242,8 @@ class _EpochProbe(losses.LossTerm):
         return student["epoch"]
 
 
-def test_terms_see_the_fractional_epoch_of_each_training_step(mnist):
-    (x, y), _ = mnist
+def test_terms_see_the_fractional_epoch_of_each_training_step(small):
+    (x, y), _ = small
     n = 60
     d = Distiller(_student(), terms=[_EpochProbe(weight=0.0)])
     d.compile(optimizer="adam")

@@ -8,7 +8,7 @@ from edge_kd.distill import losses
 from edge_kd.distill.hints import AttentionTransfer, FitNet
 from edge_kd.errors import UserError
 from edge_kd.keras import tf
-from np_reference import assert_one_line_user_error  # tests/distill is on sys.path
+from .np_reference import assert_one_line_user_error
 
 B = 6  # batch
 

@@ -5,7 +5,7 @@ import pytest
 from edge_kd.distill import Distiller, hinton, losses
 from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
-from np_reference import assert_one_line_user_error, np_ce, np_kl, np_log_softmax  # tests/distill is on sys.path
+from .np_reference import assert_one_line_user_error, np_ce, np_kl, np_log_softmax
 
 K = 10  # classes
 B = 16  # batch

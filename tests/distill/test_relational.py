@@ -5,7 +5,7 @@ import pytest
 from edge_kd.distill import losses
 from edge_kd.distill.relational import CRD, RKD
 from edge_kd.keras import tf
-from np_reference import assert_one_line_user_error  # tests/distill is on sys.path
+from .np_reference import assert_one_line_user_error
 
 B = 8  # batch
 KS, KT = 6, 10  # student and teacher logit sizes (different on purpose)

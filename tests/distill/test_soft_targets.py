@@ -6,7 +6,7 @@ from edge_kd.distill import losses
 from edge_kd.distill.soft_targets import decoupled_kl
 from edge_kd.errors import UserError
 from edge_kd.keras import tf
-from np_reference import assert_one_line_user_error, np_kl, np_log_softmax  # tests/distill is on sys.path
+from .np_reference import assert_one_line_user_error, np_kl, np_log_softmax
 
 K = 10  # classes
 B = 16  # batch

@@ -5,7 +5,7 @@ import pytest
 from edge_kd.distill import adapt_teacher, load_teacher, logits_model, losses
 from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
-from np_reference import np_log_softmax  # tests/distill is on sys.path
+from .np_reference import np_log_softmax
 
 K = 10
 MNIST_SCALE = 1.0 / 255.0

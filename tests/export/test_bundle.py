@@ -1,5 +1,6 @@
 """The deployable bundle: every manifest field checked against a separate LiteRT interpreter, golden
 outputs reproduced by hand-quantized inputs through another interpreter, and the choice of model."""
+import dataclasses
 import hashlib
 import json
 import re
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
+from edge_kd import fileio
+from edge_kd.bench.results import ModelRow
 from edge_kd.errors import UserError
 from edge_kd.export import bundle as B
 from edge_kd.export.bundle import measured_from, pick, write_bundle
@@ -146,8 +149,8 @@ def test_readme_spells_out_this_models_preprocessing_in_kotlin_and_swift(models,
 def test_rewriting_replaces_the_bundle_and_a_failed_write_keeps_the_old_one(models, tmp_path, monkeypatch, exchange):
     _, fp32, int8, golden = models
     calls = []
-    real = B._exchange
-    monkeypatch.setattr(B, "_exchange", lambda a, b: calls.append(1) or (real(a, b) if exchange else False))
+    real = fileio._exchange
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: calls.append(1) or (real(a, b) if exchange else False))
     dest = tmp_path / "bundle"
     _write(dest, fp32, golden)
     _write(dest, int8, golden[:3], class_names=[c.upper() for c in CLASSES])
@@ -183,7 +186,8 @@ def test_bad_arguments_are_refused_before_anything_is_written(models, tmp_path):
 
 
 def _row(name, variant, acc, size, role="student", fmt="tflite"):
-    return {"name": name, "role": role, "format": fmt, "variant": variant, "accuracy": acc, "size_bytes": size}
+    return ModelRow(name=name, role=role, format=fmt, variant=variant, path=f"tflite/{name}.{fmt}", accuracy=acc,
+                    size_bytes=size, gzip_bytes=size // 2, params=1000, macs=2000, input_scale=1 / 255, input_offset=0.0)
 
 
 ROWS = [
@@ -200,10 +204,10 @@ ROWS = [
 
 
 def test_pick_takes_the_smallest_int8_within_the_tolerance_of_the_best_student():
-    assert pick(ROWS)["name"] == "pruned-int8"  # 0.9850 >= 0.9900 - 0.005, and the smallest int8
-    assert pick(ROWS, tolerance_pp=0.2)["name"] == "student-int8"  # qat-int8 (0.9876) is 0.24 pp under
-    assert pick(ROWS, tolerance_pp=0.12)["name"] == "student-int8"  # not the 700 B smaller dynamic: int8 first
-    assert pick(ROWS, tolerance_pp=0.0)["name"] == "student-fp16"  # no int8 within: the smallest of any variant
+    assert pick(ROWS).name == "pruned-int8"  # 0.9850 >= 0.9900 - 0.005, and the smallest int8
+    assert pick(ROWS, tolerance_pp=0.2).name == "student-int8"  # qat-int8 (0.9876) is 0.24 pp under
+    assert pick(ROWS, tolerance_pp=0.12).name == "student-int8"  # not the 700 B smaller dynamic: int8 first
+    assert pick(ROWS, tolerance_pp=0.0).name == "student-fp16"  # no int8 within: the smallest of any variant
 
 
 def test_pick_by_name_and_unknown_names():
@@ -221,8 +225,8 @@ def test_pick_by_name_and_unknown_names():
 
 
 def test_measured_from_takes_a_models_json_row():
-    row = {**ROWS[6], "gzip_bytes": 14_800, "sparsity": 0.01,
-           "latency": {"1": {"mean_ms": 0.014, "p90_ms": 0.02}, "2": {"mean_ms": 0.013, "p90_ms": 0.015}}}
+    row = dataclasses.replace(ROWS[6], gzip_bytes=14_800, sparsity=0.01,
+                              latency={"1": {"mean_ms": 0.014, "p90_ms": 0.02}, "2": {"mean_ms": 0.013, "p90_ms": 0.015}})
     assert measured_from(row) == {"name": "student-int8", "variant": "int8", "accuracy": 0.9889,
                                   "latency_ms": {"1": 0.014, "2": 0.013}, "size_bytes": 18_400,
                                   "gzip_bytes": 14_800, "sparsity": 0.01}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
-from conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA
 from edge_kd.export.tflite import VARIANTS, convert
 from edge_kd.keras import keras, tf
 

@@ -72,6 +72,22 @@ BAD_CASES = {
     "alpha < 0": (lambda d: ["--alpha", "-0.1"], ["--alpha"]),
     "unknown tfds": (lambda d: ["--data", "tfds:surely_not_a_dataset_xyz"], ["tfds", "surely_not_a_dataset_xyz"]),
     "bad option value": (lambda d: ["--epochs", "many"], ["--epochs"]),
+    # found before anything trains (each used to fail minutes later, or not at all)
+    "nan pixels": (lambda d: ["--data", d["nan_npz"]], ["x_train", "not finite", "image 3"]),
+    "labels beyond the class names": (lambda d: ["--data", d["badlabel_npz"]], ["labels go up to 4", "3 classes"]),
+    "--out under a file": (lambda d: ["--out", d["a_file"] / "runs"], ["--out", "is a file"]),
+    "sparsity of one": (lambda d: ["--set", "prune.target_sparsity=1.0"], ["stages.prune.target_sparsity", "(0, 1)"]),
+    "two clusters with sparsity kept": (lambda d: ["--set", "cluster.clusters=2"],
+                                        ["stages.cluster.clusters", "at least 3"]),
+    "fitnet on a missing teacher layer": (
+        lambda d: ["--limit-train", "300", "--set", "distillation.terms=[{name: fitnet, student_layer: block2_relu, "
+                   "teacher_layer: block9_relu}]"], ["distillation.terms.0 (fitnet)", "block9_relu", "block2_relu"]),
+    "bundle pick not exported": (lambda d: ["--limit-train", "300", "--set", "bundle.pick=qat-fp16"],
+                                 ["stages.bundle.pick", "qat-fp16", "qat-int8"]),
+    "student option of the wrong kind": (lambda d: ["--limit-train", "300", "--set", "student.options.width=wide"],
+                                         ["model 'cnn'", "wide"]),
+    "prune end beyond the steps": (lambda d: ["--limit-train", "300", "--set", "prune.end_step=100000"],
+                                   ["prune.end_step 100000", "training steps"]),
 }
 
 
@@ -95,6 +111,15 @@ def bad_inputs(tmp_path_factory):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp / "imgs" / "a" / "ok.png")
     (tmp / "imgs" / "b" / "broken.png").write_bytes(b"\x89PNG but truncated")
     d["bad_folder"] = tmp / "imgs"
+    x = np.random.default_rng(0).random((20, 8, 8)).astype(np.float32)
+    x[3, 2, 2] = np.nan
+    np.savez(tmp / "nan.npz", x_train=x, y_train=np.arange(20) % 2, x_test=x[:4] * 0, y_test=np.arange(4) % 2)
+    d["nan_npz"] = tmp / "nan.npz"
+    np.savez(tmp / "badlabel.npz", x_train=np.zeros((20, 8, 8), np.uint8), y_train=np.arange(20) % 5,
+             x_test=np.zeros((5, 8, 8), np.uint8), y_test=np.arange(5), class_names=np.array(["a", "b", "c"]))
+    d["badlabel_npz"] = tmp / "badlabel.npz"
+    (tmp / "a_file").write_text("not a folder")
+    d["a_file"] = tmp / "a_file"
     return d
 
 
@@ -105,6 +130,16 @@ def test_user_mistake_is_one_line_exit_2_and_writes_nothing(case, bad_inputs, tm
     code, err = _run_main(capsys, out, *make_args(bad_inputs))
     _assert_one_line_error(code, err, *needles)
     assert not out.exists()
+
+
+def test_a_diverging_stage_stops_with_one_line_exit_2_and_is_not_recorded(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run_main(capsys, out, "--limit-train", "600", "--limit-test", "100", "--teacher-epochs", "3",
+                          "--set", "teacher.learning_rate=1e30", "--run-name", "nan")
+    _assert_one_line_error(code, err, "stage 'teacher'", "loss became nan in epoch 1 of 3", "learning rate")
+    run = out / "nan"
+    assert not (run / "manifests").exists() and not (run / "teacher").exists()
+    assert [p.name for p in run.iterdir()] == ["recipe.yaml"]  # no partial folder left behind
 
 
 def test_bad_input_from_a_real_process_prints_no_traceback(tmp_path):
@@ -216,12 +251,12 @@ def test_cli_with_a_users_softmax_h5_teacher_of_another_input_size_and_range(tmp
 
 
 def test_weight_tensor_names_map_back_to_their_keras_layers():
-    from pipelines.stages import _layer_of
+    from edge_kd.bench.stats import layer_of
 
-    assert _layer_of("cnn/block1_conv/Conv2D") == "block1_conv"
-    assert _layer_of("cnn/quant_logits/MatMul;cnn/quant_logits/LastValueQuant/FakeQuantWithMinMaxVars") == "logits"
-    assert _layer_of("model/prune_low_magnitude_fc1/MatMul") == "fc1"
-    assert _layer_of("weights") == "weights"
+    assert layer_of("cnn/block1_conv/Conv2D") == "block1_conv"
+    assert layer_of("cnn/quant_logits/MatMul;cnn/quant_logits/LastValueQuant/FakeQuantWithMinMaxVars") == "logits"
+    assert layer_of("model/prune_low_magnitude_fc1/MatMul") == "fc1"
+    assert layer_of("weights") == "weights"
 
 
 @pytest.mark.slow

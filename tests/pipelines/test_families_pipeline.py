@@ -12,7 +12,7 @@ from edge_kd.bench import stats
 from edge_kd.keras import keras
 from pipelines import compress
 
-from test_compress import _npz  # noqa: E402  (tests/pipelines is on sys.path)
+from .test_compress import _npz
 
 FAST = ["--epochs", "1", "--threads", "1", "--set", "prune.epochs=1", "--set", "qat.epochs=1",
         "--set", "export.variants=[int8]", "--set", "benchmark.min_seconds=0.1",

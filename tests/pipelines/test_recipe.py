@@ -1,8 +1,11 @@
 """Recipes: the shipped ones validate; every kind of mistake is one line naming key, value and what is allowed."""
 import pytest
 
+from edge_kd.compress.cluster import ClusterConfig
+from edge_kd.compress.prune import PruneConfig
+from edge_kd.data import DataConfig
 from edge_kd.errors import UserError
-from pipelines import compress, recipe
+from pipelines import compress, recipe, registry
 
 
 @pytest.mark.parametrize("name", ["mnist", "mnist_tfmot_only", "cifar10_resnet8"])
@@ -63,7 +66,7 @@ RECIPE_MISTAKES = {
     "unknown nested key": ("stages: {prune: {sparsity: 0.5}}\n", ["stages.prune.sparsity", "target_sparsity"]),
     "wrong type": ("stages: {distill: {epochs: many}}\n", ["stages.distill.epochs", "integer", "many"]),
     "bool for int": ("seed: true\n", ["seed", "integer", "true"]),
-    "out of range": ("stages: {prune: {target_sparsity: 1.5}}\n", ["target_sparsity", "(0, 1]", "1.5"]),
+    "out of range": ("stages: {prune: {target_sparsity: 1.5}}\n", ["target_sparsity", "(0, 1)", "1.5"]),
     "bad choice": ("stages: {prune: {schedule: cubic}}\n", ["schedule", "polynomial, constant", "cubic"]),
     "unknown stage": ("stages: {distil: {}}\n", ["unknown key 'stages.distil'", "distill"]),
     "unknown loss": ("distillation: {terms: [{name: hintonn}]}\n", ["distillation.terms.0", "hintonn", "hinton"]),
@@ -115,7 +118,7 @@ def test_recipe_mistake_is_one_line_exit_2_and_writes_nothing(case, tmp_path, ca
 
 
 @pytest.mark.parametrize("assignment, needles", [
-    ("prune.target_sparsity=2", ["stages.prune.target_sparsity", "(0, 1]", "2"]),
+    ("prune.target_sparsity=2", ["stages.prune.target_sparsity", "(0, 1)", "2"]),
     ("prune.bogus=1", ["unknown key 'stages.prune.bogus'"]),
     ("qat.unsupported=maybe", ["error, float", "maybe"]),
     ("noequals", ["key=value"]),
@@ -129,6 +132,42 @@ def test_bad_set_is_one_line_exit_2(assignment, needles, tmp_path, capsys):
     for n in needles:
         assert n.lower() in err.lower(), err
     assert not out.exists()
+
+
+def test_every_learning_rate_and_epoch_default_is_resolved_at_load():
+    r = recipe.apply_overrides(recipe.load(), ["prune.learning_rate=null", "distill.learning_rate=1e-3",
+                                               "training.learning_rate=3e-3", "teacher.learning_rate=null"])
+    assert r.stages.prune.learning_rate == 3e-3 and r.stages.distill.learning_rate == 1e-3
+    assert r.teacher.learning_rate == 3e-3 and r.stages.qat.learning_rate == 1e-4  # a stage's own default stays
+    assert r.stages.baseline.epochs == r.stages.distill.epochs == 8
+    assert all(s.get("learning_rate", 1.0) is not None for s in r.to_dict()["stages"].values())
+    # and the resolved recipe (the run folder's recipe.yaml) loads back to the same settings
+    assert recipe.from_dict(r.to_dict()).to_dict() == r.to_dict()
+
+
+def test_a_later_set_reaches_the_keys_that_were_derived_from_it():
+    r = recipe.apply_overrides(recipe.load(), ["distill.epochs=3"])
+    r = recipe.apply_overrides(r, ["training.learning_rate=0.01", "distill.epochs=2"])
+    assert r.stages.baseline.epochs == 2 and r.stages.distill.learning_rate == 0.01 and r.teacher.learning_rate == 0.01
+    assert r.stages.prune.learning_rate == 0.001  # set by the recipe, so kept
+    r = recipe.apply_overrides(r, ["baseline.epochs=5", "teacher=null", "stages.teacher=false", "baseline=false"])
+    assert r.stages.baseline is None and r.teacher is None
+
+
+def test_the_recipe_holds_the_library_configs_and_their_rules():
+    r = recipe.apply_overrides(recipe.load(), ["cluster.clusters=8"])
+    assert isinstance(r.data, DataConfig) and isinstance(r.stages.prune, PruneConfig)
+    assert isinstance(r.stages.cluster, ClusterConfig)
+    assert r.stages.prune.config() == PruneConfig(target_sparsity=0.75, schedule="polynomial", end_fraction=0.5,
+                                                  frequency=50)
+    assert r.stages.cluster.config() == ClusterConfig(clusters=8)
+    # the stages and their order are the registry's
+    assert list(recipe.Stages.model_fields) == list(registry.STAGES)
+
+
+def test_exponent_numbers_are_numbers():
+    r = recipe.apply_overrides(recipe.load(), ["training.learning_rate=1e-3", "prune.learning_rate=5E-4"])
+    assert r.training.learning_rate == 1e-3 and r.stages.prune.learning_rate == 5e-4
 
 
 def test_missing_recipe_file_is_a_user_error(tmp_path):

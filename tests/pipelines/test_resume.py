@@ -1,6 +1,7 @@
 """Resumable runs: finished stages are skipped (from their manifests), changes rerun what depends on them,
 Ctrl-C says how to resume, and kill -9 at any moment leaves nothing a later run takes for finished."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from pipelines import compress
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--limit-train", "600", "--limit-test", "200", "--teacher-epochs", "1", "--epochs", "1",
@@ -21,33 +24,48 @@ def _cmd(out, *extra):
     return [sys.executable, "-m", "pipelines.compress", "--out", str(out), "--run-name", "r", *FAST, *extra]
 
 
-def _run(out, *extra, timeout=600):
-    proc = subprocess.run(_cmd(out, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def _run(out, *extra, timeout=600, cwd=ROOT):
+    proc = subprocess.run(_cmd(out, *extra), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
+def _source_copy(dest):
+    """A copy of the project's code to edit; `python -m pipelines.compress` run in it imports the copy."""
+    for d in ("edge_kd", "pipelines", "models", "recipes"):
+        shutil.copytree(ROOT / d, dest / d, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 def _skipped(stdout):
-    return [s for s in STAGES if f"] {s}: finished earlier with the same settings and inputs, skipped" in stdout]
+    return [s for s in STAGES if f"] {s}: finished earlier with the same settings, inputs and code, skipped" in stdout]
 
 
 def _manifest(run, stage):
     return json.loads((run / "manifests" / f"{stage}.json").read_text())
 
 
+def _main(capsys, out, *extra):
+    """The same command in this process (no second TensorFlow start-up); returns what it printed."""
+    code = compress.main(_cmd(out, *extra)[3:])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out[-3000:] + captured.err[-3000:]
+    return captured.out
+
+
 @pytest.mark.slow
-def test_rerun_skips_and_a_change_reruns_that_stage_and_its_dependents(tmp_path):
+def test_rerun_skips_and_a_change_reruns_that_stage_and_its_dependents(tmp_path, capsys):
     out = tmp_path / "out"
     run = out / "r"
-    first = _run(out)
+    first = _main(capsys, out)
     assert _skipped(first) == []
     stamps = {s: _manifest(run, s)["finished"] + _manifest(run, s)["fingerprint"] for s in STAGES}
 
-    again = _run(out)
-    assert _skipped(again) == STAGES
+    again = _main(capsys, out)
+    assert _skipped(again) == STAGES  # an unchanged tree reruns nothing
     assert {s: _manifest(run, s)["finished"] + _manifest(run, s)["fingerprint"] for s in STAGES} == stamps
 
-    changed = _run(out, "--set", "prune.target_sparsity=0.5")
+    changed = _main(capsys, out, "--set", "prune.target_sparsity=0.5")
     assert _skipped(changed) == ["teacher", "distill", "baseline"]
     for s in ("prune", "qat", "export", "benchmark", "bundle", "report"):
         assert _manifest(run, s)["fingerprint"] != stamps[s][-64:]
@@ -61,8 +79,18 @@ def test_rerun_skips_and_a_change_reruns_that_stage_and_its_dependents(tmp_path)
     data = bytearray(student.read_bytes())
     data[len(data) // 2] ^= 0xFF
     student.write_bytes(bytes(data))
-    repaired = _run(out, "--set", "prune.target_sparsity=0.5")
+    repaired = _main(capsys, out, "--set", "prune.target_sparsity=0.5")
     assert _skipped(repaired) == ["teacher", "baseline"]
+    stamps = {s: _manifest(run, s)["finished"] + _manifest(run, s)["fingerprint"] for s in STAGES}
+
+    # a fix to the report's code, run as a real process from an edited copy of the source, reruns the
+    # report alone (which stages run which file: test_codehash.py)
+    src = _source_copy(tmp_path / "src")
+    with open(src / "edge_kd" / "report" / "report.py", "a") as f:
+        f.write("\n# a fix\n")
+    fixed = _run(out, "--set", "prune.target_sparsity=0.5", cwd=src)
+    assert _skipped(fixed) == STAGES[:-1]
+    assert _manifest(run, "report")["fingerprint"] != stamps["report"][-64:]
 
 
 def _wait_for(predicate, proc, limit=300):
@@ -81,7 +109,7 @@ def _wait_for(predicate, proc, limit=300):
 def test_ctrl_c_says_how_to_resume_and_kill_9_mid_stage_resumes_to_completion(tmp_path):
     out = tmp_path / "out"
     run = out / "r"
-    long_distill = ["--epochs", "40"]  # long enough to be caught in the middle of the stage
+    long_distill = ["--epochs", "40", "--set", "baseline.epochs=1"]  # a distill stage long enough to be caught
 
     # Ctrl-C in the middle of the distill stage: one line, exit 130, the finished teacher kept
     proc = subprocess.Popen(_cmd(out, *long_distill), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

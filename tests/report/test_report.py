@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from edge_kd.bench.results import ModelRow
 from edge_kd.report.report import _plot_points, markdown_table, pareto_front, write_report
 
 
@@ -15,10 +16,10 @@ def _lat(threads, mean, p90):
 
 
 def _model(name, role, fmt, variant, acc, size, lat, teacher_acc=0.9912):
-    return {"name": name, "role": role, "format": fmt, "variant": variant, "path": f"export/{name}.{fmt}",
-            "accuracy": acc, "size_bytes": size, "gzip_bytes": size // 2, "params": 12345, "macs": 678910,
-            "input_scale": 1 / 255, "input_offset": 0.0,
-            "latency": lat, "gap_to_teacher": teacher_acc - acc}
+    """One results row as results.json holds it."""
+    return ModelRow(name=name, role=role, format=fmt, variant=variant, path=f"export/{name}.{fmt}", accuracy=acc,
+                    size_bytes=size, gzip_bytes=size // 2, params=12345, macs=678910, input_scale=1 / 255,
+                    input_offset=0.0, latency=lat, gap_to_teacher=teacher_acc - acc).to_dict()
 
 
 @pytest.fixture
@@ -95,12 +96,12 @@ def test_report_md_has_every_model_and_number(tmp_path, results):
 
 def test_plot_points_leave_untimed_keras_rows_out_of_the_latency_panel(results):
     size_points, lat_points = _plot_points(results)
-    assert [p[2]["name"] for p in size_points] == [m["name"] for m in results["models"]]
-    assert [p[2]["name"] for p in lat_points] == ["teacher-fp32", "student-int8", "baseline-int8"]
+    assert [p[2].name for p in size_points] == [m["name"] for m in results["models"]]
+    assert [p[2].name for p in lat_points] == ["teacher-fp32", "student-int8", "baseline-int8"]
     assert size_points[2][:2] == (40.0, pytest.approx(98.67))
     assert lat_points[1][:2] == (0.123, pytest.approx(98.67))
     front = pareto_front(lat_points)
-    assert [p[2]["name"] for p in front] == ["student-int8", "teacher-fp32"]
+    assert [p[2].name for p in front] == ["student-int8", "teacher-fp32"]
 
 
 def test_pareto_front_matches_brute_force(rng):
