@@ -122,7 +122,7 @@ def describe(error: pydantic.ValidationError, model: type, prefix: str = "") -> 
         what = _TYPE_WORDS.get(kind) or _type_word(annotation)
         bounds = _bounds(annotation)
         if kind in _BOUNDS:
-            return f"{key} must be {_type_word(annotation)} {bounds or _bound_of(e)}, got {show(given)}"
+            return f"{key} must be {what} {bounds or _bound_of(e)}, got {show(given)}"
         return f"{key} must be {what}{' ' + bounds if bounds else ''}{' or null' if _optional(annotation) else ''}, " \
                f"got {show(given)}"
     if kind in ("too_short", "too_long"):

@@ -119,7 +119,7 @@ def load(source: str = "mnist", *, val_fraction: float = 0.1, seed: int = 0, lim
     that has no ``test/`` subfolder. The settings are checked by ``DataConfig``.
     """
     cfg = DataConfig(source=str(source), val_fraction=val_fraction, limit_train=limit_train, limit_test=limit_test,
-                     image_size=None if image_size is None else list(image_size), test_fraction=test_fraction)
+                     image_size=image_size, test_fraction=test_fraction)
     return load_config(cfg, seed=seed)
 
 

@@ -122,7 +122,7 @@ class StudentStage(Stage):
 
     def reads(self, ctx):
         deps = []
-        if ctx.recipe.distils(self.name) and "teacher" in ctx.recipe.stages.enabled():
+        if ctx.recipe.distils(self.name) and "teacher" in ctx.enabled():
             deps.append("teacher")
         if self.refines:
             deps.append(ctx.previous_student(self.name))

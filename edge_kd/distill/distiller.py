@@ -226,7 +226,7 @@ class Distiller(keras.Model):
         bad = self.unweighable_terms()
         if bad:
             raise ValueError(f"sample_weight/class_weight: the term(s) {', '.join(bad)} cannot weigh examples (their "
-                             f"value is not a sum over examples: rkd compares pairs and triplets); remove the "
+                             f"value is not a mean over examples: rkd compares pairs and triplets); remove the "
                              f"weights or the term")
 
     def _compute_losses(self, x, y, training, sw=None):
