@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from edge_kd import augment as augment_mod
 from edge_kd.distill import losses
 from edge_kd.distill import taps as taps_mod
 from edge_kd.distill.registry import LossTerm, check_range
@@ -79,7 +80,7 @@ class Distiller(keras.Model):
     def __init__(self, student: keras.Model, teacher=None, terms: Sequence[LossTerm] = (),
                  hard_weight: float = 1.0, *, teacher_weights: Sequence[float] | None = None,
                  combine: str = "fixed", ema_decay: float | None = None, peers: Sequence[keras.Model] = (),
-                 **kwargs):
+                 augment=None, consistent: bool = True, label_smoothing: float = 0.0, **kwargs):
         super().__init__(name=kwargs.pop("name", "distiller"), **kwargs)
         names = [t.name for t in terms]
         if len(set(names)) != len(names):
@@ -95,6 +96,9 @@ class Distiller(keras.Model):
             raise ValueError("distillation terms need a teacher (or ema_decay, or peers)")
         self.student = student
         self.hard_weight = float(hard_weight)
+        self.augment = augment
+        self.consistent = bool(consistent)
+        self.label_smoothing = check_range("label_smoothing", label_smoothing, 0.0, 1.0)
         self.terms = list(terms)
         self.combine = combine
         self.ema_decay = None if ema_decay is None else float(ema_decay)
@@ -124,7 +128,6 @@ class Distiller(keras.Model):
         self._steps_per_epoch = tf.Variable(0.0, trainable=False, name="steps_per_epoch")
         self._epochs_begun = tf.Variable(0.0, trainable=False, name="epochs_begun")
 
-        self._ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self._loss_tracker = keras.metrics.Mean(name="loss")
         self._hard_tracker = keras.metrics.Mean(name="student_loss")
         self._term_trackers = [keras.metrics.Mean(name=n) for n in names]
@@ -155,19 +158,42 @@ class Distiller(keras.Model):
         done = tf.cast(self._train_counter, tf.float32)
         return tf.where(steps > 0, done / tf.maximum(steps, 1.0), self._epochs_begun)
 
-    def _forward(self, x, training):
-        """Returns the student dict and one dict per source of knowledge (teachers or peers)."""
+    def _forward(self, x, training, teacher_x=None, cached=None, mixing=None):
+        """Returns the student dict and one dict per source of knowledge (teachers or peers).
+
+        The teachers see ``teacher_x`` (default ``x``) or, with ``cached`` (batch, teachers, classes), give
+        those logits without running; when they did not see the student's mixed batch, their outputs are
+        mixed with the batch's ``mixing`` (permutation, λ), as the labels are.
+        """
         out = self._student_net(x, training=training)
         student = self._as_dict(out, self._s_taps)
         student["epoch"] = self.epoch()
+        if cached is not None:
+            teachers = [{"logits": cached[:, k], "features": {}} for k in range(len(self.teachers))]
+        else:
+            teachers = self._teach(x if teacher_x is None else teacher_x)
+        if mixing is not None and (cached is not None or teacher_x is not None):
+            teachers = [augment_mod.mix(t, *mixing) for t in teachers]
+        return student, [tf.nest.map_structure(tf.stop_gradient, t) for t in teachers]
+
+    def _teach(self, x):
+        """Returns one dict per teacher of its outputs on ``x`` (logits, and the tapped layers of the first)."""
         teachers = []
         for i, t in enumerate(self.teachers):
             if i == 0 and self._teacher_net is not None:
-                d = self._as_dict(self._teacher_net(x, training=False), self._t_taps)
+                teachers.append(self._as_dict(self._teacher_net(x, training=False), self._t_taps))
             else:
-                d = {"logits": t(x, training=False), "features": {}}
-            teachers.append(tf.nest.map_structure(tf.stop_gradient, d))
-        return student, teachers
+                teachers.append({"logits": t(x, training=False), "features": {}})
+        return teachers
+
+    def teacher_logits(self, x) -> tf.Tensor:
+        """Returns the teachers' logits of ``x`` as (batch, teachers, classes): what a teacher cache holds."""
+        return tf.stack([t["logits"] for t in self._teach(x)], axis=1)
+
+    def uses_cache(self) -> bool:
+        """Returns whether a teacher cache can stand in for the teachers: fixed view, frozen teachers, logit terms."""
+        return (not self.consistent and bool(self.teachers) and self.ema_decay is None
+                and all(t.reads_only_logits() for t in self.terms))
 
     @staticmethod
     def _as_dict(out, names):
@@ -205,9 +231,31 @@ class Distiller(keras.Model):
                 total += tf.reduce_mean(weights[k]) * term(student, t, y)
         return total
 
-    def _objective(self, student, teachers, y, sw, weights, losses):
+    def _cross_entropy(self, y, logits, sw):
+        """Returns the batch's cross-entropy with the labels ``y``, smoothed by ``label_smoothing``, weighted by ``sw``."""
+        logits = tf.cast(logits, tf.float32)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.reshape(tf.cast(y, tf.int32), [-1]), logits)
+        if self.label_smoothing:
+            uniform = -tf.reduce_mean(tf.nn.log_softmax(logits), axis=-1)
+            ce = (1.0 - self.label_smoothing) * ce + self.label_smoothing * uniform
+        return tf.reduce_mean(ce if sw is None else sw * ce)
+
+    def _hard(self, y, logits, sw, mixing):
+        """Returns the hard loss; for a mixed batch ``λ · CE(y) + (1 − λ) · CE(y[π])``."""
+        if mixing is None:
+            return self._cross_entropy(y, logits, sw)
+        perm, lam = mixing
+        other_sw = None if sw is None else tf.gather(sw, perm)
+        return lam * self._cross_entropy(y, logits, sw) + (1.0 - lam) * self._cross_entropy(
+            tf.gather(y, perm), logits, other_sw)
+
+    def _objective(self, student, teachers, y, sw, weights, losses, mixing=None):
         """Returns (total, hard, term values) of one model distilling from ``teachers``."""
-        hard = self._ce(y, student["logits"], sample_weight=sw)
+        hard = self._hard(y, student["logits"], sw, mixing)
+        if mixing is not None:  # the terms see the label of the image that covers more of the mix
+            perm, lam = mixing
+            y = tf.where(lam >= 0.5, y, tf.gather(y, perm))
+            sw = None if sw is None else lam * sw + (1.0 - lam) * tf.gather(sw, perm)
         total = self.hard_weight * hard
         values = []
         for term in self.terms:
@@ -229,15 +277,15 @@ class Distiller(keras.Model):
                              f"value is not a mean over examples: rkd compares pairs and triplets); remove the "
                              f"weights or the term")
 
-    def _compute_losses(self, x, y, training, sw=None):
-        student, teachers = self._forward(x, training)
+    def _compute_losses(self, x, y, training, sw=None, teacher_x=None, cached=None, mixing=None):
+        student, teachers = self._forward(x, training, teacher_x=teacher_x, cached=cached, mixing=mixing)
         extra = self.student.losses if training else []
         if sw is not None:
             self._check_weighable()  # at trace time; fit() checks before training starts
             sw = tf.reshape(tf.cast(sw, tf.float32), [-1])
         if not self.peers:
-            weights = self._weights(teachers, y) if teachers else None
-            total, hard, values = self._objective(student, teachers, y, sw, weights, extra)
+            weights = self._weights(teachers, self._dominant(y, mixing)) if teachers else None
+            total, hard, values = self._objective(student, teachers, y, sw, weights, extra, mixing)
             return student, teachers, total, hard, values, None
         # Mutual learning: every model learns from the others' current predictions, held constant.
         models = [student] + [{"logits": p(x, training=training), "features": {}, "epoch": student["epoch"]}
@@ -246,12 +294,26 @@ class Distiller(keras.Model):
         others = lambda k: [f for j, f in enumerate(frozen) if j != k]  # noqa: E731
         n = len(models) - 1
         even = tf.fill([n, tf.shape(y)[0]], 1.0 / n)
-        total, hard, values = self._objective(student, others(0), y, sw, even, extra)
+        total, hard, values = self._objective(student, others(0), y, sw, even, extra, mixing)
         peer_totals = []
         for k, peer in enumerate(self.peers, start=1):
-            pt, _, _ = self._objective(models[k], others(k), y, sw, even, peer.losses if training else [])
+            pt, _, _ = self._objective(models[k], others(k), y, sw, even, peer.losses if training else [], mixing)
             peer_totals.append(pt)
         return student, teachers, total, hard, values, tf.add_n(peer_totals) / len(peer_totals)
+
+    @staticmethod
+    def _dominant(y, mixing):
+        """Returns, per example, the label of the image that covers more of a mixed one (``y`` if unmixed)."""
+        if mixing is None:
+            return y
+        perm, lam = mixing
+        return tf.where(lam >= 0.5, y, tf.gather(y, perm))
+
+    def _split_inputs(self, x):
+        """Returns ``(images, cached teacher logits or None)`` of a batch's inputs (see ``TeacherCache``)."""
+        if isinstance(x, dict):
+            return x["image"], x.get("teacher_logits")
+        return x, None
 
     def _update(self, y, sw, s_logits, total, hard, values, peer_total):
         # Weighted by batch size, as Keras weights its own loss, so an epoch's figure is the per-sample mean
@@ -284,7 +346,7 @@ class Distiller(keras.Model):
         return super().fit(*args, callbacks=[_Progress(self), *(callbacks or [])], **kwargs)
 
     def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
+        return self.student(self._split_inputs(inputs)[0], training=training)
 
     @property
     def metrics(self):
@@ -306,8 +368,15 @@ class Distiller(keras.Model):
 
     def train_step(self, data):
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        x, cached = self._split_inputs(x)
+        if cached is not None and not self.uses_cache():
+            raise ValueError("cached teacher logits need consistent=False, frozen teachers and terms on logits only")
+        view, mixing = (x, None) if self.augment is None else self.augment(x, self._train_counter)
+        # Consistent teaching: the teachers see the student's view. A fixed view: the unaugmented images.
+        teacher_x = None if (self.consistent or cached is not None) else x
         with tf.GradientTape() as tape:
-            student, teachers, total, hard, values, peer_total = self._compute_losses(x, y, training=True, sw=sw)
+            student, teachers, total, hard, values, peer_total = self._compute_losses(
+                view, y, training=True, sw=sw, teacher_x=teacher_x, cached=cached, mixing=mixing)
             objective = total if peer_total is None else total + peer_total * len(self.peers)
         variables = self.trained_variables()
         self.optimizer.apply_gradients(zip(tape.gradient(objective, variables), variables))
@@ -315,11 +384,12 @@ class Distiller(keras.Model):
             term.after_train_step(student, teachers[0] if teachers else None, y)
         if self.ema_decay is not None:
             self._update_mean_teacher()
-        return self._update(y, sw, student["logits"], total, hard, values, peer_total)
+        return self._update(self._dominant(y, mixing), sw, student["logits"], total, hard, values, peer_total)
 
     def test_step(self, data):
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
-        student, _, total, hard, values, peer_total = self._compute_losses(x, y, training=False, sw=sw)
+        x, cached = self._split_inputs(x)
+        student, _, total, hard, values, peer_total = self._compute_losses(x, y, training=False, sw=sw, cached=cached)
         return self._update(y, sw, student["logits"], total, hard, values, peer_total)
 
     def _update_mean_teacher(self):
