@@ -1,4 +1,6 @@
-"""The one fit loop: Adam with cosine decay to zero, progress per epoch, and a stop on a non-finite loss.
+"""The one fit loop: the optimizer and schedule of an ``OptimizerConfig``, progress per epoch, a stop on a non-finite loss.
+
+The optimizer and its schedule are ``edge_kd.optim.OptimizerConfig``'s.
 
 >>> from edge_kd import data, train
 >>> from edge_kd.distill import Distiller
@@ -17,6 +19,7 @@ import sys
 
 from edge_kd.errors import UserError
 from edge_kd.keras import keras
+from edge_kd.optim import OptimizerConfig
 
 
 def verbosity() -> int:
@@ -47,14 +50,16 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             raise Diverged(epoch + 1, (self.params or {}).get("epochs"), float(loss))
 
 
-def fit(model, train, epochs: int, learning_rate: float, validation=None, callbacks=(), verbose=None) -> dict:
-    """Compiles ``model`` with Adam and cosine decay over the whole fit, trains it; returns the history as lists.
+def fit(model, train, epochs: int, learning_rate: float, validation=None, callbacks=(), verbose=None,
+        optimizer: OptimizerConfig | None = None) -> dict:
+    """Compiles ``model`` with ``optimizer`` (default: Adam, cosine decay over the whole fit), trains it;
+    returns the history as lists.
 
     ``train`` is a batched tf.data dataset of known length; a non-finite loss raises ``Diverged``.
     """
-    steps = max(1, epochs * len(train))
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
-    model.compile(optimizer=keras.optimizers.Adam(schedule))
+    per_epoch = max(1, len(train))
+    steps = max(1, epochs * per_epoch)
+    model.compile(optimizer=(optimizer or OptimizerConfig()).build(learning_rate, steps, per_epoch))
     history = model.fit(train, validation_data=validation, epochs=epochs,
                         verbose=verbosity() if verbose is None else verbose,
                         callbacks=[StopOnNonFiniteLoss(), *callbacks])
