@@ -1,6 +1,6 @@
 """Named data sources → a DataBundle of train/val/test images and labels.
 
-Sources: ``mnist`` (built in, shipped inside the package), a path to an ``.npz`` with
+Sources: ``fashion_mnist`` (the default) and ``mnist`` (both built in, shipped inside the package), a path to an ``.npz`` with
 ``x_train, y_train, x_test, y_test``, a folder of images with one subfolder per class (optionally
 ``train/`` and ``test/`` subfolders), or ``tfds:<name>`` for tensorflow-datasets.
 
@@ -28,7 +28,12 @@ from edge_kd.config import Config, Field, Float, Int, Invalid, Str
 from edge_kd.errors import UserError
 from edge_kd.fileio import sha256_file
 
-BUILTIN = {"mnist": Path(__file__).parent / "_data" / "mnist.npz"}
+BUILTIN = {name: Path(__file__).parent / "_data" / f"{name}.npz" for name in ("fashion_mnist", "mnist")}
+#: the class names of the built-in sets (their files are the canonical bytes, which name none)
+BUILTIN_CLASSES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -37,7 +42,7 @@ class DataConfig(Config):
     """Where the images come from and how they are split; the one statement of what each setting allows."""
 
     KEY: ClassVar[str] = "data"
-    source: Str = "mnist"
+    source: Str = "fashion_mnist"
     val_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.1
     image_size: Optional[Annotated[list[Annotated[Int, Field(gt=0)]], Field(min_length=2, max_length=2)]] = None
     limit_train: Optional[Annotated[Int, Field(ge=1)]] = None
@@ -89,17 +94,30 @@ class DataBundle:
         x, y = self._split(split)
         return self.normalise(x), y
 
-    def dataset(self, split: str, batch_size: int = 128, shuffle: bool = False, seed: int = 0):
-        """Returns a batched tf.data pipeline of ``(normalised images, labels)`` for ``split``."""
+    def dataset(self, split: str, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
+                teacher_logits: np.ndarray | None = None):
+        """Returns a batched tf.data pipeline of ``(normalised images, labels)`` for ``split``.
+
+        With ``teacher_logits`` (one row per image of the split, a teacher cache), the inputs are
+        ``{"image": images, "teacher_logits": rows}``: each image travels with its teachers' logits.
+        """
         from edge_kd.keras import tf
 
         x, y = self._split(split)
         scale, offset = np.float32(self.info.input_scale), np.float32(self.info.input_offset)
-        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if teacher_logits is not None and len(teacher_logits) != len(x):
+            raise ValueError(f"teacher_logits has {len(teacher_logits)} rows for the {len(x)} images of {split}")
+        inputs = x if teacher_logits is None else {"image": x, "teacher_logits": teacher_logits}
+        ds = tf.data.Dataset.from_tensor_slices((inputs, y))
         if shuffle:
             ds = ds.shuffle(min(len(x), 60000), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32) * scale + offset, b),
-                                      num_parallel_calls=tf.data.AUTOTUNE)
+
+        def normalise(a, b):
+            if isinstance(a, dict):
+                return {**a, "image": tf.cast(a["image"], tf.float32) * scale + offset}, b
+            return tf.cast(a, tf.float32) * scale + offset, b
+
+        ds = ds.batch(batch_size).map(normalise, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def _split(self, split):
@@ -108,7 +126,7 @@ class DataBundle:
         return getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
 
 
-def load(source: str = "mnist", *, val_fraction: float = 0.1, seed: int = 0, limit_train: int | None = None,
+def load(source: str = "fashion_mnist", *, val_fraction: float = 0.1, seed: int = 0, limit_train: int | None = None,
          limit_test: int | None = None, image_size: Sequence[int] | None = None,
          test_fraction: float = 0.2) -> DataBundle:
     """Returns the DataBundle for ``source``; a bad source or setting is a one-line UserError.
@@ -129,6 +147,7 @@ def load_config(cfg: DataConfig, seed: int = 0) -> DataBundle:
     if source in BUILTIN:
         name = source
         x_tr, y_tr, x_te, y_te, class_names = _load_npz(BUILTIN[source])
+        class_names = class_names or BUILTIN_CLASSES.get(source)
         digest = sha256_file(BUILTIN[source])
     elif source.startswith("tfds:"):
         name = source[5:]

@@ -1,8 +1,9 @@
 """python -m pipelines.compress: distil, prune, quantize, export, benchmark and report, from one recipe.
 
-With no arguments it runs the built-in recipe (recipes/mnist.yaml) on the built-in MNIST: trains a
-teacher CNN, distils a small student, trains the same student without a teacher for comparison,
-prunes the student to 75 % while distilling, runs sparsity-preserving quantization-aware training
+With no arguments it runs the built-in recipe (recipes/fashion_mnist.yaml) on the built-in
+Fashion-MNIST: takes the teacher shipped in the package, distils a small student from it on augmented
+images (the teacher seeing each step's view), trains the same student without a teacher for
+comparison, prunes the student to 75 % while distilling, runs sparsity-preserving quantization-aware training
 while distilling, exports TFLite models, measures them with LiteRT and writes
 tflite_out/<run>/report.md, results.json, results.csv and pareto.png. Each stage is resumable:
 rerunning a command skips the stages that finished with the same settings, inputs and code.
@@ -49,18 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     """Returns the command's argument parser; --help documents every option."""
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[1].replace("\n", " "),
                 epilog="Options other than --recipe, --set and --out are shortcuts for recipe keys (shown in "
-                       "brackets) and override the recipe. Defaults are the built-in recipe's, recipes/mnist.yaml.")
+                       "brackets) and override the recipe. Defaults are the built-in recipe's, recipes/fashion_mnist.yaml.")
     g = p.add_argument_group("recipe")
     g.add_argument("--recipe", default=None, metavar="YAML",
                    help="the run's recipe (data, teacher, student, stages and their parameters); "
-                        "default: recipes/mnist.yaml")
+                        "default: recipes/fashion_mnist.yaml")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe key, typed as in YAML, e.g. --set prune.target_sparsity=0.5 "
                         "--set distill.epochs=10 --set data.limit_train=5000 (repeatable; `stage.key` is short "
                         "for `stages.stage.key`; naming a stage the recipe lacks adds it)")
     g.add_argument("--out", default="tflite_out", metavar="DIR", help="folder holding run folders (default: tflite_out)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="[data.source] 'mnist' (built in), a .npz with x_train/y_train/x_test/y_test "
+    g.add_argument("--data", help="[data.source] 'fashion_mnist' or 'mnist' (built in), a .npz with x_train/y_train/x_test/y_test "
                    "(uint8 pixels), a folder with one subfolder of images per class (optionally under train/ and "
                    "test/), or tfds:<name> (tensorflow-datasets; downloads once)")
     g.add_argument("--image-size", type=lambda t: _pair(int, 2, t), metavar="H,W",
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit-test", type=int, metavar="N", help="[data.limit_test] use only N test images")
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", metavar="PATH",
-                   help="[teacher.path] your trained teacher (.keras or .h5; softmax or logits head) instead of "
+                   help="[teacher.path] your trained teacher (.keras or .h5; softmax or logits head; or builtin:<name>) instead of "
                         "training one")
     g.add_argument("--trust-teacher", action="store_true", default=None,
                    help="[teacher.trust] allow loading a teacher whose file runs code (Lambda layers); only for "
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help="[stages.distill.epochs] epochs of distillation (the baseline follows)")
     g.add_argument("--batch-size", type=int, help="[training.batch_size] training batch size")
     g.add_argument("--learning-rate", type=float,
-                   help="[training.learning_rate] Adam's initial learning rate (cosine decay within each stage)")
+                   help="[training.learning_rate] the peak learning rate (training.optimizer; warm-up, then cosine "
+                   "decay within each stage)")
     g.add_argument("--temperature", "-T", type=float,
                    help="[distillation.terms hinton temperature] softmax temperature T of the soft targets (> 0)")
     g.add_argument("--alpha", type=float,

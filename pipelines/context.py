@@ -5,6 +5,7 @@ Also the parts of a fingerprint that several stages have in common (``training_k
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ class Context:
         self._bundle = None
         self._teacher = None
         self._extra_teachers = None
+        self._teacher_cache = None
         self._file_keys: dict[str, str] = {}
         self.teacher_info: dict = {}
         self.manifests: dict[str, dict] = {}
@@ -101,8 +103,11 @@ class Context:
 
                 model = load_teacher(t.path, trust=t.trust)
             self._teacher, adapted = self.adapt(model, t.input_range)
-            self.teacher_info = {**adapted, "trained_by": "edge-kd" if t.path is None else "user",
-                                 "file": str(self.teacher_file())}
+            from edge_kd import builtin_teachers
+
+            shipped = None if t.path is None else builtin_teachers.name_of(t.path)
+            by = "edge-kd" if t.path is None else f"edge-kd, shipped ({shipped})" if shipped else "user"
+            self.teacher_info = {**adapted, "trained_by": by, "file": str(self.teacher_file())}
         return self._teacher
 
     def extra_teachers(self) -> list:
@@ -143,25 +148,55 @@ class Context:
                              unsupported=self.recipe.stages.qat.unsupported)
 
     # -- training ------------------------------------------------------------------------------------------
-    def distiller(self, student, stage: str, peers=None, teachers=None):
+    def augmenter(self, stage: str):
+        """Returns the Augmenter of ``stage`` (its resolved ``augment``), or None where it has none on.
+
+        Its seed comes from the recipe's seed and the stage's name, so a rerun repeats it exactly and the
+        baseline (which asks for the distill stage's) sees the very views the distilled student saw.
+        """
+        from edge_kd.augment import Augmenter
+
+        cfg = self.settings(stage).augment
+        if cfg is None or not cfg.active():
+            return None
+        digest = hashlib.sha256(f"{self.recipe.seed}:{stage}".encode()).digest()
+        return Augmenter(cfg, seed=int.from_bytes(digest[:4], "little"), fill_value=self.bundle.info.input_offset)
+
+    def distiller(self, student, stage: str, peers=None, teachers=None, distil: bool = True):
         """Returns a Distiller of ``student`` for ``stage``: with the recipe's loss terms if it distils.
 
-        In mutual mode the peers are ``peers`` or, after the distill stage, the peers it saved; the
-        teachers are ``teachers`` or the recipe's (trained or loaded, then adapted).
+        ``distil=False`` gives the same Distiller without a teacher (the baseline: the same augmentation and
+        label smoothing). In mutual mode the peers are ``peers`` or, after the distill stage, the peers it
+        saved; the teachers are ``teachers`` or the recipe's (trained or loaded, then adapted).
         """
         from edge_kd.distill import Distiller
 
-        if not self.recipe.distils(stage):
-            return Distiller(student)
-        dist = self.recipe.distillation
-        common = {"terms": dist.build_terms(), "hard_weight": dist.hard_weight}
+        r = self.recipe
+        options = {"augment": self.augmenter(stage), "label_smoothing": r.training.label_smoothing}
+        if not (distil and r.distils(stage)):
+            return Distiller(student, **options)
+        dist = r.distillation
+        common = {"terms": dist.build_terms(), "hard_weight": dist.hard_weight, "consistent": dist.consistent,
+                  **options}
         if dist.mode == "mean_teacher":
             return Distiller(student, ema_decay=dist.ema_decay, **common)
         if dist.mode == "mutual":
             return Distiller(student, peers=self.load_peers() if peers is None else peers, **common)
-        if teachers is None and self.recipe.teacher is not None:
+        if teachers is None and r.teacher is not None:
             teachers = [self.teacher(), *self.extra_teachers()]
         return Distiller(student, teachers, teacher_weights=dist.teacher_weights, combine=dist.combine, **common)
+
+    def teacher_cache(self, distiller) -> dict:
+        """Returns the teachers' logits of the train and val images, (images, teachers, classes) each, computed once."""
+        if self._teacher_cache is None:
+            import time
+
+            start = time.perf_counter()
+            self._teacher_cache = {split: _predict(distiller.teacher_logits, self.bundle.arrays(split)[0])
+                                   for split in ("train", "val")}
+            print(f"  teacher cache: logits of {sum(len(v) for v in self._teacher_cache.values())} images in "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
+        return self._teacher_cache
 
     def build_peers(self) -> list:
         """Returns fresh mutual-learning peers, each drawn from its own seed (recipe seed + its number)."""
@@ -181,13 +216,23 @@ class Context:
         return [keras.models.load_model(self.stage_dir("distill") / "peers" / f"peer_{i}.keras", compile=False)
                 for i in range(len(self.recipe.distillation.peers))]
 
-    def fit(self, model, epochs: int, learning_rate: float, callbacks=()) -> dict:
-        """Trains ``model`` (a Distiller) on the run's data; returns the history as plain lists."""
+    def fit(self, model, epochs: int, learning_rate: float, callbacks=(), optimizer=None) -> dict:
+        """Trains ``model`` (a Distiller) on the run's data; returns the history as plain lists.
+
+        ``optimizer`` (an ``OptimizerConfig``) defaults to the recipe's ``training``.
+
+        With ``distillation.teacher_cache`` and a Distiller that can use it, each batch carries the
+        teachers' cached logits and no teacher runs during training.
+        """
         from edge_kd import train
 
         b, tr = self.bundle, self.recipe.training
-        return train.fit(model, b.dataset("train", tr.batch_size, shuffle=True, seed=self.recipe.seed), epochs,
-                         learning_rate, validation=b.dataset("val", 512), callbacks=callbacks)
+        cache = (self.teacher_cache(model) if self.recipe.distillation.teacher_cache and model.uses_cache()
+                 else {"train": None, "val": None})
+        return train.fit(model, b.dataset("train", tr.batch_size, shuffle=True, seed=self.recipe.seed,
+                                          teacher_logits=cache["train"]),
+                         epochs, learning_rate, validation=b.dataset("val", 512, teacher_logits=cache["val"]),
+                         callbacks=callbacks, optimizer=optimizer or tr)
 
     def steps_per_epoch(self) -> int:
         return int(np.ceil(len(self.bundle.y_train) / self.recipe.training.batch_size))
@@ -225,3 +270,12 @@ class Context:
                 raise UserError(f"teacher file not found: {path}")
             self._file_keys[path] = sha256_file(path)
         return self._file_keys[path]
+
+
+def _predict(fn, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """Returns ``fn`` of ``x`` computed in batches, as one float32 array."""
+    from edge_kd.keras import tf
+
+    call = tf.function(fn)
+    return np.concatenate([call(tf.constant(x[i:i + batch])).numpy() for i in range(0, len(x), batch)]
+                          ).astype(np.float32)

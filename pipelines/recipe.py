@@ -9,7 +9,7 @@ holds the values the run used. A wrong key, type or value is a one-line UserErro
 what is allowed and what was given. ``--set section.key=value`` (or ``stage.key=value``)
 overrides a loaded recipe, typed by YAML like the file itself.
 
->>> r = load()                       # the built-in default recipe (recipes/mnist.yaml)
+>>> r = load()                       # the built-in default recipe (recipes/fashion_mnist.yaml)
 >>> r = apply_overrides(r, ["prune.target_sparsity=0.5", "seed=1"])
 >>> r.stages.prune.target_sparsity
 0.5
@@ -25,14 +25,31 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BeforeValidator, PrivateAttr, create_model, field_validator, model_validator
 
+from edge_kd.augment import AugmentConfig
 from edge_kd.config import Bool, Config, Field, Float, Int, Invalid, Str
 from edge_kd.data import DataConfig
 from edge_kd.errors import UserError
+from edge_kd.optim import OptimizerConfig
 from pipelines import registry
 from pipelines.stage import LearningRate
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-DEFAULT_RECIPE = RECIPES / "mnist.yaml"
+DEFAULT_RECIPE = RECIPES / "fashion_mnist.yaml"
+
+
+def _teacher_file(v):
+    """A teacher file as given, or ``builtin:<name>`` as the path of that shipped teacher."""
+    if isinstance(v, str):
+        from edge_kd import builtin_teachers
+
+        try:
+            return builtin_teachers.resolve(v)
+        except UserError as e:
+            raise Invalid("", str(e)) from None
+    return v
+
+
+TeacherFile = Annotated[Str, BeforeValidator(_teacher_file)]
 
 
 def _input_range(v):
@@ -46,15 +63,19 @@ def _input_range(v):
 InputRange = Annotated[list[float], BeforeValidator(_input_range)]
 
 
-class TeacherSpec(Config):
-    #: a user's .keras/.h5; null: the teacher stage trains ``arch``
-    path: Optional[Str] = None
+class TeacherSpec(OptimizerConfig):
+    """The teacher: a file (``path``), or what the teacher stage trains and how (the optimizer keys are its own)."""
+
+    #: a user's .keras/.h5 or builtin:<name>; null: the teacher stage trains ``arch``
+    path: Optional[TeacherFile] = None
     trust: Bool = False
     input_range: Optional[InputRange] = None
     arch: Str = "cnn_large"
     options: dict[str, Any] = {}
     epochs: Annotated[Int, Field(ge=1)] = 3
     learning_rate: LearningRate = None
+    #: label smoothing of the teacher's own training: off, as smoothed teachers distil worse (Müller et al. 2019)
+    label_smoothing: Annotated[Float, Field(ge=0, le=1)] = 0.0
 
 
 class StudentSpec(Config):
@@ -63,13 +84,17 @@ class StudentSpec(Config):
     options: dict[str, Any] = {}
 
 
-class TrainingSpec(Config):
+class TrainingSpec(OptimizerConfig):
+    """How every stage trains (the optimizer's keys are ``edge_kd.train.OptimizerConfig``'s)."""
+
     batch_size: Annotated[Int, Field(ge=1)] = 128
     learning_rate: Annotated[Float, Field(gt=0)] = 2e-3
+    #: label smoothing of the students' cross-entropy (the teacher has its own, teacher.label_smoothing)
+    label_smoothing: Annotated[Float, Field(ge=0, le=1)] = 0.0
 
 
 class ExtraTeacher(Config):
-    path: Str
+    path: TeacherFile
     trust: Bool = False
     input_range: Optional[InputRange] = None
 
@@ -99,6 +124,11 @@ class DistillationSpec(Config):
     peers: list[Peer] = [Peer()]
     #: mutual: the model exported: 0 the student, i the i-th peer
     export: Annotated[Int, Field(ge=0)] = 0
+    #: the teachers see exactly the student's augmented (and mixed) batch; false: the unaugmented images (a
+    #: fixed view), their outputs mixed as the labels are
+    consistent: Bool = True
+    #: with consistent: false, the teachers' logits are computed once per run and no teacher runs per step
+    teacher_cache: Bool = False
 
     def build_terms(self) -> list:
         """Returns the loss terms of ``terms``, built; a malformed entry is a UserError naming its index."""
@@ -135,12 +165,15 @@ Stages = create_model("Stages", __base__=StagesBase,
 
 
 class Recipe(Config):
-    #: the keys filled from elsewhere in the recipe when it loaded (a stage's null learning rate, ...)
-    _derived: list[str] = PrivateAttr(default_factory=list)
+    #: the keys filled from elsewhere in the recipe when it loaded (a stage's null learning rate, ...), each with
+    #: what the recipe said (null, or the keys of a partial override)
+    _derived: dict[str, Any] = PrivateAttr(default_factory=dict)
     #: the run folder's name; default <data>-<student>
     name: Optional[Str] = None
     seed: Int = 0
     data: DataConfig = Field(default_factory=DataConfig)
+    #: the training augmentation of every stage that trains; a stage's own ``augment`` overrides keys of it
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     teacher: Optional[TeacherSpec] = Field(default_factory=TeacherSpec)
     student: StudentSpec = Field(default_factory=StudentSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -156,15 +189,20 @@ class Recipe(Config):
 
     @model_validator(mode="after")
     def _whole(self):
-        if self.teacher is not None and self.teacher.path is not None:
-            self.stages.teacher = None  # a user's teacher replaces the stage that would train one
+        derived = {}
+        if self.teacher is not None and self.teacher.path is not None and self.stages.teacher is not None:
+            # A teacher file replaces the stage that would train one; `--set teacher.path=null` brings it back.
+            derived["stages.teacher"] = _as_given(self.stages.teacher)
+            self.stages.teacher = None
         _check(self)
-        derived = []
         if self.teacher is not None and self.teacher.learning_rate is None:
             self.teacher.learning_rate = self.training.learning_rate
-            derived.append("teacher.learning_rate")
+            derived["teacher.learning_rate"] = None
         for name in self.stages.enabled():
-            derived += [f"stages.{name}.{k}" for k in registry.STAGES[name].resolve(getattr(self.stages, name), self)]
+            settings = getattr(self.stages, name)
+            said = {k: _as_given(getattr(settings, k)) for k in type(settings).model_fields}
+            for k in registry.STAGES[name].resolve(settings, self):
+                derived[f"stages.{name}.{k}"] = said[k]
         self._derived = derived
         return self
 
@@ -204,6 +242,13 @@ class Recipe(Config):
                 for p in self.distillation.peers]
 
 
+def _as_given(value):
+    """Returns a setting as the recipe gave it: a config as only the keys it set, anything else as is."""
+    if isinstance(value, Config):
+        return value.model_dump(exclude_unset=True)
+    return value
+
+
 class _Loader(yaml.SafeLoader):
     """YAML as PyYAML reads it, but for numbers in exponent form without a dot (1e-4, 2E5), which it leaves
     as strings (YAML 1.1) and a learning rate is usually written in."""
@@ -225,7 +270,7 @@ def fingerprint(obj) -> str:
 
 
 def load(path=None) -> Recipe:
-    """Returns the validated recipe at ``path`` (default: the built-in MNIST recipe)."""
+    """Returns the validated recipe at ``path`` (default: the built-in Fashion-MNIST recipe)."""
     return from_dict(read_yaml(path or DEFAULT_RECIPE))
 
 
@@ -263,13 +308,13 @@ def apply_overrides(recipe: Recipe, assignments: list[str]) -> Recipe:
     reaches every stage whose learning rate was null.
     """
     raw = recipe.to_dict()
-    for path in recipe._derived:
+    for path, said in recipe._derived.items():
         *parents, last = path.split(".")
         node = raw
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict):
-            node[last] = None
+            node[last] = said
     for text in assignments:
         if "=" not in text:
             raise UserError(f"--set expects key=value (e.g. prune.target_sparsity=0.5), got {text!r}")
@@ -351,6 +396,16 @@ def _check_distillation(r: Recipe):
         if needy and len(needy) < len(built):
             raise UserError(f"distillation.terms {', '.join(needy)} need a teacher but teacher is null; remove them "
                             f"or name a teacher")
+    if d.teacher_cache:
+        if d.consistent:
+            raise UserError("distillation.teacher_cache needs distillation.consistent: false (a cache holds the "
+                            "teachers' logits of the unaugmented images; consistent teachers see each step's view)")
+        if d.mode != "teacher" or r.teacher is None:
+            raise UserError("distillation.teacher_cache needs mode teacher and a teacher (the cache holds its logits)")
+        bad = [t.name for t in built if not t.reads_only_logits()]
+        if bad:
+            raise UserError(f"distillation.teacher_cache holds logits only; {', '.join(bad)} read layers or own "
+                            f"variables: set teacher_cache: false")
     if d.extra_teachers and (d.mode != "teacher" or r.teacher is None):
         raise UserError("distillation.extra_teachers adds to the recipe's teacher: it needs mode teacher and a teacher")
     if d.teacher_weights is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ClassVar, Optional
 
+from edge_kd.augment import AugmentConfig
 from edge_kd.config import Bool, Config, Field, Float, Int
 
 if TYPE_CHECKING:  # only for annotations: a stage module imports no pipeline code it does not run
@@ -36,12 +37,25 @@ class StageSettings(Config):
     enabled: Bool = True
 
 
-class TrainSettings(StageSettings):
+class AugmentedSettings(StageSettings):
+    """A stage that trains: its augmentation is the recipe's ``augment``, with the keys it gives here replaced."""
+
+    augment: Optional[AugmentConfig] = None
+
+
+class TrainSettings(AugmentedSettings):
     """A stage that trains the student: for how long, how fast, and whether it distils."""
 
     epochs: Epochs = 8
     learning_rate: LearningRate = None
     distill: Bool = True
+
+
+def resolve_augment(settings: AugmentedSettings, recipe: "Recipe") -> list[str]:
+    """Sets a stage's ``augment`` to the recipe's, with the keys the stage gave replaced; returns ``["augment"]``."""
+    own = {} if settings.augment is None else settings.augment.model_dump(include=settings.augment.model_fields_set)
+    settings.augment = AugmentConfig(**{**recipe.augment.model_dump(), **own})
+    return ["augment"]
 
 
 def library_config(settings: Config, cls: type[Config]) -> Config:
@@ -132,7 +146,8 @@ class StudentStage(Stage):
         return {**ctx.training_key(), **(ctx.distillation_key() if ctx.recipe.distils(self.name) else {})}
 
     def resolve(self, settings, recipe):
+        derived = resolve_augment(settings, recipe)
         if settings.learning_rate is None:
             settings.learning_rate = recipe.training.learning_rate
-            return ["learning_rate"]
-        return []
+            derived.append("learning_rate")
+        return derived

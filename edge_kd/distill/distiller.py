@@ -70,6 +70,14 @@ class Distiller(keras.Model):
     ``hard_weight · CE + Σ term.weight · mean over the others of term(self, other)``, the others'
     logits held constant; only logit terms without variables may be used.
 
+    ``augment`` (an ``edge_kd.augment.Augmenter``) gives each training step's batch its random view and,
+    if set, MixUp or CutMix; test steps and ``call`` never augment. With ``consistent`` (the default)
+    the teachers see exactly that batch; with ``consistent=False`` they see the unaugmented images and
+    their outputs are mixed with the batch's λ, like the labels. Batches whose inputs are
+    ``{"image": x, "teacher_logits": (batch, teachers, classes)}`` (``DataBundle.dataset(...,
+    teacher_logits=...)``, see ``teacher_logits``) give the fixed-view teachers' logits without running
+    them. ``label_smoothing`` smooths the cross-entropy's labels.
+
     Sample weights (``fit(..., sample_weight=w)``, ``class_weight={...}``, or ``(x, y, w)`` batches)
     weigh each example in the cross-entropy and in every term with one value per example, as Keras
     weighs a loss: ``Σ_i w_i · l_i / batch``. As in Keras, ``compile(weighted_metrics=[...])`` are

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from edge_kd import builtin_teachers
 from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
 
@@ -18,8 +19,9 @@ layers = keras.layers
 
 
 def load_teacher(path, trust: bool = False) -> keras.Model:
-    """Returns the Keras model saved at ``path`` (.keras or .h5), loaded with safe mode unless ``trust``."""
-    path = Path(path)
+    """Returns the Keras model saved at ``path`` (.keras or .h5, or ``builtin:<name>``), loaded with safe mode
+    unless ``trust``."""
+    path = Path(builtin_teachers.resolve(str(path)))
     if not path.is_file():
         raise UserError(f"teacher file not found: {path}")
     suffix = path.suffix.lower()

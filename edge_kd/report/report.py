@@ -135,7 +135,8 @@ def _distillation_lines(results: dict) -> list:
     d = results.get("distillation") or {}
     how = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in d.items())
     return [f"Distillation ({how}): the distilled student scores {_pct(s)} % against {_pct(b)} % for the same "
-            f"student trained without distillation (same epochs and seed): {100 * (s - b):+.2f} pp.", ""]
+            f"student trained without distillation (same augmentation, epochs and initial weights): "
+            f"{100 * (s - b):+.2f} pp ({'a gain' if s > b else 'a loss' if s < b else 'no difference'}).", ""]
 
 
 def stage_table(results: dict) -> str:

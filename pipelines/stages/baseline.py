@@ -29,16 +29,18 @@ class Baseline(Stage):
         return []
 
     def key(self, ctx):
-        return {**ctx.training_key(), "learning_rate": ctx.recipe.stages.distill.learning_rate}
+        distill = ctx.recipe.stages.distill
+        return {**ctx.training_key(), "learning_rate": distill.learning_rate, "augment": distill.augment.model_dump()}
 
     def run(self, ctx, out):
-        from edge_kd.distill import Distiller
         from edge_kd.fileio import write_json
         from pipelines.stages.common import save_model
 
         r = ctx.recipe
         student = ctx.build_student()  # the same initial weights as the distilled student
-        history = ctx.fit(Distiller(student), r.stages.baseline.epochs, r.stages.distill.learning_rate)
+        # The distill stage's augmentation, drawn from the same seed: only the teacher differs.
+        history = ctx.fit(ctx.distiller(student, "distill", distil=False), r.stages.baseline.epochs,
+                          r.stages.distill.learning_rate)
         save_model(student, out / self.model_file)
         write_json(out / "history.json", history)
         return {"val_accuracy": history["val_accuracy"][-1]}

@@ -79,4 +79,9 @@ def distillation_summary(r):
         d.update({(k if k != "weight" else f"{t['name']}_weight"): v for k, v in t.items() if k != "name"})
         d["loss"] = "+".join(x["name"] for x in dist.terms)
     d["epochs"] = r.stages.distill.epochs
+    if dist.mode == "teacher":
+        d["teacher view"] = "consistent" if dist.consistent else "fixed"
+    aug = r.stages.distill.augment
+    d["augment"] = ", ".join(f"{k} {v:g}" if not isinstance(v, bool) else k
+                             for k, v in aug.model_dump().items() if v) or "none"
     return d

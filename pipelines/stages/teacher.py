@@ -1,19 +1,23 @@
 """The teacher stage: trains the recipe's teacher architecture when the user brings no teacher of their own."""
 from __future__ import annotations
 
-from pipelines.stage import Stage
+from pipelines.stage import AugmentedSettings, Stage, resolve_augment
 
 
 class Teacher(Stage):
     name = "teacher"
+    settings = AugmentedSettings
     model_file = "teacher.keras"
     keras_row = ("teacher", "teacher")
 
     def title(self, recipe):
         return f"train teacher '{recipe.teacher.arch}' ({recipe.teacher.epochs} epochs)"
 
+    def resolve(self, settings, recipe):
+        return resolve_augment(settings, recipe)
+
     def key(self, ctx):
-        return {**ctx.data_key(), "training": ctx.recipe.training.model_dump(), "teacher": ctx.recipe.teacher.model_dump()}
+        return {**ctx.data_key(), "batch_size": ctx.recipe.training.batch_size, "teacher": ctx.recipe.teacher.model_dump()}
 
     def check(self, ctx):
         ctx.build_teacher()  # the architecture and its options build for this data
@@ -25,7 +29,8 @@ class Teacher(Stage):
 
         t = ctx.recipe.teacher
         model = ctx.build_teacher()
-        history = ctx.fit(Distiller(model), t.epochs, t.learning_rate)
+        distiller = Distiller(model, augment=ctx.augmenter(self.name), label_smoothing=t.label_smoothing)
+        history = ctx.fit(distiller, t.epochs, t.learning_rate, optimizer=t)
         save_model(model, out / self.model_file)
         write_json(out / "history.json", history)
         return {"val_accuracy": history["val_accuracy"][-1]}

@@ -8,7 +8,7 @@ from edge_kd.errors import UserError
 from pipelines import compress, recipe, registry
 
 
-@pytest.mark.parametrize("name", ["mnist", "mnist_tfmot_only", "cifar10_resnet8"])
+@pytest.mark.parametrize("name", ["fashion_mnist", "mnist", "mnist_tfmot_only", "cifar10_resnet8"])
 def test_shipped_recipes_validate(name):
     r = recipe.load(recipe.RECIPES / f"{name}.yaml")
     assert r.stages.enabled()[-4:] == ["export", "benchmark", "bundle", "report"]
@@ -16,18 +16,51 @@ def test_shipped_recipes_validate(name):
 
 
 def test_default_recipe_runs_every_stage_of_the_product():
+    from pathlib import Path
+
     r = recipe.load()
-    assert r.stages.enabled() == ["teacher", "distill", "baseline", "prune", "qat", "export", "benchmark", "bundle",
-                                  "report"]
+    assert r.data.source == "fashion_mnist"
+    assert Path(r.teacher.path).is_file() and Path(r.teacher.path).parent.name == "teachers"  # the shipped teacher
+    assert r.stages.enabled() == ["distill", "baseline", "prune", "qat", "export", "benchmark", "bundle", "report"]
     assert r.stages.prune.target_sparsity == 0.75
-    assert r.distils("distill") and r.distils("prune") and r.distils("qat")
-    assert r.run_name() == "mnist-cnn"
+    assert r.distils("distill") and r.distils("prune") and r.distils("qat") and r.distillation.consistent
+    assert r.stages.distill.augment.translate == 2 and r.stages.distill.augment.flip
+    assert r.run_name() == "fashion_mnist-cnn"
 
 
-def test_tfmot_only_recipe_has_the_same_stages_without_a_teacher():
-    base, tfmot = recipe.load(), recipe.load(recipe.RECIPES / "mnist_tfmot_only.yaml")
+def test_the_teacher_recipe_trains_the_shipped_teachers_architecture():
+    shipped, default = recipe.load(recipe.RECIPES / "fashion_mnist_teacher.yaml"), recipe.load()
+    assert "teacher" in shipped.stages.enabled()
+    keys = ("arch", "options", "epochs", "optimizer", "momentum", "nesterov", "learning_rate", "warmup_epochs")
+    assert {k: getattr(shipped.teacher, k) for k in keys} == {k: getattr(default.teacher, k) for k in keys}
+    assert shipped.augment == default.augment and shipped.data == default.data
+
+
+def test_a_null_teacher_path_brings_the_teacher_stage_back():
+    r = recipe.apply_overrides(recipe.load(), ["teacher.path=null"])
+    assert r.stages.enabled()[0] == "teacher" and r.stages.teacher.augment == r.augment
+    r = recipe.apply_overrides(r, ["teacher.path=builtin:fashion_mnist"])
+    assert "teacher" not in r.stages.enabled()
+
+
+def test_a_stages_augment_overrides_only_the_keys_it_gives_and_follows_later_sets():
+    r = recipe.apply_overrides(recipe.load(), ["augment.mixup=0.2", "prune.augment={flip: false}"])
+    assert r.stages.distill.augment.mixup == 0.2 and r.stages.qat.augment.mixup == 0.2
+    assert r.stages.prune.augment.flip is False and r.stages.prune.augment.mixup == 0.2
+    assert r.stages.prune.augment.translate == 2
+    r = recipe.apply_overrides(r, ["augment.translate=3"])
+    assert r.stages.prune.augment.translate == 3 and r.stages.prune.augment.flip is False
+    assert r.stages.distill.augment.translate == 3
+    assert recipe.from_dict(r.to_dict()).to_dict() == r.to_dict()
+
+
+@pytest.mark.parametrize("base, tfmot", [("mnist", "mnist_tfmot_only"), ("fashion_mnist", "fashion_mnist_tfmot_only")])
+def test_tfmot_only_recipe_has_the_same_stages_without_a_teacher(base, tfmot):
+    base, tfmot = recipe.load(recipe.RECIPES / f"{base}.yaml"), recipe.load(recipe.RECIPES / f"{tfmot}.yaml")
+    assert tfmot.augment == base.augment and tfmot.student == base.student and tfmot.training == base.training
     assert tfmot.teacher is None and not any(tfmot.distils(s) for s in ("distill", "prune", "qat"))
-    assert [s for s in base.stages.enabled() if s not in ("teacher", "baseline")] == tfmot.stages.enabled()
+    assert [s for s in base.stages.enabled() if s not in ("teacher", "baseline", "bundle")] == \
+        [s for s in tfmot.stages.enabled() if s != "bundle"]
     for stage in ("distill", "prune", "qat"):
         assert getattr(tfmot.stages, stage).epochs == getattr(base.stages, stage).epochs
     assert tfmot.stages.prune.target_sparsity == base.stages.prune.target_sparsity
@@ -39,7 +72,7 @@ def test_overrides_are_typed_and_reach_the_stage():
                                                "distillation.terms.0.temperature=2.5", "student.options.width=0.5"])
     assert r.stages.prune.target_sparsity == 0.5 and r.stages.qat.epochs == 3 and r.seed == 7
     assert r.data.limit_train == 100 and r.stages.prune.structured_2_4 is True
-    assert r.distillation.terms[0]["temperature"] == 2.5 and r.student.options == {"filters": [16, 32, 32], "width": 0.5}
+    assert r.distillation.terms[0]["temperature"] == 2.5 and r.student.options == {"filters": [16, 32, 48], "width": 0.5}
 
 
 def test_naming_an_absent_stage_adds_it_and_false_removes_one():
@@ -90,6 +123,17 @@ RECIPE_MISTAKES = {
     "ema decay of one": ("teacher: null\ndistillation: {mode: mean_teacher, ema_decay: 1.0}\n"
                          "stages: {distill: {}, export: {}, benchmark: {}, report: {}}\n", ["ema_decay", "[0, 1)"]),
     "bad mode": ("distillation: {mode: ensemble}\n", ["distillation.mode", "mean_teacher", "ensemble"]),
+    "cache with consistent teaching": ("distillation: {teacher_cache: true}\n",
+                                       ["distillation.teacher_cache", "consistent: false"]),
+    "cache of a feature term": ("distillation: {consistent: false, teacher_cache: true, terms: [{name: fitnet, "
+                                "student_layer: block1_relu, teacher_layer: stack1_relu}]}\n",
+                                ["teacher_cache", "fitnet"]),
+    "unknown built-in teacher": ("teacher: {path: 'builtin:nope'}\n", ["teacher.path", "builtin:fashion_mnist",
+                                                                      "builtin:nope"]),
+    "bad augment": ("augment: {zoom: 2}\n", ["augment.zoom", "2"]),
+    "bad stage augment": ("stages: {teacher: {}, distill: {augment: {flip: 1}}, export: {}, benchmark: {}, "
+                          "report: {}}\n", ["stages.distill.augment.flip"]),
+    "adamw without decay": ("training: {optimizer: adamw}\n", ["weight_decay"]),
     "baseline without teacher": ("teacher: null\nstages: {distill: {}, baseline: {}, export: {}, benchmark: {}, report: {}}\n",
                                  ["stages.baseline"]),
 }
@@ -139,7 +183,7 @@ def test_every_learning_rate_and_epoch_default_is_resolved_at_load():
                                                "training.learning_rate=3e-3", "teacher.learning_rate=null"])
     assert r.stages.prune.learning_rate == 3e-3 and r.stages.distill.learning_rate == 1e-3
     assert r.teacher.learning_rate == 3e-3 and r.stages.qat.learning_rate == 1e-4  # a stage's own default stays
-    assert r.stages.baseline.epochs == r.stages.distill.epochs == 8
+    assert r.stages.baseline.epochs == r.stages.distill.epochs == 10
     assert all(s.get("learning_rate", 1.0) is not None for s in r.to_dict()["stages"].values())
     # and the resolved recipe (the run folder's recipe.yaml) loads back to the same settings
     assert recipe.from_dict(r.to_dict()).to_dict() == r.to_dict()
@@ -148,7 +192,8 @@ def test_every_learning_rate_and_epoch_default_is_resolved_at_load():
 def test_a_later_set_reaches_the_keys_that_were_derived_from_it():
     r = recipe.apply_overrides(recipe.load(), ["distill.epochs=3"])
     r = recipe.apply_overrides(r, ["training.learning_rate=0.01", "distill.epochs=2"])
-    assert r.stages.baseline.epochs == 2 and r.stages.distill.learning_rate == 0.01 and r.teacher.learning_rate == 0.01
+    assert r.stages.baseline.epochs == 2 and r.stages.distill.learning_rate == 0.01
+    assert r.teacher.learning_rate == 0.05  # set by the recipe (the teacher's own), so kept
     assert r.stages.prune.learning_rate == 0.001  # set by the recipe, so kept
     r = recipe.apply_overrides(r, ["baseline.epochs=5", "teacher=null", "stages.teacher=false", "baseline=false"])
     assert r.stages.baseline is None and r.teacher is None
