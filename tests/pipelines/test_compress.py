@@ -81,7 +81,7 @@ BAD_CASES = {
                                         ["stages.cluster.clusters", "at least 3"]),
     "fitnet on a missing teacher layer": (
         lambda d: ["--limit-train", "300", "--set", "distillation.terms=[{name: fitnet, student_layer: block2_relu, "
-                   "teacher_layer: block9_relu}]"], ["distillation.terms.0 (fitnet)", "block9_relu", "block2_relu"]),
+                   "teacher_layer: block9_relu}]"], ["distillation.terms.0 (fitnet)", "block9_relu", "stack1_relu"]),
     "bundle pick not exported": (lambda d: ["--limit-train", "300", "--set", "bundle.pick=qat-fp16"],
                                  ["stages.bundle.pick", "qat-fp16", "qat-int8"]),
     "student option of the wrong kind": (lambda d: ["--limit-train", "300", "--set", "student.options.width=wide"],
@@ -135,7 +135,7 @@ def test_user_mistake_is_one_line_exit_2_and_writes_nothing(case, bad_inputs, tm
 def test_a_diverging_stage_stops_with_one_line_exit_2_and_is_not_recorded(tmp_path, capsys):
     out = tmp_path / "out"
     code, err = _run_main(capsys, out, "--limit-train", "600", "--limit-test", "100", "--teacher-epochs", "3",
-                          "--set", "teacher.learning_rate=1e30", "--run-name", "nan")
+                          "--set", "teacher.path=null", "--set", "teacher.learning_rate=1e30", "--run-name", "nan")
     _assert_one_line_error(code, err, "stage 'teacher'", "loss became nan in epoch 1 of 3", "learning rate")
     run = out / "nan"
     assert not (run / "manifests").exists() and not (run / "teacher").exists()
@@ -161,15 +161,15 @@ def test_help_documents_every_option():
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_on_a_slice_of_mnist(tmp_path):
+def test_cli_end_to_end_on_a_slice_of_the_default_data_with_the_shipped_teacher(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipelines.compress", "--limit-train", "3000", "--limit-test", "600", "--epochs", "2",
-           "--teacher-epochs", "2", "--threads", "1", "--out", str(out), "--run-name", "e2e",
+           "--threads", "1", "--out", str(out), "--run-name", "e2e",
            "--set", "prune.epochs=1", "--set", "qat.epochs=1", "--set", "prune.frequency=5",
            "--set", "benchmark.min_seconds=0.2", "--set", "benchmark.warmup_seconds=0.1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[9/9] report: done" in proc.stdout
+    assert "[8/8] report: done" in proc.stdout  # the default teacher is the shipped file: no teacher stage
     run = out / "e2e"
     results = json.loads((run / "results.json").read_text())
     names = [m["name"] for m in results["models"]]
@@ -184,7 +184,7 @@ def test_cli_end_to_end_on_a_slice_of_mnist(tmp_path):
     assert "prune.epochs=1" in (run / "recipe.yaml").read_text().splitlines()[0]
     from edge_kd.bench import litert
 
-    d = np.load(ROOT / "edge_kd" / "_data" / "mnist.npz")
+    d = np.load(ROOT / "edge_kd" / "_data" / "fashion_mnist.npz")
     for m in results["models"]:
         assert (run / m["path"]).is_file()
         assert m["size_bytes"] == (run / m["path"]).stat().st_size
@@ -212,8 +212,10 @@ def test_cli_end_to_end_on_a_slice_of_mnist(tmp_path):
     assert verify.main([str(run / "bundle")]) == 0
     bundled = json.loads((run / "bundle" / "manifest.json").read_text())
     assert bundled["measured"]["name"] == results["bundle"]["model"]
-    assert (run / "bundle" / "labels.txt").read_text().split() == [str(i) for i in range(10)]
-    for stage in ("teacher", "distill", "baseline", "prune", "qat", "export", "benchmark", "bundle", "report"):
+    assert (run / "bundle" / "labels.txt").read_text().splitlines()[:2] == ["T-shirt/top", "Trouser"]
+    assert results["teacher"]["trained_by"] == "edge-kd, shipped (builtin:fashion_mnist)" and results["teacher"]["file"].endswith(
+        "fashion_mnist_resnet8w2.keras")
+    for stage in ("distill", "baseline", "prune", "qat", "export", "benchmark", "bundle", "report"):
         assert json.loads((run / "manifests" / f"{stage}.json").read_text())["files"]
 
 

@@ -13,7 +13,8 @@ import pytest
 from pipelines import compress
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["--limit-train", "600", "--limit-test", "200", "--teacher-epochs", "1", "--epochs", "1",
+# teacher.path=null: a teacher stage trains one (the default recipe's teacher is the shipped file), so every stage runs
+FAST = ["--limit-train", "600", "--limit-test", "200", "--set", "teacher.path=null", "--teacher-epochs", "1", "--epochs", "1",
         "--set", "prune.epochs=1", "--set", "prune.frequency=2", "--set", "qat.epochs=1",
         "--set", "export.variants=[fp32,int8]", "--set", "benchmark.threads=[1]",
         "--set", "benchmark.min_seconds=0.05", "--set", "benchmark.warmup_seconds=0.01"]
@@ -144,7 +145,7 @@ def test_ctrl_c_says_how_to_resume_and_kill_9_mid_stage_resumes_to_completion(tm
     from edge_kd.bench import litert
     from edge_kd import data
 
-    bundle = data.load("mnist", limit_train=600, limit_test=200)
+    bundle = data.load("fashion_mnist", limit_train=600, limit_test=200)  # the default recipe's data
     x, y = bundle.arrays("test")
     for m in results["models"]:
         if m["format"] == "tflite":
