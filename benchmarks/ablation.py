@@ -1,0 +1,138 @@
+"""Which knob matters: the default recipe's distill stage with one setting changed, against the student alone.
+
+Each variant is the default recipe (``recipes/fashion_mnist.yaml``) with ``--set`` overrides; the
+pipeline's own distill stage (or, for the "alone" rows, its baseline stage: same initial weights,
+epochs and augmentation, no teacher) trains it at each seed, and the Keras student is measured on the
+validation and the test split of Fashion-MNIST. A variant that changes the augmentation has its own
+"alone" row with that augmentation. Prints mean ± sample std over the seeds, the gain over the
+matching "alone" row, and writes ``benchmarks/results/ablation.json``.
+
+    python benchmarks/ablation.py --seeds 0 1 2
+    python benchmarks/ablation.py --seeds 0 1 2 --variants alone "fixed view (cached teacher)"
+
+``--from-runs tflite_out/bench-default`` takes the "alone" and default rows from the runs of
+``benchmarks/default_gain.py`` at the same seeds (their baseline and distill stages are these very
+trainings, and training repeats itself exactly for a seed) instead of training them again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import recipe as recipe_mod
+from pipelines.context import Context
+from pipelines.stages.baseline import Baseline
+from pipelines.stages.distill import Distill
+
+ROOT = Path(__file__).resolve().parents[1]
+#: name -> (the overrides of the default recipe, the "alone" row it is compared with)
+VARIANTS = {
+    "alone": ([], None),
+    "default: consistent, T 2, hard 0.5": ([], "alone"),
+    "fixed view (cached teacher)": (["distillation.consistent=false", "distillation.teacher_cache=true"], "alone"),
+    "T 4": (["distillation.terms.0.temperature=4.0"], "alone"),
+    "T 1": (["distillation.terms.0.temperature=1.0"], "alone"),
+    "hard 0.1, soft 0.9": (["distillation.hard_weight=0.1", "distillation.terms.0.weight=0.9"], "alone"),
+    "alone, mixup 0.3": (["augment.mixup=0.3"], None),
+    "mixup 0.3": (["augment.mixup=0.3"], "alone, mixup 0.3"),
+}
+
+
+def one(variant: str, seed: int, folder: Path) -> dict:
+    """Trains ``variant`` at ``seed`` with the pipeline's stage code; returns its val and test accuracy."""
+    from edge_kd.keras import keras
+
+    sets, alone_of = VARIANTS[variant]
+    r = recipe_mod.apply_overrides(recipe_mod.load(), [f"seed={seed}", *sets])
+    ctx = Context(r, folder, "benchmarks/ablation.py")
+    stage = Baseline() if alone_of is None else Distill()
+    out = folder / stage.name
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    summary = stage.run(ctx, out)
+    seconds = time.perf_counter() - start
+    model = keras.models.load_model(out / stage.model_file, compile=False)
+    x, y = ctx.bundle.arrays("test")
+    test = float(np.mean(np.argmax(model.predict(x, batch_size=1024, verbose=0), axis=1) == y))
+    return {"variant": variant, "seed": seed, "val": summary["val_accuracy"], "test": test,
+            "seconds": round(seconds, 1), "sets": sets}
+
+
+#: the variants a default run holds: variant -> (its stage, its Keras row in results.json)
+IN_DEFAULT_RUN = {"alone": ("baseline", "baseline"), "default: consistent, T 2, hard 0.5": ("distill", "student")}
+
+
+def from_run(variant: str, seed: int, runs: Path) -> dict:
+    """Returns ``variant``'s row read from the default run at ``seed`` under ``runs`` (benchmarks/default_gain.py)."""
+    stage, row = IN_DEFAULT_RUN[variant]
+    run = runs / f"default-seed{seed}"
+    manifest = json.loads((run / "manifests" / f"{stage}.json").read_text())
+    models = {m["name"]: m for m in json.loads((run / "results.json").read_text())["models"]}
+    return {"variant": variant, "seed": seed, "val": manifest["summary"]["val_accuracy"],
+            "test": models[row]["accuracy"], "seconds": manifest["seconds"], "sets": [], "from": str(run)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Returns, per variant, mean ± sample std of val and test accuracy and of the gain over its alone row."""
+    out = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = {r["seed"]: r for r in rows if r["variant"] == variant}
+        entry = {}
+        for split in ("val", "test"):
+            v = np.array([r[split] for r in mine.values()])
+            entry[split] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+        alone_of = VARIANTS[variant][1]
+        alone = {r["seed"]: r for r in rows if r["variant"] == alone_of}
+        seeds = sorted(set(mine) & set(alone))
+        if alone_of and seeds:
+            g = np.array([100 * (mine[s]["test"] - alone[s]["test"]) for s in seeds])
+            entry["test_gain_pp"] = {"mean": float(g.mean()), "std": float(g.std(ddof=1)) if len(g) > 1 else 0.0,
+                                     "per_seed": g.tolist(), "against": alone_of}
+        entry["seeds"] = sorted(mine)
+        out[variant] = entry
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "ablation.json"))
+    p.add_argument("--from-runs", type=Path, help="read the alone and default rows from these default_gain.py runs")
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for i, variant in enumerate(args.variants):
+                if args.from_runs and variant in IN_DEFAULT_RUN:
+                    row = from_run(variant, seed, args.from_runs)
+                else:
+                    row = one(variant, seed, Path(tmp) / f"{seed}-{i}")
+                rows.append(row)
+                print(f"seed {seed} {variant}: val {100 * row['val']:.2f} %, test {100 * row['test']:.2f} %, "
+                      f"{row['seconds']:.0f} s", flush=True)
+    summary = summarise(rows)
+    print("\n| variant | val % | test % | test gain over alone (pp) |\n|---|---:|---:|---:|")
+    for variant, e in summary.items():
+        gain = e.get("test_gain_pp")
+        g = f"{gain['mean']:+.2f} ± {gain['std']:.2f}" if gain else "—"
+        print(f"| {variant} | {100 * e['val']['mean']:.2f} ± {100 * e['val']['std']:.2f} | "
+              f"{100 * e['test']['mean']:.2f} ± {100 * e['test']['std']:.2f} | {g} |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({
+        "command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "rows": rows, "summary": summary}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
