@@ -25,8 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
+from edge_kd.bench import stats
 from pipelines import recipe as recipe_mod
 from pipelines.context import Context
 from pipelines.stages.baseline import Baseline
@@ -61,7 +60,7 @@ def one(variant: str, seed: int, folder: Path) -> dict:
     seconds = time.perf_counter() - start
     model = keras.models.load_model(out / stage.model_file, compile=False)
     x, y = ctx.bundle.arrays("test")
-    test = float(np.mean(np.argmax(model.predict(x, batch_size=1024, verbose=0), axis=1) == y))
+    test = stats.keras_accuracy(model, x, y, batch_size=1024)
     return {"variant": variant, "seed": seed, "val": summary["val_accuracy"], "test": test,
             "seconds": round(seconds, 1), "sets": sets}
 
@@ -87,15 +86,15 @@ def summarise(rows: list[dict]) -> dict:
         mine = {r["seed"]: r for r in rows if r["variant"] == variant}
         entry = {}
         for split in ("val", "test"):
-            v = np.array([r[split] for r in mine.values()])
-            entry[split] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            mean, std = stats.mean_std([r[split] for r in mine.values()])
+            entry[split] = {"mean": mean, "std": std}
         alone_of = VARIANTS[variant][1]
         alone = {r["seed"]: r for r in rows if r["variant"] == alone_of}
         seeds = sorted(set(mine) & set(alone))
         if alone_of and seeds:
-            g = np.array([100 * (mine[s]["test"] - alone[s]["test"]) for s in seeds])
-            entry["test_gain_pp"] = {"mean": float(g.mean()), "std": float(g.std(ddof=1)) if len(g) > 1 else 0.0,
-                                     "per_seed": g.tolist(), "against": alone_of}
+            g = [100 * (mine[s]["test"] - alone[s]["test"]) for s in seeds]
+            mean, std = stats.mean_std(g)
+            entry["test_gain_pp"] = {"mean": mean, "std": std, "per_seed": g, "against": alone_of}
         entry["seeds"] = sorted(mine)
         out[variant] = entry
     return out

@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from edge_kd.bench import stats
 from edge_kd.bench.results import rows_of
 from pipelines import recipe as recipe_mod
 from pipelines.run import run
@@ -66,16 +65,11 @@ def one(seed: int, out: Path, extra: list[str]) -> dict:
             "final_int8_bytes": None if final is None else final.size_bytes, "run": str(run_dir)}
 
 
-def _ms(values) -> tuple[float, float]:
-    v = np.array(values, float)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
 def summarise(rows: list[dict]) -> dict:
     """Returns mean ± sample std of each figure over the seeds, and each target met or not."""
     keys = ("teacher", "distilled", "baseline", "distilled_val", "baseline_val", "gain_pp", "final_int8",
             "final_int8_bytes", "seconds", "tfmot_int8", "tfmot_gain_pp")
-    s = {k: _ms([r[k] for r in rows]) for k in keys if all(r.get(k) is not None for r in rows)}
+    s = {k: stats.mean_std([r[k] for r in rows]) for k in keys if all(r.get(k) is not None for r in rows)}
     targets = {"gain_mean_at_least_0.5_pp": s["gain_pp"][0] >= MIN_GAIN_PP,
                "gain_at_every_seed": all(r["gain_pp"] > 0 for r in rows)}
     if "final_int8" in s:

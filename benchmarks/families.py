@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import models
+from edge_kd.bench import stats
 from edge_kd.distill import Distiller, losses
 from edge_kd.fileio import write_json
 from edge_kd.keras import keras
@@ -96,7 +97,7 @@ def teachers(ctx: Context, out: Path) -> list:
 
 def accuracy(model, ctx: Context) -> float:
     x, y = ctx.bundle.arrays("test")
-    return float(np.mean(np.argmax(model.predict(x, batch_size=1024, verbose=0), -1) == y))
+    return stats.keras_accuracy(model, x, y, batch_size=1024)
 
 
 def one(method: str, ctx: Context, teacher_models: list, epochs: int) -> dict:

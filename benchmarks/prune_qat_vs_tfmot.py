@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from edge_kd.bench import stats
 from edge_kd.bench.results import rows_of
 from pipelines import recipe as recipe_mod
 from pipelines.run import run
@@ -49,12 +48,12 @@ def summarise(rows: list[dict]) -> dict:
     """Returns mean and sample std (ddof=1) of accuracy and gzip size per method."""
     out = {}
     for method in RECIPES:
-        acc = np.array([r["accuracy"] for r in rows if r["method"] == method])
-        gz = np.array([r["gzip_bytes"] for r in rows if r["method"] == method])
-        if len(acc):
-            ddof = 1 if len(acc) > 1 else 0
-            out[method] = {"accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=ddof)),
-                           "gzip_mean": float(gz.mean()), "gzip_std": float(gz.std(ddof=ddof)), "seeds": len(acc)}
+        acc = [r["accuracy"] for r in rows if r["method"] == method]
+        gz = [r["gzip_bytes"] for r in rows if r["method"] == method]
+        if acc:
+            (acc_mean, acc_std), (gz_mean, gz_std) = stats.mean_std(acc), stats.mean_std(gz)
+            out[method] = {"accuracy_mean": acc_mean, "accuracy_std": acc_std,
+                           "gzip_mean": gz_mean, "gzip_std": gz_std, "seeds": len(acc)}
     return out
 
 

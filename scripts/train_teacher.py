@@ -38,8 +38,7 @@ def main(argv=None) -> int:
 
 
 def _train(args) -> int:
-    import numpy as np
-
+    from edge_kd.bench import stats
     from edge_kd.fileio import atomic_path, write_json
     from pipelines import recipe as recipe_mod
     from pipelines.context import Context
@@ -64,7 +63,7 @@ def _train(args) -> int:
 
         model = keras.models.load_model(folder / stage.model_file, compile=False)
         x, y = ctx.bundle.arrays("test")
-        accuracy = float(np.mean(np.argmax(model.predict(x, batch_size=1024, verbose=0), axis=1) == y))
+        accuracy = stats.keras_accuracy(model, x, y, batch_size=1024)
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as dst:
             shutil.copyfile(folder / stage.model_file, dst)

@@ -20,6 +20,17 @@ from edge_kd.errors import UserError
 _WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_3D", "TRANSPOSE_CONV")
 
 
+def keras_accuracy(model, x, y, batch_size: int = 512) -> float:
+    """Returns the top-1 accuracy (0..1) of Keras ``model`` on inputs ``x`` and integer labels ``y``."""
+    return float(np.mean(np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1) == y))
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Returns the mean and the sample standard deviation (ddof=1; 0 for a single value) of ``values``."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
 def file_sizes(path) -> tuple[int, int]:
     """Returns (size in bytes, size in bytes after gzip level 9) of the file at ``path``."""
     data = Path(path).read_bytes()

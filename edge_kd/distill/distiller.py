@@ -262,7 +262,7 @@ class Distiller(keras.Model):
         hard = self._hard(y, student["logits"], sw, mixing)
         if mixing is not None:  # the terms see the label of the image that covers more of the mix
             perm, lam = mixing
-            y = tf.where(lam >= 0.5, y, tf.gather(y, perm))
+            y = self._dominant(y, mixing)
             sw = None if sw is None else lam * sw + (1.0 - lam) * tf.gather(sw, perm)
         total = self.hard_weight * hard
         values = []
@@ -318,7 +318,8 @@ class Distiller(keras.Model):
         return tf.where(lam >= 0.5, y, tf.gather(y, perm))
 
     def _split_inputs(self, x):
-        """Returns ``(images, cached teacher logits or None)`` of a batch's inputs (see ``TeacherCache``)."""
+        """Returns ``(images, cached teacher logits or None)`` of a batch's inputs (``DataBundle.dataset(...,
+        teacher_logits=...)`` gives ``{"image", "teacher_logits"}``)."""
         if isinstance(x, dict):
             return x["image"], x.get("teacher_logits")
         return x, None

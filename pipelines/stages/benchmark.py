@@ -33,8 +33,6 @@ class Benchmark(Stage):
     def run(self, ctx, out):
         import json
 
-        import numpy as np
-
         from edge_kd.bench import litert, parity, stats
         from edge_kd.bench.results import ModelRow
         from edge_kd.fileio import write_json
@@ -65,7 +63,7 @@ class Benchmark(Stage):
             model = source_model(stage)
             file = ctx.teacher_file() if stage == "teacher" else ctx.stage_dir(stage) / ctx.stages[stage].model_file
             rel = os.path.relpath(file, ctx.run_dir) if stage != "teacher" or r.teacher.path is None else str(file)
-            acc = float(np.mean(np.argmax(model.predict(x_test, batch_size=512, verbose=0), -1) == y_test))
+            acc = stats.keras_accuracy(model, x_test, y_test, batch_size=512)
             rows.append(row(name, role, "keras", "fp32", stage, rel, file, acc))
         b = r.stages.benchmark
         for item in plan:

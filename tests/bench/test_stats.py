@@ -4,7 +4,8 @@ import gzip
 import numpy as np
 import pytest
 
-from edge_kd.bench.stats import count_macs, count_params, file_sizes, tflite_weight_sparsity
+from edge_kd.bench.stats import (count_macs, count_params, file_sizes, keras_accuracy, mean_std,
+                                  tflite_weight_sparsity)
 from edge_kd.errors import UserError
 from edge_kd.export.tflite import convert
 from edge_kd.fileio import write_bytes
@@ -137,3 +138,16 @@ def test_weight_sparsity_sees_the_zeroed_half(half_zero_model, tmp_path, variant
     assert by_size[16 * 3]["zeros"] == expected_last
     total = 1024 + expected_conv + expected_last
     assert result["overall"] == pytest.approx(total / (144 + 48 + 2048))
+
+
+def test_mean_std_is_the_sample_std_and_zero_for_one_value():
+    mean, std = mean_std([0.9, 0.91, 0.95])
+    assert mean == pytest.approx(np.mean([0.9, 0.91, 0.95]))
+    assert std == pytest.approx(np.std([0.9, 0.91, 0.95], ddof=1))
+    assert mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_keras_accuracy_is_the_share_of_argmax_hits():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(lambda t: t)])
+    x = np.array([[1, 0, 0], [0, 2, 0], [0, 0, 3], [5, 0, 0]], np.float32)
+    assert keras_accuracy(model, x, np.array([0, 1, 0, 0])) == 0.75
