@@ -1,4 +1,12 @@
-"""Keras (tf_keras) model -> TFLite flatbuffer, in the four variants edge-kd reports.
+"""Keras (tf_keras) model -> TFLite flatbuffer, in the variants edge-kd reports.
+
+- ``fp32``; ``fp16`` (float16 weights);
+- ``dynamic`` (int8 weights, float activations, per-channel dense weights: FULLY_CONNECTED v12,
+  TFLite >= 2.17) and ``dynamic_compat`` (the same with per-tensor dense weights, which older
+  runtimes load; conv weights stay per channel);
+- ``int8`` (full integer); ``int8_mixed`` (full integer but the op outputs named in
+  ``float_tensors`` computed in float, with QUANTIZE/DEQUANTIZE around them); ``int16x8`` (int16
+  activations, int8 weights, float32 I/O).
 
 Example::
 
@@ -23,34 +31,63 @@ import numpy as np
 
 from edge_kd.keras import keras, tf
 
-VARIANTS = ("fp32", "fp16", "dynamic", "int8")
+VARIANTS = ("fp32", "fp16", "dynamic", "dynamic_compat", "int8", "int8_mixed", "int16x8")
+CALIBRATED = ("int8", "int8_mixed", "int16x8")  # the variants that need representative data
+INTEGER = CALIBRATED  # the variants whose activations are integers (their per-layer error is measured)
 
 
-def convert(model, variant: str, representative=None, int8_io: bool = True) -> bytes:
-    """Returns the TFLite flatbuffer of ``model`` converted as ``variant`` (one of VARIANTS)."""
+def convert(model, variant: str, representative=None, int8_io: bool = True, float_tensors=None) -> bytes:
+    """Returns the TFLite flatbuffer of ``model`` converted as ``variant`` (one of VARIANTS).
+
+    ``float_tensors`` (``int8_mixed`` only): the op output tensor names, as the float TFLite file
+    names them, whose ops stay in float.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    if variant == "int8":
+    if variant in CALIBRATED:
         if representative is None:
-            raise ValueError("variant 'int8' needs representative data (float32 N×H×W×C normalised inputs); "
-                             f"variants that need none: {', '.join(v for v in VARIANTS if v != 'int8')}")
+            raise ValueError(f"variant {variant!r} needs representative data (float32 N×H×W×C normalised inputs); "
+                             f"variants that need none: {', '.join(v for v in VARIANTS if v not in CALIBRATED)}")
         representative = np.asarray(representative, dtype=np.float32)
         if representative.ndim < 2 or len(representative) == 0:
             raise ValueError(f"representative data must be a non-empty N×H×W×C array; got shape {representative.shape}")
+    if variant == "int8_mixed" and not float_tensors:
+        raise ValueError("variant 'int8_mixed' needs float_tensors: the op outputs to keep in float")
 
     converter = tf.lite.TFLiteConverter.from_keras_model(_with_dynamic_batch(model))
     if variant != "fp32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "fp16":
         converter.target_spec.supported_types = [tf.float16]
-    elif variant == "int8":
+    elif variant == "dynamic_compat":
+        # Per-channel dense weights need FULLY_CONNECTED v12 (2.17); per-tensor ones load back to 2.4.
+        converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+    elif variant == "int16x8":
+        converter.representative_dataset = _representative_dataset(representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    elif variant in ("int8", "int8_mixed"):
         converter.representative_dataset = _representative_dataset(representative)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if int8_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
     with _quiet():
+        if variant == "int8_mixed":
+            return _selective(converter, list(float_tensors), int8_io)
         return bytes(converter.convert())
+
+
+def _selective(converter, float_tensors: list[str], int8_io: bool) -> bytes:
+    """Returns the full-integer model with the ops writing ``float_tensors`` left in float.
+
+    TensorFlow's QuantizationDebugger calibrates once and re-quantizes with those ops denylisted
+    (``get_nondebug_quantized_model``); the denylisted ops need the float builtins, hence TFLITE_BUILTINS.
+    """
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=float_tensors, fully_quantize=int8_io)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=converter.representative_dataset, debug_options=options)
+    return bytes(debugger.get_nondebug_quantized_model())
 
 
 def _representative_dataset(samples: np.ndarray):

@@ -104,7 +104,7 @@ def test_fixed_batch_model_still_exports_a_dynamic_batch():
 
 def test_bad_arguments_name_the_allowed_values(small):
     model, _, _ = small
-    with pytest.raises(ValueError, match="fp32, fp16, dynamic, int8"):
+    with pytest.raises(ValueError, match="fp32, fp16, dynamic, dynamic_compat, int8, int8_mixed, int16x8"):
         convert(model, "int4")
     with pytest.raises(ValueError, match="representative"):
         convert(model, "int8")
@@ -141,4 +141,4 @@ def test_int8_agrees_with_keras_on_real_mnist():
 
 
 def test_variants_constant():
-    assert VARIANTS == ("fp32", "fp16", "dynamic", "int8")
+    assert VARIANTS == ("fp32", "fp16", "dynamic", "dynamic_compat", "int8", "int8_mixed", "int16x8")
