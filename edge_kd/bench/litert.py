@@ -1,4 +1,4 @@
-"""Running exported TFLite models with LiteRT: predictions, accuracy, latency, and where it ran.
+"""Running exported TFLite models with LiteRT: predictions, accuracy, latency, memory, and where it ran.
 
 Inputs are always the float32, already-normalised tensors the Keras model takes; a model with
 int8/uint8 input is fed them quantized with its own input scale and zero point, so every variant
@@ -8,7 +8,8 @@ Example::
 
     from edge_kd.bench.litert import accuracy, latency
     acc = accuracy("student-int8.tflite", x_test, y_test)
-    lat = latency("student-int8.tflite", x_test[0], num_threads=1)   # lat["mean_ms"], lat["p90_ms"]
+    lat = latency("student-int8.tflite", x_test[0], num_threads=1)   # lat["median_ms"], lat["q1_ms"], lat["q3_ms"]
+    both = latency_rounds({"a": "a.tflite", "b": "b.tflite"}, x_test[0], [1, 2])   # interleaved: a b a b ...
 """
 from __future__ import annotations
 
@@ -115,11 +116,78 @@ def accuracy(path, x, y, batch_size: int = 256, num_threads: int = 1) -> float:
     return float(np.mean(pred == y))
 
 
-def latency(path, sample, num_threads: int, min_warmup_runs: int = 1, min_warmup_seconds: float = 0.5,
-            min_runs: int = 50, min_seconds: float = 1.0) -> dict:
-    """Returns batch-1 latency statistics in ms of the model at ``path``, measured as benchmark_model does."""
+def latency(path, sample, num_threads: int, rounds: int = 10, round_seconds: float = 0.1,
+            warmup_seconds: float = 0.5, min_runs_per_round: int = 5) -> dict:
+    """Returns batch-1 latency statistics in ms of the one model at ``path`` (``latency_rounds`` of one model)."""
+    return latency_rounds({"m": path}, sample, [num_threads], rounds=rounds, round_seconds=round_seconds,
+                          warmup_seconds=warmup_seconds, min_runs_per_round=min_runs_per_round)["m"][str(num_threads)]
+
+
+def latency_rounds(paths: dict, sample, threads, rounds: int = 10, round_seconds: float = 0.1,
+                   warmup_seconds: float = 0.5, min_runs_per_round: int = 5, clock=time.perf_counter,
+                   runner=None) -> dict:
+    """Returns {name: {threads: stats}}: batch-1 latency of every model, measured in interleaved rounds.
+
+    Every (model, thread count) gets its own interpreter, built and warmed up (for ``warmup_seconds``)
+    first. Then ``rounds`` times, each model in turn (A B C … A B C …) runs back-to-back ``invoke()``
+    calls for ``round_seconds`` (and at least ``min_runs_per_round``); the round's figure is the
+    median of its calls. A slow spell of the machine thus lands on every model alike instead of on
+    whichever was measured then. Stats per model: ``median_ms`` over rounds, ``q1_ms``/``q3_ms``
+    (its IQR), ``min_ms``/``max_ms`` of the round figures, ``rounds``, ``runs`` (all timed calls),
+    ``init_ms`` (interpreter creation and allocation) and ``first_ms`` (the first invoke).
+
+    ``runner(path, threads)`` (tests) returns a zero-argument invoke; it defaults to a LiteRT interpreter.
+    """
+    if rounds < 1 or min_runs_per_round < 1:
+        raise ValueError(f"rounds and min_runs_per_round must be >= 1; got {rounds}, {min_runs_per_round}")
+    runner = runner or (lambda path, t: _invoker(path, sample, t, clock))
+    order, invoke, stats = [], {}, {}
+    for name, path in paths.items():
+        for t in threads:
+            start = clock()
+            fn = runner(path, int(t))
+            init = clock() - start
+            start = clock()
+            fn()
+            first = clock() - start
+            order.append((name, str(t)))
+            invoke[order[-1]] = fn
+            stats[order[-1]] = {"threads": int(t), "init_ms": init * 1e3, "first_ms": first * 1e3}
+    for key in order:  # warm-up, each model in turn
+        start = clock()
+        while clock() - start < warmup_seconds:
+            invoke[key]()
+    per_round = {key: [] for key in order}
+    runs = dict.fromkeys(order, 0)
+    for _ in range(rounds):
+        for key in order:
+            fn, times, spent = invoke[key], [], 0.0
+            while len(times) < min_runs_per_round or spent < round_seconds:
+                t0 = clock()
+                fn()
+                dt = clock() - t0
+                times.append(dt)
+                spent += dt
+            per_round[key].append(float(np.median(times)) * 1e3)
+            runs[key] += len(times)
+    out: dict = {}
+    for key in order:
+        ms = np.asarray(per_round[key])
+        q1, med, q3 = np.percentile(ms, [25, 50, 75])
+        out.setdefault(key[0], {})[key[1]] = {
+            **stats[key], "median_ms": float(med), "q1_ms": float(q1), "q3_ms": float(q3),
+            "min_ms": float(ms.min()), "max_ms": float(ms.max()), "rounds": int(rounds), "runs": runs[key]}
+    return out
+
+
+def overlap(a: dict, b: dict) -> bool:
+    """Returns whether two latency stats' interquartile ranges overlap (so neither is shown to be faster)."""
+    return a["q1_ms"] <= b["q3_ms"] and b["q1_ms"] <= a["q3_ms"]
+
+
+def _invoker(path, sample, num_threads: int, clock):
+    """Returns a zero-argument callable that sets ``sample`` (batch 1) and invokes the model's interpreter."""
     sample = np.asarray(sample, dtype=np.float32)
-    t0 = time.perf_counter()
     interpreter = _interpreter(path, num_threads)
     detail = interpreter.get_input_details()[0]
     if tuple(int(d) for d in detail["shape"][1:]) != sample.shape:
@@ -128,46 +196,71 @@ def latency(path, sample, num_threads: int, min_warmup_runs: int = 1, min_warmup
     if detail["shape"][0] != 1:
         interpreter.resize_tensor_input(detail["index"], [1, *sample.shape])
     interpreter.allocate_tensors()
-    init_s = time.perf_counter() - t0
-
     detail = interpreter.get_input_details()[0]
-    data = quantize_input(sample[None, ...], detail)
-    index = detail["index"]
+    data, index = quantize_input(sample[None, ...], detail), detail["index"]
+    interpreter.set_tensor(index, data)  # the input stays in place: every timed call computes the same image
+    return interpreter.invoke
 
-    interpreter.set_tensor(index, data)
-    t = time.perf_counter()
-    interpreter.invoke()
-    first_s = time.perf_counter() - t
 
-    # Warm-up and timed runs both stop only when the count AND the time minimum are met, as in
-    # benchmark_model; inputs are set before each run, outside the timed region.
-    runs, start = 0, time.perf_counter()
-    while runs < min_warmup_runs or time.perf_counter() - start < min_warmup_seconds:
-        interpreter.set_tensor(index, data)
-        interpreter.invoke()
-        runs += 1
+MEMORY_METHOD = ("peak resident memory (VmHWM) of a fresh process, reset after importing LiteRT, across creating "
+                 "the interpreter, allocating its tensors and one invoke at batch 1 with {threads} thread(s): "
+                 "the model file, the tensor arena, the kernels' scratch buffers and the delegate's packed weights")
 
-    times = []
-    total = 0.0
-    while len(times) < min_runs or total < min_seconds:
-        interpreter.set_tensor(index, data)
-        t = time.perf_counter()
-        interpreter.invoke()
-        dt = time.perf_counter() - t
-        times.append(dt)
-        total += dt
 
-    ms = np.asarray(times) * 1e3
-    return {
-        "threads": int(num_threads),
-        "init_ms": init_s * 1e3,
-        "first_ms": first_s * 1e3,
-        "mean_ms": float(ms.mean()),
-        "std_ms": float(ms.std()),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p90_ms": float(np.percentile(ms, 90)),
-        "runs": len(times),
-    }
+def peak_memory(path, num_threads: int = 1) -> dict:
+    """Returns ``{"peak_bytes", "method"}``: the growth of a fresh process's peak RSS from loading and running the model.
+
+    Linux only (it reads /proc/self/status and resets the peak with /proc/self/clear_refs); elsewhere
+    ``peak_bytes`` is None.
+    """
+    import json
+    import subprocess
+    import sys
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no TFLite model at {path}")
+    method = MEMORY_METHOD.format(threads=num_threads)
+    if not Path("/proc/self/clear_refs").exists():
+        return {"peak_bytes": None, "method": method + " (not available on this system)"}
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(int(num_threads))],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the memory probe of {path.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    if got.get("hwm_kb") is None:
+        return {"peak_bytes": None, "method": method + " (this kernel does not reset the peak)"}
+    return {"peak_bytes": int(max(0, got["hwm_kb"] - got["before_kb"]) * 1024), "method": method}
+
+
+_MEMORY_PROBE = r"""
+import json, sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+
+before = status("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    reset = status("VmHWM") <= before + 64
+except OSError:
+    reset = False
+it = Interpreter(model_path=sys.argv[1], num_threads=int(sys.argv[2]))
+d = it.get_input_details()[0]
+if d["shape"][0] != 1:
+    it.resize_tensor_input(d["index"], [1, *d["shape"][1:]])
+it.allocate_tensors()
+d = it.get_input_details()[0]
+it.set_tensor(d["index"], np.zeros(d["shape"], dtype=d["dtype"]))
+it.invoke()
+print(json.dumps({"before_kb": before, "hwm_kb": status("VmHWM") if reset else None}))
+"""
 
 
 def runtime_info() -> dict:

@@ -1,7 +1,6 @@
 """LiteRT helpers checked against a bare interpreter run and NumPy maths."""
 import os
 import platform
-import time
 
 import ai_edge_litert
 import numpy as np
@@ -92,26 +91,82 @@ def test_accuracy_counts_top1_over_the_whole_set(models):
     assert accuracy(int8, x, np.eye(4)[y]) == pytest.approx(27 / 37)  # one-hot labels too
 
 
-def test_latency_follows_benchmark_model_minimums(models):
-    _, x, _, int8 = models
-    t = time.perf_counter()
-    lat = latency(int8, x[0], num_threads=1, min_warmup_runs=3, min_warmup_seconds=0.1, min_runs=50,
-                  min_seconds=0.3)
-    wall = time.perf_counter() - t
-    assert set(lat) == {"threads", "init_ms", "first_ms", "mean_ms", "std_ms", "p50_ms", "p90_ms", "runs"}
-    assert lat["threads"] == 1
-    assert lat["runs"] >= 50
-    assert 0 < lat["p50_ms"] <= lat["p90_ms"]
-    assert lat["init_ms"] > 0 and lat["first_ms"] > 0 and lat["std_ms"] >= 0
-    # The timed invokes alone must add up to min_seconds (a tiny model needs far more than 50 runs).
-    assert lat["runs"] * lat["mean_ms"] / 1e3 >= 0.3 * 0.999
-    assert wall >= 0.1 + 0.3
+class FakeClock:
+    """A clock that moves only when a fake model runs: each call of model ``m`` takes ``cost[m]`` seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
 
 
-def test_latency_stops_at_min_runs_when_time_is_met(models):
-    _, x, fp32, _ = models
-    lat = latency(fp32, x[0], num_threads=2, min_warmup_seconds=0.0, min_runs=60, min_seconds=0.0)
-    assert lat["runs"] == 60 and lat["threads"] == 2
+def _fake_models(cost):
+    clock, calls = FakeClock(), []
+
+    def runner(path, threads):
+        calls.append(("build", path, threads))
+
+        def invoke():
+            calls.append((path, threads))
+            clock.now += cost[path] * (1 + 0.1 * (threads - 1))
+        return invoke
+    return clock, calls, runner
+
+
+def test_latency_rounds_interleave_the_models_after_warm_up():
+    clock, calls, runner = _fake_models({"a.tflite": 0.001, "b.tflite": 0.003, "c.tflite": 0.002})
+    paths = {"A": "a.tflite", "B": "b.tflite", "C": "c.tflite"}
+    out = litert.latency_rounds(paths, np.zeros(3, np.float32), [1, 2], rounds=4, round_seconds=0.01,
+                                warmup_seconds=0.02, min_runs_per_round=2, clock=clock, runner=runner)
+    order = [("a.tflite", 1), ("a.tflite", 2), ("b.tflite", 1), ("b.tflite", 2), ("c.tflite", 1), ("c.tflite", 2)]
+    builds = [c for c in calls if c[0] == "build"]
+    assert [c[1:] for c in builds] == order  # every interpreter exists before any timing
+    invokes = [c for c in calls if c[0] != "build"]
+    firsts, rest = invokes[:6], invokes[6:]
+    assert firsts == order  # one first run each, as built
+    # then warm-up model by model, then rounds: each round visits every (model, threads) once, in order
+    runs = [list(g) for _, g in __import__("itertools").groupby(rest)]
+    visited = [r[0] for r in runs]
+    assert visited == order + order * 4
+    for burst, (path, threads) in zip(runs[6:], order * 4):
+        cost = {"a.tflite": 0.001, "b.tflite": 0.003, "c.tflite": 0.002}[path] * (1 + 0.1 * (threads - 1))
+        assert len(burst) == max(2, int(np.ceil(0.01 / cost - 1e-9)))  # round_seconds, at least min_runs_per_round
+    # the statistics are the fake clock's durations, so they are exact here
+    assert out["B"]["1"]["median_ms"] == pytest.approx(3.0)
+    assert out["A"]["2"]["q1_ms"] == pytest.approx(1.1) and out["A"]["2"]["q3_ms"] == pytest.approx(1.1)
+    assert out["C"]["1"]["rounds"] == 4
+    assert set(out["A"]["1"]) == {"threads", "init_ms", "first_ms", "median_ms", "q1_ms", "q3_ms", "min_ms",
+                                  "max_ms", "rounds", "runs"}
+
+
+def test_overlap_is_about_the_interquartile_ranges():
+    a = {"q1_ms": 1.0, "q3_ms": 2.0}
+    assert litert.overlap(a, {"q1_ms": 2.0, "q3_ms": 3.0}) and litert.overlap(a, {"q1_ms": 0.0, "q3_ms": 5.0})
+    assert not litert.overlap(a, {"q1_ms": 2.01, "q3_ms": 3.0})
+
+
+def test_latency_of_a_real_model_gives_ordered_statistics(models):
+    _, x, fp32, int8 = models
+    out = litert.latency_rounds({"f": fp32, "q": int8}, x[0], [1], rounds=3, round_seconds=0.01,
+                                warmup_seconds=0.01)
+    for name in ("f", "q"):
+        lat = out[name]["1"]
+        assert 0 < lat["min_ms"] <= lat["q1_ms"] <= lat["median_ms"] <= lat["q3_ms"] <= lat["max_ms"]
+        assert lat["runs"] >= 3 * 5 and lat["init_ms"] > 0 and lat["first_ms"] > 0
+    assert latency(int8, x[0], num_threads=2, rounds=3, round_seconds=0.0, warmup_seconds=0.0)["runs"] == 15
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak memory is read from Linux's /proc")
+def test_peak_memory_grows_with_the_weights_the_model_holds(tmp_path):
+    big = keras.Sequential([keras.layers.Input((16, 16, 4)), keras.layers.Flatten(), keras.layers.Dense(1024)])
+    small = keras.Sequential([keras.layers.Input((16, 16, 4)), keras.layers.Flatten(), keras.layers.Dense(4)])
+    big_file = write_bytes(tmp_path / "big.tflite", convert(big, "fp32"))  # 1024 × 1024 float weights: 4 MiB
+    small_file = write_bytes(tmp_path / "small.tflite", convert(small, "fp32"))
+    got_big, got_small = litert.peak_memory(big_file), litert.peak_memory(small_file)
+    assert "VmHWM" in got_big["method"]
+    assert got_big["peak_bytes"] >= 4 * 2 ** 20  # its weights are read, so they are resident
+    assert got_big["peak_bytes"] > got_small["peak_bytes"] + 3 * 2 ** 20
 
 
 def test_runtime_info_reports_this_machine():
