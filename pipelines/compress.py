@@ -5,7 +5,7 @@ Fashion-MNIST: takes the teacher shipped in the package, distils a small student
 images (the teacher seeing each step's view), trains the same student without a teacher for
 comparison, prunes the student to 75 % while distilling, runs sparsity-preserving quantization-aware training
 while distilling, exports TFLite models, measures them with LiteRT and writes
-tflite_out/<run>/report.md, results.json, results.csv and pareto.png. Each stage is resumable:
+tflite_out/<run>/report.md, results.json, results.csv, pareto.png and layer_error.png. Each stage is resumable:
 rerunning a command skips the stages that finished with the same settings, inputs and code.
 """
 from __future__ import annotations

@@ -36,11 +36,16 @@ class ModelRow:
     input_offset: float
     stage: Optional[str] = None  # the stage whose model this is
     sparsity: Optional[float] = None  # exact zeros in the conv/dense kernels of the .tflite
-    latency: Optional[dict] = None  # {threads: {mean_ms, p90_ms, ...}} for .tflite rows
+    latency: Optional[dict] = None  # {threads: {median_ms, q1_ms, q3_ms, ...}} for .tflite rows (interleaved rounds)
     parity: Optional[dict] = None  # the .tflite against its Keras model
     ops: Optional[dict] = None  # the .tflite's ops and XNNPACK fallbacks
     sparsity_layers: Optional[dict] = None  # {Keras layer: sparsity} of the .tflite's kernels
     gap_to_teacher: Optional[float] = None  # teacher accuracy minus this one's (fraction)
+    min_runtime: Optional[str] = None  # the oldest TFLite runtime that loads the .tflite (its own metadata)
+    op_versions: Optional[dict] = None  # {op: version} of the .tflite
+    memory: Optional[dict] = None  # {peak_bytes, method}: peak memory at inference
+    layer_error: Optional[dict] = None  # per-layer error against float (integer variants; edge_kd.bench.layer_error)
+    float_layers: Optional[list] = None  # the layers an int8_mixed file keeps in float
 
     def __post_init__(self):
         if self.role not in ROLES or self.format not in FORMATS:

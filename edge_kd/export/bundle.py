@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from edge_kd.bench.compat import runtime as compat_runtime
 from edge_kd.bench.results import ModelRow, rows_of
 from edge_kd.errors import UserError
 from edge_kd.fileio import sha256_file, staging_dir, swap_dir, umask
@@ -45,42 +46,66 @@ GOLDEN_OUTPUTS = "golden/expected_outputs.npy"
 FLOAT_ATOL = 1e-5  # float golden outputs must reproduce within this; integer ones bit-exactly
 CHANNEL_ORDERS = {"grayscale": 1, "RGB": 3}
 IO_DTYPES = ("float32", "int8")  # the tensor types the snippets and golden vectors are written for
+# what write_bundle's ``measured`` must hold (measured_from adds the peak memory and its method)
 MEASURED_KEYS = ("name", "accuracy", "latency_ms", "size_bytes", "gzip_bytes", "sparsity")
 
 
 # -- choosing the model ------------------------------------------------------------------------------
-def pick(models: list[ModelRow], tolerance_pp: float = 0.5, name: str | None = None) -> ModelRow:
-    """Returns the results row to bundle: ``name``'s, else the smallest int8 student within tolerance.
+def pick(models: list[ModelRow], tolerance_pp: float = 0.5, name: str | None = None,
+         min_runtime: str | None = None) -> ModelRow:
+    """Returns the results row to bundle: ``name``'s, else the smallest integer student within tolerance.
 
-    The default is the smallest (``size_bytes``) int8 student ``.tflite`` whose accuracy lies within
-    ``tolerance_pp`` percentage points of the most accurate student ``.tflite``; where no int8 one
-    does, the smallest student ``.tflite`` of any variant within that tolerance.
+    The default is the smallest (``size_bytes``) student ``.tflite`` of an integer variant (int8,
+    int8_mixed, int16x8) whose accuracy lies within ``tolerance_pp`` percentage points of the most
+    accurate student ``.tflite``; where no integer one does, the smallest student ``.tflite`` of any
+    variant within that tolerance. With ``min_runtime`` ("2.14"), only files that load on that
+    TFLite runtime (their own ``min_runtime_version``) are candidates.
     """
+    from edge_kd.bench.compat import loads_on, version_key
+    from edge_kd.export.tflite import INTEGER
+
     tflite = [m for m in rows_of(models) if m.format == "tflite"]
+    if min_runtime is not None:
+        try:
+            version_key(min_runtime)
+        except ValueError as e:
+            raise UserError(f"bundle min_runtime: {e}") from None
     if name is not None:
         for m in tflite:
             if m.name == name:
+                if min_runtime is not None and not loads_on(m.min_runtime, min_runtime):
+                    raise UserError(f"model '{name}' needs TFLite {m.min_runtime or '(unknown)'}; it does not load on "
+                                    f"{min_runtime}, the bundle's min_runtime")
                 return m
         names = ", ".join(m.name for m in tflite) or "none"
         raise UserError(f"unknown model '{name}' for the bundle; the tflite models of this run are: {names}")
     if not (isinstance(tolerance_pp, (int, float)) and tolerance_pp >= 0):
         raise UserError(f"bundle tolerance must be a number of percentage points >= 0, got {tolerance_pp!r}")
     students = [m for m in tflite if m.role == "student"]
+    if min_runtime is not None:
+        loadable = [m for m in students if loads_on(m.min_runtime, min_runtime)]
+        if students and not loadable:
+            raise UserError(f"no student .tflite of this run loads on TFLite {min_runtime}; they need: "
+                            + ", ".join(f"{m.name} {m.min_runtime or '(unknown)'}" for m in students))
+        students = loadable
     if not students:
         raise UserError("no student .tflite model in this run to bundle; "
                         f"tflite models: {', '.join(m.name for m in tflite) or 'none'}")
     best = max(m.accuracy for m in students)
     # 1e-9 keeps a model exactly at the tolerance edge in despite float rounding of accuracy - best.
     close = [m for m in students if m.accuracy >= best - tolerance_pp / 100.0 - 1e-9]
-    int8 = [m for m in close if m.variant == "int8"]
-    return min(int8 or close, key=lambda m: (m.size_bytes, -m.accuracy, m.name))
+    integer = [m for m in close if m.variant in INTEGER]
+    return min(integer or close, key=lambda m: (m.size_bytes, -m.accuracy, m.name))
 
 
 def measured_from(row: ModelRow) -> dict:
     """Returns the ``measured`` dict write_bundle takes, from one results row."""
     return {"name": row.name, "variant": row.variant, "accuracy": row.accuracy,
-            "latency_ms": {str(t): float(v["mean_ms"]) for t, v in (row.latency or {}).items()},
-            "size_bytes": row.size_bytes, "gzip_bytes": row.gzip_bytes, "sparsity": row.sparsity}
+            "latency_ms": {str(t): {k: float(v[k]) for k in ("median_ms", "q1_ms", "q3_ms")}
+                           for t, v in (row.latency or {}).items()},
+            "size_bytes": row.size_bytes, "gzip_bytes": row.gzip_bytes, "sparsity": row.sparsity,
+            "peak_memory_bytes": (row.memory or {}).get("peak_bytes"),
+            "memory_method": (row.memory or {}).get("method")}
 
 
 # -- the preprocessing the manifest states (shared by the bundle writer and pipelines.verify) -------
@@ -178,6 +203,7 @@ def write_bundle(dest_dir, model_path, *, class_names, input_scale: float, input
         raise ValueError(f"measured accuracy is a fraction 0..1 (as in models.json); got {measured['accuracy']!r}")
 
     in_q, out_q = quantization(inp), quantization(out)
+    runtime = compat_runtime(model_path)
     model_inputs = raw_to_input(golden_x_raw, input_scale, input_offset, in_dtype, in_q)
     expected = run_golden(it, model_inputs)
     manifest = {
@@ -185,6 +211,9 @@ def write_bundle(dest_dir, model_path, *, class_names, input_scale: float, input
         "model_file": model_path.name,
         "model_sha256": sha256_file(model_path),
         "model_size_bytes": model_path.stat().st_size,
+        # read from the file: the oldest TFLite runtime that loads it, and the op versions that decide it
+        "min_runtime_version": runtime["min_runtime"],
+        "op_versions": runtime["ops"],
         "input_shape": in_shape,
         "input_dtype": in_dtype,
         "output_shape": out_shape,
@@ -293,8 +322,10 @@ def _readme(m: dict) -> str:
     stem = name.rsplit(".", 1)[0]
     int_in, int_out = m["input_quantization"] is not None, m["output_quantization"] is not None
     meas = m["measured"]
-    lat = ", ".join(f"{v:.3f} ms at {t} thread{'s' if str(t) != '1' else ''}"
-                    for t, v in (meas.get("latency_ms") or {}).items() if isinstance(v, (int, float)))
+    lat = ", ".join(f"{v['median_ms']:.3f} ms (IQR {v['q1_ms']:.3f}–{v['q3_ms']:.3f}) at {t} "
+                    f"thread{'s' if str(t) != '1' else ''}"
+                    for t, v in (meas.get("latency_ms") or {}).items() if isinstance(v, dict) and "median_ms" in v)
+    peak = meas.get("peak_memory_bytes")
     acc, gz = meas.get("accuracy"), meas.get("gzip_bytes")
     accuracy_text = f"accuracy {acc * 100:.2f} %" if isinstance(acc, (int, float)) else "accuracy not measured"
     gzip_text = f"{gz:,}" if isinstance(gz, int) else "?"
@@ -316,7 +347,10 @@ def _readme(m: dict) -> str:
         "",
         f"Made by edge-kd {m['edge_kd_version']} (recipe `{m['recipe_hash']}`) from model `{meas.get('name')}`. "
         f"Measured on the test set: {accuracy_text}{', latency ' + lat if lat else ''}; "
-        f"{m['model_size_bytes']:,} bytes ({gzip_text} gzipped).",
+        f"{m['model_size_bytes']:,} bytes ({gzip_text} gzipped)"
+        + (f"; peak memory at inference {peak / 2 ** 20:.1f} MiB ({meas.get('memory_method')})" if peak else "")
+        + f". It loads on TFLite / LiteRT {m['min_runtime_version'] or '(version not stamped in the file)'} "
+        "or newer (the file's own `min_runtime_version`).",
         "",
         "## Files",
         "",

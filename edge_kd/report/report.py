@@ -21,7 +21,7 @@ from edge_kd.bench.results import ModelRow, rows_of
 from edge_kd.fileio import write_bytes, write_json, write_text
 
 KB = 1024
-_LATENCY_FIELDS = ("mean_ms", "std_ms", "p50_ms", "p90_ms", "init_ms", "first_ms", "runs")
+_LATENCY_FIELDS = ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "init_ms", "first_ms", "rounds", "runs")
 _MODEL_FIELDS = ("name", "role", "format", "variant", "path", "accuracy", "gap_to_teacher", "size_bytes",
                  "gzip_bytes", "params", "macs", "input_scale", "input_offset")
 _ROLE_COLOURS = {"teacher": "tab:red", "student": "tab:blue", "baseline": "tab:gray"}
@@ -29,7 +29,7 @@ _FORMAT_MARKERS = {"keras": "s", "tflite": "o"}
 
 
 def write_report(run_dir, results: dict) -> dict:
-    """Returns {"json", "csv", "md", "png"}: the paths of the report files written into ``run_dir``."""
+    """Returns {"json", "csv", "md", "png", "layers_png"}: the paths of the report files written into ``run_dir``."""
     _check(results)
     run_dir = Path(run_dir)
     plain = {**results, "models": [m.to_dict() for m in _rows(results)]}
@@ -38,6 +38,7 @@ def write_report(run_dir, results: dict) -> dict:
         "csv": write_text(run_dir / "results.csv", results_csv(results)),
         "md": write_text(run_dir / "report.md", report_markdown(results)),
         "png": write_bytes(run_dir / "pareto.png", pareto_png(results)),
+        "layers_png": write_bytes(run_dir / "layer_error.png", layer_error_png(results)),
     }
 
 
@@ -45,7 +46,8 @@ def markdown_table(results: dict) -> str:
     """Returns the results table alone as GitHub markdown, one row per model in the given order."""
     _check(results)
     header = ["model", "role", "format", "variant", "accuracy %", "Δ vs teacher (pp)", "size (KB)", "gzip (KB)",
-              "sparsity %", "latency 1 thr mean ms (p90)", "latency 2 thr mean ms", "params", "MACs"]
+              "sparsity %", "latency 1 thr median ms (IQR)", "latency 2 thr median ms", "peak memory (MiB)",
+              "min runtime", "params", "MACs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
     for m in _rows(results):
         lat1, lat2 = _latency(m, 1), _latency(m, 2)
@@ -55,8 +57,10 @@ def markdown_table(results: dict) -> str:
             _delta(m),
             _kb(m.size_bytes), _kb(m.gzip_bytes),
             _pct(m.sparsity) if _num(m.sparsity) else "—",
-            f"{_ms(lat1['mean_ms'])} ({_ms(lat1['p90_ms'])})" if lat1 else "—",
-            _ms(lat2["mean_ms"]) if lat2 else "—",
+            f"{_ms(lat1['median_ms'])} ({_ms(lat1['q1_ms'])}–{_ms(lat1['q3_ms'])})" if lat1 else "—",
+            _ms(lat2["median_ms"]) if lat2 else "—",
+            _mib((m.memory or {}).get("peak_bytes")),
+            _cell(m.min_runtime),
             _int(m.params), _int(m.macs),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -100,7 +104,23 @@ def report_markdown(results: dict) -> str:
     parity = parity_table(results)
     if parity:
         out += ["## Runtime parity and ops (Keras model vs its .tflite under LiteRT, whole test set)", "", parity]
-    out += ["## Latency in detail (ms, batch 1)", "", latency_table(results), "## How to read this", ""]
+    runtimes = runtime_table(results)
+    if runtimes:
+        out += ["## Where each file runs (read from the file: its `min_runtime_version` and op versions)", "",
+                runtimes]
+    errors = layer_error_table(results)
+    if errors:
+        sample = next(m.layer_error for m in _rows(results) if m.layer_error)
+        out += ["## Per-layer quantization error (SNR in dB against float, higher is better; ★ adds the most)", "",
+                f"On {_int(sample.get('samples'))} test images. Method: {sample.get('method')}. The float reference is "
+                "the float TFLite graph of the same Keras model (for QAT models, that model's own graph with its "
+                "fake quantization). [layer_error.png](layer_error.png)", "", errors]
+    out += ["## Latency in detail (ms, batch 1)", "", latency_table(results)]
+    ties = latency_ties(results)
+    if ties:
+        out += ["Latencies whose interquartile ranges overlap, so this run does not show which is faster: "
+                + " | ".join(ties) + ".", ""]
+    out += ["## How to read this", ""]
     out.append(f"- **accuracy %**: top-1 on the whole test set ({_int(test_size)} images); `tflite` rows are run "
                "through the LiteRT interpreter exactly as they would be deployed (int8 inputs quantized with the "
                "model's own scale and zero point), `keras` rows through Keras.")
@@ -109,10 +129,16 @@ def report_markdown(results: dict) -> str:
     out.append(f"- **size / gzip (KB)**: the file on disk and the same bytes after gzip -9 (1 KB = {KB} bytes); "
                "gzip shows what the zeros left by pruning save in a compressed download.")
     run_note = f", at least {min(runs)} timed runs per row" if runs else ""
-    out.append("- **latency**: TFLite `benchmark_model`'s method at batch 1 on the CPU above: interpreter init, "
-               "one first run, warm-up, then timed `invoke()` calls until both a minimum count and a minimum "
-               f"time are reached{run_note}; mean in ms with p90 in parentheses; LiteRT's default XNNPACK "
-               "delegate; `keras` rows are not timed.")
+    out.append("- **latency**: batch 1 on the CPU above, LiteRT's default XNNPACK delegate. Every file gets its own "
+               "interpreter (init and first run reported), a warm-up, then all files are timed in interleaved rounds "
+               "(A B C … A B C …), each round a burst of `invoke()` calls whose median is the round's figure"
+               f"{run_note}; the table gives the median over rounds and its interquartile range (IQR), so a slow "
+               "spell of the machine hits every file alike. Two rows whose IQRs overlap are not shown apart. "
+               "`keras` rows are not timed.")
+    out.append("- **peak memory (MiB)**: the growth of a fresh process's peak resident memory across creating the "
+               "interpreter, allocating it and one invoke (model file, tensor arena, scratch, delegate buffers).")
+    out.append("- **min runtime**: the oldest TFLite / LiteRT runtime that loads the file, as the converter stamped it "
+               "from the op versions the file uses; `stages.bundle.min_runtime` bundles only files that load there.")
     out.append("- **sparsity %**: the share of exact zeros in the conv and dense kernels, read from the exported "
                "`.tflite` weights themselves (for int8, values equal to the zero point), not from the recipe.")
     out.append("- **parity**: the Keras model and its `.tflite` run on every test image; max abs diff of the "
@@ -146,12 +172,12 @@ def stage_table(results: dict) -> str:
     if not rows:
         return ""
     lines = ["| stage | model | accuracy % | Δ vs teacher (pp) | size (KB) | gzip (KB) | sparsity % | "
-             "latency 1 thr mean ms |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "latency 1 thr median ms |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
         lat1 = _latency(m, 1)
         cells = [m.stage, m.name, _pct(m.accuracy), _delta(m), _kb(m.size_bytes),
                  _kb(m.gzip_bytes), _pct(m.sparsity) if _num(m.sparsity) else "—",
-                 _ms(lat1["mean_ms"]) if lat1 else "—"]
+                 _ms(lat1["median_ms"]) if lat1 else "—"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -189,15 +215,71 @@ def parity_table(results: dict) -> str:
 
 def latency_table(results: dict) -> str:
     """Returns a markdown table of every timed row's latency figures per thread count."""
-    lines = ["| model | threads | init | first run | mean | std | p50 | p90 | runs |",
+    lines = ["| model | threads | init | first run | median | IQR | min–max over rounds | rounds | runs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in _rows(results):
         for threads, lat in sorted((m.latency or {}).items(), key=lambda kv: int(kv[0])):
             if not lat:
                 continue
-            cells = [m.name, threads] + [_ms(lat.get(k)) for k in ("init_ms", "first_ms", "mean_ms", "std_ms",
-                                                                      "p50_ms", "p90_ms")] + [_int(lat.get("runs"))]
+            cells = [m.name, threads, _ms(lat.get("init_ms")), _ms(lat.get("first_ms")), _ms(lat.get("median_ms")),
+                     f"{_ms(lat.get('q1_ms'))}–{_ms(lat.get('q3_ms'))}", f"{_ms(lat.get('min_ms'))}–{_ms(lat.get('max_ms'))}",
+                     _int(lat.get("rounds")), _int(lat.get("runs"))]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def latency_ties(results: dict) -> list[str]:
+    """Returns, per thread count, the groups of models whose latency IQRs overlap (no ranking among them is shown)."""
+    out = []
+    for threads in _threads(results):
+        timed = sorted(((lat["median_ms"], lat["q1_ms"], lat["q3_ms"], m.name) for m in _rows(results)
+                        for lat in [_latency(m, int(threads)) if threads.isdigit() else None]
+                        if lat and all(_num(lat.get(k)) for k in ("median_ms", "q1_ms", "q3_ms"))))
+        groups, group, reach = [], [], -math.inf
+        for med, q1, q3, name in timed:  # by median; a model joins the group while its IQR meets the group's
+            if group and q1 > reach:
+                groups.append(group)
+                group, reach = [], -math.inf
+            group.append(name)
+            reach = max(reach, q3)
+        groups += [group] if group else []
+        tied = [g for g in groups if len(g) > 1]
+        if tied:
+            out.append(f"{threads} thread(s): " + "; ".join(" ≈ ".join(g) for g in tied))
+    return out
+
+
+def runtime_table(results: dict) -> str:
+    """Returns a markdown table of each .tflite's minimum runtime and op versions, or ""."""
+    rows = [m for m in _rows(results) if m.format == "tflite" and (m.min_runtime or m.op_versions)]
+    if not rows:
+        return ""
+    lines = ["| model | min runtime | op versions |", "|---|---|---|"]
+    for m in rows:
+        ops = ", ".join(f"{k} v{v}" for k, v in sorted((m.op_versions or {}).items()))
+        lines.append(f"| {m.name} | {_cell(m.min_runtime)} | {ops or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def layer_error_table(results: dict) -> str:
+    """Returns a markdown table of each layer's SNR (dB) against float per integer .tflite, with the worst named, or ""."""
+    rows = [m for m in _rows(results) if m.layer_error and m.layer_error.get("layers")]
+    if not rows:
+        return ""
+    layers = list(dict.fromkeys(e["layer"] for m in rows for e in m.layer_error["layers"]))
+    lines = ["| layer | " + " | ".join(m.name for m in rows) + " |", "|---|" + "---:|" * len(rows)]
+    for layer in layers:
+        cells = []
+        for m in rows:
+            e = next((e for e in m.layer_error["layers"] if e["layer"] == layer), None)
+            mark = " ★" if e and layer in m.layer_error.get("worst", [])[:1] else ""
+            cells.append("—" if e is None else ("exact" if e["snr_db"] is None else f"{e['snr_db']:.1f}") + mark)
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for m in rows:
+        worst = m.layer_error.get("worst") or []
+        kept = f"; kept in float: {', '.join(m.float_layers)}" if m.float_layers else ""
+        lines.append(f"- **{m.name}**: the layers adding the most error: {', '.join(worst) or 'none'}{kept}.")
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +317,7 @@ def pareto_png(results: dict) -> bytes:
 
     size_points, lat_points = _plot_points(results)
     _panel(ax_size, size_points, "size (KB, log scale)", log=True)
-    _panel(ax_lat, lat_points, "latency, batch 1, 1 thread (ms, mean)", log=False)
+    _panel(ax_lat, lat_points, "latency, batch 1, 1 thread (ms, median over rounds)", log=False)
     fig.suptitle(f"edge-kd: {results.get('run', '')}")
 
     buf = io.BytesIO()
@@ -243,13 +325,40 @@ def pareto_png(results: dict) -> bytes:
     return buf.getvalue()
 
 
+def layer_error_png(results: dict) -> bytes:
+    """Returns PNG bytes of each integer .tflite's per-layer SNR against float, layer by layer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    rows = [m for m in _rows(results) if m.layer_error and m.layer_error.get("layers")]
+    layers = list(dict.fromkeys(e["layer"] for m in rows for e in m.layer_error["layers"]))
+    for m in rows:
+        by = {e["layer"]: e for e in m.layer_error["layers"]}
+        xs = [i for i, name in enumerate(layers) if name in by and by[name]["snr_db"] is not None]
+        ax.plot(xs, [by[layers[i]]["snr_db"] for i in xs], marker="o", label=m.name)
+    ax.set_xticks(range(len(layers)), layers, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("SNR against float (dB), higher is better")
+    ax.grid(True, alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no integer model", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"edge-kd: per-layer quantization error, {results.get('run', '')}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
 def _plot_points(results):
-    """(size KB, accuracy %, model) and (1-thread mean ms, accuracy %, model) for the rows that have them."""
+    """(size KB, accuracy %, model) and (1-thread median ms, accuracy %, model) for the rows that have them."""
     size_points = [(m.size_bytes / KB, m.accuracy * 100, m) for m in _rows(results)
                    if _num(m.size_bytes) and _num(m.accuracy)]
     # keras rows carry no latency, so they drop out of the latency panel here.
-    lat_points = [(_latency(m, 1)["mean_ms"], m.accuracy * 100, m) for m in _rows(results)
-                  if _latency(m, 1) and _num(_latency(m, 1).get("mean_ms")) and _num(m.accuracy)]
+    lat_points = [(_latency(m, 1)["median_ms"], m.accuracy * 100, m) for m in _rows(results)
+                  if _latency(m, 1) and _num(_latency(m, 1).get("median_ms")) and _num(m.accuracy)]
     return size_points, lat_points
 
 
@@ -339,6 +448,10 @@ def _ms(v) -> str:
     if not _num(v):
         return "—"
     return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def _mib(v) -> str:
+    return f"{v / 2 ** 20:.1f}" if _num(v) else "—"
 
 
 def _int(v) -> str:

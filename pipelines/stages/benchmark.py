@@ -1,4 +1,9 @@
-"""The benchmark stage: every model of the run measured with LiteRT (Keras rows with Keras) on the whole test set."""
+"""The benchmark stage: every model of the run measured with LiteRT (Keras rows with Keras) on the whole test set.
+
+Per .tflite: accuracy, latency (all files in interleaved rounds), peak memory, minimum runtime and op
+versions, sparsity, parity with its Keras model, ops and XNNPACK fallbacks, and for the integer
+variants each layer's error against the float graph of the same Keras model (on a test sample).
+"""
 from __future__ import annotations
 
 import os
@@ -10,10 +15,14 @@ from pipelines.stage import Stage, StageSettings
 
 class BenchmarkSettings(StageSettings):
     threads: Annotated[list[Annotated[Int, Field(ge=1)]], Field(min_length=1)] = [1, 2]
-    #: timed runs last at least this long (benchmark_model: 1 s)
+    #: each model's timed runs last at least this long in all, split evenly over the rounds (benchmark_model: 1 s)
     min_seconds: Annotated[Float, Field(ge=0)] = 1.0
-    #: warm-up lasts at least this long (benchmark_model: 0.5 s)
+    #: the models are timed in turn (A B C … A B C …) this many times; the report gives the median over rounds
+    rounds: Annotated[Int, Field(ge=3)] = 10
+    #: warm-up of each model before the rounds start (benchmark_model: 0.5 s)
     warmup_seconds: Annotated[Float, Field(ge=0)] = 0.5
+    #: test images the per-layer quantization error runs on
+    layer_error_samples: Annotated[Int, Field(ge=1)] = 256
 
 
 class Benchmark(Stage):
@@ -33,8 +42,9 @@ class Benchmark(Stage):
     def run(self, ctx, out):
         import json
 
-        from edge_kd.bench import litert, parity, stats
+        from edge_kd.bench import compat, layer_error, litert, parity, stats
         from edge_kd.bench.results import ModelRow
+        from edge_kd.export import tflite
         from edge_kd.fileio import write_json
 
         r, info = ctx.recipe, ctx.bundle.info
@@ -66,17 +76,29 @@ class Benchmark(Stage):
             acc = stats.keras_accuracy(model, x_test, y_test, batch_size=512)
             rows.append(row(name, role, "keras", "fp32", stage, rel, file, acc))
         b = r.stages.benchmark
+        files = {item["name"]: ctx.run_dir / item["path"] for item in plan}
+        print(f"  timing {len(files)} models at {', '.join(map(str, b.threads))} thread(s) in {b.rounds} interleaved "
+              "rounds", flush=True)
+        latencies = litert.latency_rounds(files, x_test[0], b.threads, rounds=b.rounds,
+                                          round_seconds=b.min_seconds / b.rounds, warmup_seconds=b.warmup_seconds)
+        floats = {}
         for item in plan:
-            file = ctx.run_dir / item["path"]
+            file = files[item["name"]]
             acc = litert.accuracy(file, x_test, y_test)
-            latency = {str(t): litert.latency(file, x_test[0], num_threads=t, min_seconds=b.min_seconds,
-                                              min_warmup_seconds=b.warmup_seconds) for t in b.threads}
             sparsity = stats.tflite_weight_sparsity(file)
+            found = compat.runtime(file)
+            error = None
+            if item["variant"] in tflite.INTEGER:
+                if item["stage"] not in floats:  # the float graph of the very Keras model the file was made from
+                    floats[item["stage"]] = tflite.convert(source_model(item["stage"]), "fp32")
+                error = layer_error.layer_errors(floats[item["stage"]], file, x_test[: b.layer_error_samples])
             rows.append(row(item["name"], item["role"], "tflite", item["variant"], item["stage"], item["path"], file,
-                            acc, latency=latency, sparsity=sparsity["overall"],
+                            acc, latency=latencies[item["name"]], sparsity=sparsity["overall"],
                             sparsity_layers={stats.layer_of(k): v["sparsity"] for k, v in sparsity["layers"].items()},
                             parity=parity.parity(source_model(item["stage"]), file, x_test),
-                            ops=parity.ops(file)))
+                            ops=parity.ops(file), min_runtime=found["min_runtime"], op_versions=found["ops"],
+                            memory=litert.peak_memory(file), layer_error=error,
+                            float_layers=item.get("float_layers")))
         teacher_acc = rows[0].accuracy if r.teacher is not None else None
         for m in rows:
             m.gap_to_teacher = None if teacher_acc is None else teacher_acc - m.accuracy

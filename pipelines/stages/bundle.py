@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-from edge_kd.config import Field, Float, Int, Str
+from pydantic import field_validator
+
+from edge_kd.config import Field, Float, Int, Invalid, Str
 from edge_kd.errors import UserError
 from pipelines.stage import Stage, StageSettings
 
@@ -15,6 +17,20 @@ class BundleSettings(StageSettings):
     tolerance_pp: Annotated[Float, Field(ge=0)] = 0.5
     #: real test images stored with their expected outputs
     golden: Annotated[Int, Field(ge=1, le=1000)] = 8
+    #: e.g. "2.14": bundle only a model that loads on this TFLite runtime (read from each file's metadata)
+    min_runtime: Optional[Str] = None
+
+    @field_validator("min_runtime")
+    @classmethod
+    def _version(cls, v):
+        from edge_kd.bench.compat import version_key
+
+        if v is not None:
+            try:
+                version_key(v)
+            except ValueError:
+                raise Invalid("", f"must be a TFLite runtime version such as 2.14 or 2.14.0, got {v!r}") from None
+        return v
 
 
 class Bundle(Stage):
@@ -51,11 +67,12 @@ class Bundle(Stage):
 
         r, spec, info = ctx.recipe, ctx.settings(self.name), ctx.bundle.info
         rows = rows_of(json.loads((ctx.stage_dir("benchmark") / "models.json").read_text())["models"])
-        chosen = bundle_mod.pick(rows, tolerance_pp=spec.tolerance_pp, name=spec.pick)
+        chosen = bundle_mod.pick(rows, tolerance_pp=spec.tolerance_pp, name=spec.pick, min_runtime=spec.min_runtime)
         x_test = ctx.bundle.x_test
         x_raw = x_test[np.random.default_rng(r.seed).permutation(len(x_test))[: spec.golden]]
         bundle_mod.write_bundle(out, ctx.run_dir / chosen.path, class_names=list(info.class_names),
                                 input_scale=info.input_scale, input_offset=info.input_offset, golden_x_raw=x_raw,
                                 measured=bundle_mod.measured_from(chosen), recipe_hash=fingerprint(r.to_dict()),
                                 version=edge_kd.__version__)
-        return {"model": chosen.name, "accuracy": chosen.accuracy, "size_bytes": chosen.size_bytes}
+        return {"model": chosen.name, "accuracy": chosen.accuracy, "size_bytes": chosen.size_bytes,
+                "min_runtime": chosen.min_runtime, "for_runtime": spec.min_runtime}

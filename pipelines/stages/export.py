@@ -1,18 +1,40 @@
-"""The export stage: every model of the run as TFLite (the teacher fp32; each student stage in its variants)."""
+"""The export stage: every model of the run as TFLite (the teacher fp32; each student stage in its variants).
+
+``int8_mixed`` keeps some layers in float: those named in ``float_layers`` (Keras layer names) and
+the ``float_worst`` layers that add the most error in the stage's ``int8`` file, measured against its
+float file on the validation split (never the test split, which only the benchmark reads).
+"""
 from __future__ import annotations
 
 from typing import Annotated
 
-from edge_kd.config import Bool, Field, Int, Literal
+from pydantic import model_validator
+
+from edge_kd.config import Bool, Field, Int, Invalid, Literal, Str
+from edge_kd.errors import UserError
 from pipelines.stage import Stage, StageSettings, StudentStage
 
-Variant = Literal["fp32", "fp16", "dynamic", "int8"]
+Variant = Literal["fp32", "fp16", "dynamic", "dynamic_compat", "int8", "int8_mixed", "int16x8"]
 
 
 class ExportSettings(StageSettings):
     variants: Annotated[list[Variant], Field(min_length=1)] = ["fp32", "fp16", "dynamic", "int8"]
     int8_io: Bool = True
     representative_samples: Annotated[Int, Field(ge=1)] = 500
+    #: int8_mixed: these Keras layers stay in float (both keys are unused without int8_mixed in variants)
+    float_layers: list[Str] = []
+    #: int8_mixed: and so do the N layers that add the most error (measured on validation images)
+    float_worst: Annotated[Int, Field(ge=0)] = 0
+    #: validation images the float_worst measurement runs on
+    float_samples: Annotated[Int, Field(ge=1)] = 256
+
+    @model_validator(mode="after")
+    def _mixed(self):
+        mixed = "int8_mixed" in self.variants
+        if mixed and not (self.float_layers or self.float_worst):
+            raise Invalid("variants", "with int8_mixed needs float_layers (layer names) or float_worst (a count) "
+                                      "to say which layers stay in float")
+        return self
 
 
 class Export(Stage):
@@ -41,6 +63,37 @@ class Export(Stage):
                      for v in stage.export_variants(ctx.recipe)]
         return plan
 
+    def check(self, ctx):
+        spec = ctx.settings(self.name)
+        if spec.float_layers:  # the names are the student's Keras layers: an untrained one has them all
+            import numpy as np
+
+            from edge_kd.export import tflite
+
+            x = np.zeros((1, *ctx.bundle.info.input_shape), np.float32)
+            self.known_layers(spec, self.layer_tensors(tflite.convert(ctx.build_student(), "fp32"), x))
+
+    @staticmethod
+    def layer_tensors(flat: bytes, x) -> dict:
+        """Returns {Keras layer: [the op output tensors it is fused into]} of a float TFLite file."""
+        from edge_kd.bench import layer_error
+
+        ops, _ = layer_error.op_outputs(flat, x)
+        by_layer: dict = {}
+        for op in ops:
+            for name in op["outputs"]:
+                for layer in layer_error.layer_name(name).split("+"):
+                    by_layer.setdefault(layer, []).append(name)
+        return by_layer
+
+    @staticmethod
+    def known_layers(spec, by_layer: dict):
+        """Raises a UserError naming the layers there are when ``float_layers`` names one the graph lacks."""
+        unknown = [n for n in spec.float_layers if n not in by_layer]
+        if unknown:
+            raise UserError(f"stages.export.float_layers: no layer {', '.join(map(repr, unknown))} in the student's "
+                            f"TFLite graph; its layers: {', '.join(sorted(by_layer))}")
+
     def run(self, ctx, out):
         import numpy as np
 
@@ -50,15 +103,39 @@ class Export(Stage):
         spec = ctx.settings(self.name)
         x_train, _ = ctx.bundle.arrays("train")
         rep = x_train[np.random.default_rng(ctx.recipe.seed).permutation(len(x_train))[: spec.representative_samples]]
-        loaded = {}
+        loaded, flats = {}, {}
         plan = self.plan(ctx)
-        for item in plan:
-            stage = item["stage"]
+        # int8_mixed is made from the stage's int8 and fp32 files, so those come first
+        for item in sorted(plan, key=lambda i: i["variant"] == "int8_mixed"):
+            stage, variant = item["stage"], item["variant"]
             if stage not in loaded:
                 loaded[stage] = ctx.teacher() if stage == "teacher" else ctx.load_student(stage)
-            flat = tflite.convert(loaded[stage], item["variant"], representative=rep if item["variant"] == "int8" else None,
-                                  int8_io=spec.int8_io)
+            float_tensors = None
+            if variant == "int8_mixed":
+                float_tensors, item["float_layers"] = self.float_tensors(ctx, spec, loaded[stage], rep, flats, stage)
+            flat = tflite.convert(loaded[stage], variant, representative=rep if variant in tflite.CALIBRATED else None,
+                                  int8_io=spec.int8_io, float_tensors=float_tensors)
+            flats[(stage, variant)] = flat
             write_bytes(out / f"{item['name']}.tflite", flat)
             item["path"] = f"{self.folder}/{item['name']}.tflite"
         write_json(out / "exports.json", plan)
         return {"files": len(plan)}
+
+    def float_tensors(self, ctx, spec, model, rep, flats, stage) -> tuple[list[str], list[str]]:
+        """Returns (the op output tensors int8_mixed keeps in float, their layer names) for ``stage``'s model."""
+        from edge_kd.bench import layer_error
+        from edge_kd.export import tflite
+
+        def flat(variant):
+            if (stage, variant) not in flats:
+                flats[(stage, variant)] = tflite.convert(model, variant, representative=rep, int8_io=spec.int8_io)
+            return flats[(stage, variant)]
+
+        by_layer = self.layer_tensors(flat("fp32"), rep[:1])
+        self.known_layers(spec, by_layer)
+        chosen = [t for n in spec.float_layers for t in by_layer[n]]
+        if spec.float_worst:
+            x_val, _ = ctx.bundle.arrays("val")
+            errors = layer_error.layer_errors(flat("fp32"), flat("int8"), x_val[: spec.float_samples])
+            chosen += [t for t in layer_error.worst_tensors(errors, spec.float_worst) if t not in chosen]
+        return chosen, [layer_error.layer_name(t) for t in chosen]

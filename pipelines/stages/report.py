@@ -1,9 +1,9 @@
-"""The report stage: report.md, results.json, results.csv and pareto.png, also copied to the run folder's top."""
+"""The report stage: report.md, results.json, results.csv, pareto.png and layer_error.png, copied to the run's top."""
 from __future__ import annotations
 
 from pipelines.stage import Stage
 
-PUBLISHED = ("report.md", "results.json", "results.csv", "pareto.png")
+PUBLISHED = ("report.md", "results.json", "results.csv", "pareto.png", "layer_error.png")
 
 
 class Report(Stage):

@@ -226,7 +226,11 @@ def test_pick_by_name_and_unknown_names():
 
 def test_measured_from_takes_a_models_json_row():
     row = dataclasses.replace(ROWS[6], gzip_bytes=14_800, sparsity=0.01,
-                              latency={"1": {"mean_ms": 0.014, "p90_ms": 0.02}, "2": {"mean_ms": 0.013, "p90_ms": 0.015}})
+                              latency={"1": {"median_ms": 0.014, "q1_ms": 0.013, "q3_ms": 0.02, "runs": 9},
+                                       "2": {"median_ms": 0.013, "q1_ms": 0.012, "q3_ms": 0.015, "runs": 9}},
+                              memory={"peak_bytes": 3_500_000, "method": "VmHWM"})
     assert measured_from(row) == {"name": "student-int8", "variant": "int8", "accuracy": 0.9889,
-                                  "latency_ms": {"1": 0.014, "2": 0.013}, "size_bytes": 18_400,
-                                  "gzip_bytes": 14_800, "sparsity": 0.01}
+                                  "latency_ms": {"1": {"median_ms": 0.014, "q1_ms": 0.013, "q3_ms": 0.02},
+                                                 "2": {"median_ms": 0.013, "q1_ms": 0.012, "q3_ms": 0.015}},
+                                  "size_bytes": 18_400, "gzip_bytes": 14_800, "sparsity": 0.01,
+                                  "peak_memory_bytes": 3_500_000, "memory_method": "VmHWM"}

@@ -82,6 +82,9 @@ BAD_CASES = {
     "fitnet on a missing teacher layer": (
         lambda d: ["--limit-train", "300", "--set", "distillation.terms=[{name: fitnet, student_layer: block2_relu, "
                    "teacher_layer: block9_relu}]"], ["distillation.terms.0 (fitnet)", "block9_relu", "stack1_relu"]),
+    "float layer not in the student": (lambda d: ["--limit-train", "300", "--set", "export.variants=[int8, int8_mixed]",
+                                                "--set", "export.float_layers=[nope]"],
+                                       ["stages.export.float_layers", "'nope'", "block1_conv"]),
     "bundle pick not exported": (lambda d: ["--limit-train", "300", "--set", "bundle.pick=qat-fp16"],
                                  ["stages.bundle.pick", "qat-fp16", "qat-int8"]),
     "student option of the wrong kind": (lambda d: ["--limit-train", "300", "--set", "student.options.width=wide"],
@@ -173,9 +176,9 @@ def test_cli_end_to_end_on_a_slice_of_the_default_data_with_the_shipped_teacher(
     run = out / "e2e"
     results = json.loads((run / "results.json").read_text())
     names = [m["name"] for m in results["models"]]
-    assert names == ["teacher", "student", "baseline", "teacher-fp32", "student-fp32", "student-fp16",
-                     "student-dynamic", "student-int8", "pruned-fp32", "pruned-fp16", "pruned-dynamic",
-                     "pruned-int8", "qat-int8"]
+    variants = ["fp32", "fp16", "dynamic", "dynamic_compat", "int8", "int8_mixed", "int16x8"]
+    assert names == ["teacher", "student", "baseline", "teacher-fp32", *[f"student-{v}" for v in variants],
+                     *[f"pruned-{v}" for v in variants], "qat-int8"]
     # pruning reached its target, as measured on the exported weights; PQAT kept the zeros through int8
     by_name = {m["name"]: m for m in results["models"]}
     assert by_name["pruned-fp32"]["sparsity"] == pytest.approx(0.75, abs=0.01)
@@ -193,11 +196,20 @@ def test_cli_end_to_end_on_a_slice_of_the_default_data_with_the_shipped_teacher(
         assert m["role"] in ("teacher", "student", "baseline") and m["format"] in ("keras", "tflite")
         assert 0.0 <= m["accuracy"] <= 1.0
         if m["format"] == "tflite":
-            assert m["latency"]["1"]["runs"] >= 50
+            assert m["latency"]["1"]["runs"] >= 50 and m["latency"]["1"]["rounds"] == 10
+            assert m["min_runtime"] and m["op_versions"] and m["memory"]["peak_bytes"] > 0
+            # the integer files carry each layer's error against float; the float ones none
+            assert (m["layer_error"] is not None) == (m["variant"] in ("int8", "int8_mixed", "int16x8"))
             # the reported accuracy is reproduced by an independent LiteRT run on the same test images
             x = d["x_test"][..., None].astype(np.float32) * m["input_scale"] + m["input_offset"]
             keep = np.sort(np.random.default_rng(1).permutation(len(x))[:600])
             assert litert.accuracy(run / m["path"], x[keep], d["y_test"][keep]) == pytest.approx(m["accuracy"])
+    from edge_kd.bench.compat import version_key
+
+    assert by_name["student-dynamic"]["min_runtime"] == "2.17.0"
+    assert version_key(by_name["student-dynamic_compat"]["min_runtime"]) < version_key("2.14")
+    assert len(by_name["student-int8_mixed"]["float_layers"]) == 1  # float_worst: 1, chosen on validation images
+    assert by_name["student-int16x8"]["layer_error"]["layers"][0]["dtype"] == "int16"
     student_int8 = by_name["student-int8"]
     assert student_int8["size_bytes"] * 10 <= next(m for m in results["models"] if m["name"] == "teacher-fp32")["size_bytes"]
     rows = list(csv.DictReader((run / "results.csv").open()))
@@ -205,6 +217,8 @@ def test_cli_end_to_end_on_a_slice_of_the_default_data_with_the_shipped_teacher(
     report = (run / "report.md").read_text()
     assert all(n in report for n in names)
     assert (run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "layer_error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Per-layer quantization error" in report and "Where each file runs" in report
     assert not list(run.glob(".*.partial-*"))
     # the bundle holds the model the report names, and verifies against its golden outputs
     from pipelines import verify
@@ -212,6 +226,8 @@ def test_cli_end_to_end_on_a_slice_of_the_default_data_with_the_shipped_teacher(
     assert verify.main([str(run / "bundle")]) == 0
     bundled = json.loads((run / "bundle" / "manifest.json").read_text())
     assert bundled["measured"]["name"] == results["bundle"]["model"]
+    assert bundled["min_runtime_version"] == by_name[bundled["measured"]["name"]]["min_runtime"]
+    assert bundled["measured"]["peak_memory_bytes"] == by_name[bundled["measured"]["name"]]["memory"]["peak_bytes"]
     assert (run / "bundle" / "labels.txt").read_text().splitlines()[:2] == ["T-shirt/top", "Trouser"]
     assert results["teacher"]["trained_by"] == "edge-kd, shipped (builtin:fashion_mnist)" and results["teacher"]["file"].endswith(
         "fashion_mnist_resnet8w2.keras")

@@ -123,6 +123,10 @@ RECIPE_MISTAKES = {
     "ema decay of one": ("teacher: null\ndistillation: {mode: mean_teacher, ema_decay: 1.0}\n"
                          "stages: {distill: {}, export: {}, benchmark: {}, report: {}}\n", ["ema_decay", "[0, 1)"]),
     "bad mode": ("distillation: {mode: ensemble}\n", ["distillation.mode", "mean_teacher", "ensemble"]),
+    "int8_mixed without its layers": ("stages: {teacher: {}, distill: {}, export: {variants: [int8_mixed]}, "
+                                      "benchmark: {}, report: {}}\n", ["variants", "int8_mixed", "float_worst"]),
+    "bad min runtime": ("stages: {teacher: {}, distill: {}, export: {}, benchmark: {}, bundle: {min_runtime: latest}, "
+                        "report: {}}\n", ["stages.bundle.min_runtime", "2.14", "latest"]),
     "cache with consistent teaching": ("distillation: {teacher_cache: true}\n",
                                        ["distillation.teacher_cache", "consistent: false"]),
     "cache of a feature term": ("distillation: {consistent: false, teacher_cache: true, terms: [{name: fitnet, "

@@ -10,9 +10,9 @@ from edge_kd.bench.results import ModelRow
 from edge_kd.report.report import _plot_points, markdown_table, pareto_front, write_report
 
 
-def _lat(threads, mean, p90):
-    return {"threads": threads, "init_ms": 3.1, "first_ms": 0.9, "mean_ms": mean, "std_ms": 0.01,
-            "p50_ms": mean * 0.98, "p90_ms": p90, "runs": 1234}
+def _lat(threads, median, q3):
+    return {"threads": threads, "init_ms": 3.1, "first_ms": 0.9, "median_ms": median, "q1_ms": median * 0.98,
+            "q3_ms": q3, "min_ms": median * 0.9, "max_ms": q3 * 1.1, "rounds": 10, "runs": 1234}
 
 
 def _model(name, role, fmt, variant, acc, size, lat, teacher_acc=0.9912):
@@ -44,7 +44,7 @@ def results():
 
 def test_write_report_files_round_trip(tmp_path, results):
     paths = write_report(tmp_path / "run", results)
-    assert set(paths) == {"json", "csv", "md", "png"}
+    assert set(paths) == {"json", "csv", "md", "png", "layers_png"}
     for p in paths.values():
         assert p.exists() and p.parent == tmp_path / "run"
 
@@ -57,10 +57,10 @@ def test_write_report_files_round_trip(tmp_path, results):
         assert int(row["size_bytes"]) == m["size_bytes"] and int(row["macs"]) == m["macs"]
         assert float(row["gap_to_teacher"]) == pytest.approx(m["gap_to_teacher"])
         if m["latency"] is None:
-            assert row["latency_1_mean_ms"] == "" and row["latency_2_p90_ms"] == ""
+            assert row["latency_1_median_ms"] == "" and row["latency_2_q3_ms"] == ""
         else:
-            assert float(row["latency_1_mean_ms"]) == m["latency"]["1"]["mean_ms"]
-            assert float(row["latency_2_p90_ms"]) == m["latency"]["2"]["p90_ms"]
+            assert float(row["latency_1_median_ms"]) == m["latency"]["1"]["median_ms"]
+            assert float(row["latency_2_q3_ms"]) == m["latency"]["2"]["q3_ms"]
             assert int(row["latency_1_runs"]) == 1234
 
     png = paths["png"].read_bytes()
@@ -85,11 +85,11 @@ def test_report_md_has_every_model_and_number(tmp_path, results):
     assert len(lines) == 2 + len(results["models"])
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["model", "role", "format", "variant", "accuracy %", "Δ vs teacher (pp)", "size (KB)",
-                      "gzip (KB)", "sparsity %", "latency 1 thr mean ms (p90)", "latency 2 thr mean ms", "params",
-                      "MACs"]
+                      "gzip (KB)", "sparsity %", "latency 1 thr median ms (IQR)", "latency 2 thr median ms",
+                      "peak memory (MiB)", "min runtime", "params", "MACs"]
     student = [c.strip() for c in lines[4].strip("|").split("|")]
     assert student == ["student-int8", "student", "tflite", "int8", "98.67", "-0.45", "40.0", "20.0", "—",
-                       "0.123 (0.150)", "0.090", "12,345", "678,910"]
+                       "0.123 (0.121–0.150)", "0.090", "—", "—", "12,345", "678,910"]
     keras_row = [c.strip() for c in lines[2].strip("|").split("|")]
     assert keras_row[5] == "+0.00" and keras_row[8] == "—" and keras_row[9] == "—" and keras_row[10] == "—"
 
