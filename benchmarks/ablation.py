@@ -32,14 +32,19 @@ from pipelines.stages.baseline import Baseline
 from pipelines.stages.distill import Distill
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXED = ["distillation.consistent=false", "distillation.teacher_cache=true"]
+HARD_01 = ["distillation.hard_weight=0.1", "distillation.terms.0.weight=0.9"]
 #: name -> (the overrides of the default recipe, the "alone" row it is compared with)
 VARIANTS = {
     "alone": ([], None),
     "default: consistent, T 2, hard 0.5": ([], "alone"),
-    "fixed view (cached teacher)": (["distillation.consistent=false", "distillation.teacher_cache=true"], "alone"),
+    "fixed view (cached teacher)": (FIXED, "alone"),
     "T 4": (["distillation.terms.0.temperature=4.0"], "alone"),
     "T 1": (["distillation.terms.0.temperature=1.0"], "alone"),
-    "hard 0.1, soft 0.9": (["distillation.hard_weight=0.1", "distillation.terms.0.weight=0.9"], "alone"),
+    "hard 0.1, soft 0.9": (HARD_01, "alone"),
+    "alone, 20 epochs": (["stages.distill.epochs=20"], None),
+    "fixed view, 20 epochs": (["stages.distill.epochs=20", *FIXED], "alone, 20 epochs"),
+    "fixed view, hard 0.1, 20 epochs": (["stages.distill.epochs=20", *FIXED, *HARD_01], "alone, 20 epochs"),
     "alone, mixup 0.3": (["augment.mixup=0.3"], None),
     "mixup 0.3": (["augment.mixup=0.3"], "alone, mixup 0.3"),
 }
