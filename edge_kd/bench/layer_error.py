@@ -9,8 +9,9 @@ Integer tensors are dequantized with their own scale and zero point before compa
 
 For each matched op output ``f`` (float) and ``q`` (dequantized quantized):
 
-- ``nrmse`` = ‖q − f‖ / ‖f‖ over the whole sample (0 = identical): the error that reached this layer;
-- ``snr_db`` = −20·log10(nrmse) (None when the two are identical);
+- ``nrmse`` = ‖q − f‖ / ‖f‖ over the whole sample (0 = identical): the error that reached this layer
+  (None where the float output is all zeros and the quantized one is not: no scale to relate it to);
+- ``snr_db`` = −20·log10(nrmse) (None when the two are identical, or nrmse is None);
 - ``cosine``: the mean over samples of the cosine similarity of the flattened outputs;
 - ``added`` = nrmse minus the largest nrmse of the op's own inputs: the error this layer's own
   quantization adds. The worst layers are those with the largest ``added``.
@@ -30,7 +31,7 @@ import warnings
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from edge_kd.bench.litert import quantize_input
+from edge_kd.bench.litert import dequantize_output, quantize_input
 from edge_kd.bench.stats import layer_of
 
 METHOD = ("LiteRT built-in kernels with every intermediate tensor kept; the float and the quantized file run on "
@@ -74,22 +75,22 @@ def compare(f: np.ndarray, q: np.ndarray) -> dict:
     q = np.asarray(q, dtype=np.float64).reshape(len(q), -1)
     err = float(np.sum((q - f) ** 2))
     ref = float(np.sum(f ** 2))
-    nrmse = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else math.inf)
+    nrmse = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else None)  # None, not inf: JSON has no inf
     nf, nq = np.linalg.norm(f, axis=1), np.linalg.norm(q, axis=1)
     both = (nf > 0) & (nq > 0)
     cos = np.ones(len(f))
     cos[both] = np.sum(f[both] * q[both], axis=1) / (nf[both] * nq[both])
     cos[~both] = np.where(nf[~both] == nq[~both], 1.0, 0.0)  # both zero: same; one zero: orthogonal
     return {"rmse": math.sqrt(err / f.size), "nrmse": nrmse,
-            "snr_db": None if err == 0 or ref == 0 else -20 * math.log10(nrmse), "cosine": float(cos.mean())}
+            "snr_db": None if err == 0 or nrmse is None else -20 * math.log10(nrmse), "cosine": float(cos.mean())}
 
 
 def layer_errors(reference, quantized, x, worst: int = WORST) -> dict:
     """Returns each layer's error of ``quantized`` against ``reference`` (files or bytes) on inputs ``x``.
 
     Keys: ``method``, ``samples``, ``layers`` (execution order of the reference: tensor, layer, op,
-    dtype in the quantized file, rmse, nrmse, snr_db, cosine, added) and ``worst`` (the layers with the
-    largest ``added``, at most ``worst``, only those that add error).
+    dtype in the quantized file, rmse, nrmse, snr_db, cosine, added) and ``worst`` / ``worst_tensors``
+    (the layers with the largest ``added``, at most ``worst``, only those that add error).
     """
     x = np.asarray(x, dtype=np.float32)
     if len(x) == 0:
@@ -100,7 +101,9 @@ def layer_errors(reference, quantized, x, worst: int = WORST) -> dict:
     nrmse_of: dict[str, float] = {}
     for name in ref_values:
         if name in q_values and ref_values[name].shape == q_values[name].shape:
-            nrmse_of[name] = compare(ref_values[name], q_values[name])["nrmse"]
+            nrmse = compare(ref_values[name], q_values[name])["nrmse"]
+            if nrmse is not None:
+                nrmse_of[name] = nrmse
     layers = []
     for op in ref_ops:
         for name in op["outputs"]:
@@ -108,16 +111,22 @@ def layer_errors(reference, quantized, x, worst: int = WORST) -> dict:
                 continue  # the quantized graph has no tensor of that name (it fused or split the op differently)
             m = compare(ref_values[name], q_values[name])
             upstream = [nrmse_of[i] for i in op["inputs"] if i in nrmse_of]
+            added = None if m["nrmse"] is None else m["nrmse"] - (max(upstream) if upstream else 0.0)
             layers.append({"tensor": name, "layer": layer_name(name), "op": op["op"], "dtype": q_dtype.get(name),
-                           **m, "added": m["nrmse"] - (max(upstream) if upstream else 0.0)})
-    ranked = sorted((entry for entry in layers if entry["added"] > 0), key=lambda e: -e["added"])
-    return {"method": METHOD, "samples": int(len(x)), "layers": layers, "worst": [e["layer"] for e in ranked[:worst]]}
+                           **m, "added": added})
+    ranked = _ranked(layers)[:worst]
+    return {"method": METHOD, "samples": int(len(x)), "layers": layers, "worst": [e["layer"] for e in ranked],
+            "worst_tensors": [e["tensor"] for e in ranked]}
 
 
 def worst_tensors(errors: dict, n: int) -> list[str]:
     """Returns the output tensor names of the ``n`` layers that add the most error (for keeping them in float)."""
-    ranked = sorted((e for e in errors["layers"] if e["added"] > 0), key=lambda e: -e["added"])
-    return [e["tensor"] for e in ranked[:n]]
+    return [e["tensor"] for e in _ranked(errors["layers"])[:n]]
+
+
+def _ranked(layers: list[dict]) -> list[dict]:
+    """Returns the layers that add error, the one adding the most first."""
+    return sorted((e for e in layers if e["added"] is not None and e["added"] > 0), key=lambda e: -e["added"])
 
 
 def layer_name(tensor: str) -> str:
@@ -130,15 +139,11 @@ def layer_name(tensor: str) -> str:
 
 def _dequantize(value: np.ndarray, detail: dict) -> np.ndarray:
     """Returns a tensor's value as float32, integer ones dequantized per tensor or per channel."""
-    if not np.issubdtype(value.dtype, np.integer):
-        return value.astype(np.float32, copy=True)
     qp = detail.get("quantization_parameters") or {}
     scales, zeros = np.asarray(qp.get("scales", [])), np.asarray(qp.get("zero_points", []))
-    if scales.size == 0:
-        scale, zero = detail["quantization"]
-        scales, zeros = np.asarray([scale]), np.asarray([zero])
-    if scales.size > 1:  # per channel, along the quantized dimension
-        shape = [1] * value.ndim
-        shape[int(qp.get("quantized_dimension", 0))] = scales.size
-        scales, zeros = scales.reshape(shape), zeros.reshape(shape)
+    if not np.issubdtype(value.dtype, np.integer) or scales.size <= 1:
+        return dequantize_output(value, detail)  # float, per tensor, or an integer tensor without a scale
+    shape = [1] * value.ndim  # per channel, along the quantized dimension
+    shape[int(qp.get("quantized_dimension", 0))] = scales.size
+    scales, zeros = scales.reshape(shape), zeros.reshape(shape)
     return ((value.astype(np.float32) - zeros.astype(np.float32)) * scales.astype(np.float32)).astype(np.float32)

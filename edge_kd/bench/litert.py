@@ -180,11 +180,6 @@ def latency_rounds(paths: dict, sample, threads, rounds: int = 10, round_seconds
     return out
 
 
-def overlap(a: dict, b: dict) -> bool:
-    """Returns whether two latency stats' interquartile ranges overlap (so neither is shown to be faster)."""
-    return a["q1_ms"] <= b["q3_ms"] and b["q1_ms"] <= a["q3_ms"]
-
-
 def _invoker(path, sample, num_threads: int, clock):
     """Returns a zero-argument callable that sets ``sample`` (batch 1) and invokes the model's interpreter."""
     sample = np.asarray(sample, dtype=np.float32)

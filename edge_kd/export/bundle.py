@@ -46,6 +46,7 @@ GOLDEN_OUTPUTS = "golden/expected_outputs.npy"
 FLOAT_ATOL = 1e-5  # float golden outputs must reproduce within this; integer ones bit-exactly
 CHANNEL_ORDERS = {"grayscale": 1, "RGB": 3}
 IO_DTYPES = ("float32", "int8")  # the tensor types the snippets and golden vectors are written for
+LATENCY_KEYS = ("median_ms", "q1_ms", "q3_ms")  # per thread count in measured["latency_ms"]
 # what write_bundle's ``measured`` must hold (measured_from adds the peak memory and its method)
 MEASURED_KEYS = ("name", "accuracy", "latency_ms", "size_bytes", "gzip_bytes", "sparsity")
 
@@ -59,7 +60,8 @@ def pick(models: list[ModelRow], tolerance_pp: float = 0.5, name: str | None = N
     int8_mixed, int16x8) whose accuracy lies within ``tolerance_pp`` percentage points of the most
     accurate student ``.tflite``; where no integer one does, the smallest student ``.tflite`` of any
     variant within that tolerance. With ``min_runtime`` ("2.14"), only files that load on that
-    TFLite runtime (their own ``min_runtime_version``) are candidates.
+    TFLite runtime (their own ``min_runtime_version``) are candidates, and the tolerance is counted
+    from the best of those. int16x8 files count as integer, though XNNPACK does not run them.
     """
     from edge_kd.bench.compat import loads_on, version_key
     from edge_kd.export.tflite import INTEGER
@@ -101,8 +103,8 @@ def pick(models: list[ModelRow], tolerance_pp: float = 0.5, name: str | None = N
 def measured_from(row: ModelRow) -> dict:
     """Returns the ``measured`` dict write_bundle takes, from one results row."""
     return {"name": row.name, "variant": row.variant, "accuracy": row.accuracy,
-            "latency_ms": {str(t): {k: float(v[k]) for k in ("median_ms", "q1_ms", "q3_ms")}
-                           for t, v in (row.latency or {}).items()},
+            "latency_ms": {str(t): {k: float(v[k]) for k in LATENCY_KEYS}
+                           for t, v in (row.latency or {}).items() if v and all(k in v for k in LATENCY_KEYS)},
             "size_bytes": row.size_bytes, "gzip_bytes": row.gzip_bytes, "sparsity": row.sparsity,
             "peak_memory_bytes": (row.memory or {}).get("peak_bytes"),
             "memory_method": (row.memory or {}).get("method")}
@@ -324,7 +326,8 @@ def _readme(m: dict) -> str:
     meas = m["measured"]
     lat = ", ".join(f"{v['median_ms']:.3f} ms (IQR {v['q1_ms']:.3f}–{v['q3_ms']:.3f}) at {t} "
                     f"thread{'s' if str(t) != '1' else ''}"
-                    for t, v in (meas.get("latency_ms") or {}).items() if isinstance(v, dict) and "median_ms" in v)
+                    for t, v in (meas.get("latency_ms") or {}).items()
+                    if isinstance(v, dict) and all(k in v for k in LATENCY_KEYS))
     peak = meas.get("peak_memory_bytes")
     acc, gz = meas.get("accuracy"), meas.get("gzip_bytes")
     accuracy_text = f"accuracy {acc * 100:.2f} %" if isinstance(acc, (int, float)) else "accuracy not measured"
@@ -349,8 +352,9 @@ def _readme(m: dict) -> str:
         f"Measured on the test set: {accuracy_text}{', latency ' + lat if lat else ''}; "
         f"{m['model_size_bytes']:,} bytes ({gzip_text} gzipped)"
         + (f"; peak memory at inference {peak / 2 ** 20:.1f} MiB ({meas.get('memory_method')})" if peak else "")
-        + f". It loads on TFLite / LiteRT {m['min_runtime_version'] or '(version not stamped in the file)'} "
-        "or newer (the file's own `min_runtime_version`).",
+        + (f". It loads on TFLite / LiteRT {m['min_runtime_version']} or newer (the file's own "
+           "`min_runtime_version`)." if m["min_runtime_version"] else
+           ". The file does not state the oldest runtime that loads it (no `min_runtime_version`)."),
         "",
         "## Files",
         "",

@@ -57,8 +57,8 @@ def markdown_table(results: dict) -> str:
             _delta(m),
             _kb(m.size_bytes), _kb(m.gzip_bytes),
             _pct(m.sparsity) if _num(m.sparsity) else "—",
-            f"{_ms(lat1['median_ms'])} ({_ms(lat1['q1_ms'])}–{_ms(lat1['q3_ms'])})" if lat1 else "—",
-            _ms(lat2["median_ms"]) if lat2 else "—",
+            f"{_ms(lat1.get('median_ms'))} ({_ms(lat1.get('q1_ms'))}–{_ms(lat1.get('q3_ms'))})" if lat1 else "—",
+            _ms(lat2.get("median_ms")) if lat2 else "—",
             _mib((m.memory or {}).get("peak_bytes")),
             _cell(m.min_runtime),
             _int(m.params), _int(m.macs),
@@ -118,8 +118,8 @@ def report_markdown(results: dict) -> str:
     out += ["## Latency in detail (ms, batch 1)", "", latency_table(results)]
     ties = latency_ties(results)
     if ties:
-        out += ["Latencies whose interquartile ranges overlap, so this run does not show which is faster: "
-                + " | ".join(ties) + ".", ""]
+        out += ["Latencies this run cannot rank (ordered by median, each one's interquartile range overlaps the "
+                "next one's): " + " | ".join(ties) + ".", ""]
     out += ["## How to read this", ""]
     out.append(f"- **accuracy %**: top-1 on the whole test set ({_int(test_size)} images); `tflite` rows are run "
                "through the LiteRT interpreter exactly as they would be deployed (int8 inputs quantized with the "
@@ -177,7 +177,7 @@ def stage_table(results: dict) -> str:
         lat1 = _latency(m, 1)
         cells = [m.stage, m.name, _pct(m.accuracy), _delta(m), _kb(m.size_bytes),
                  _kb(m.gzip_bytes), _pct(m.sparsity) if _num(m.sparsity) else "—",
-                 _ms(lat1["median_ms"]) if lat1 else "—"]
+                 _ms(lat1.get("median_ms")) if lat1 else "—"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -229,23 +229,22 @@ def latency_table(results: dict) -> str:
 
 
 def latency_ties(results: dict) -> list[str]:
-    """Returns, per thread count, the groups of models whose latency IQRs overlap (no ranking among them is shown)."""
+    """Returns, per thread count, the chains of models the run cannot rank: by median, each one's IQR overlaps the next's."""
     out = []
     for threads in _threads(results):
-        timed = sorted(((lat["median_ms"], lat["q1_ms"], lat["q3_ms"], m.name) for m in _rows(results)
-                        for lat in [_latency(m, int(threads)) if threads.isdigit() else None]
-                        if lat and all(_num(lat.get(k)) for k in ("median_ms", "q1_ms", "q3_ms"))))
-        groups, group, reach = [], [], -math.inf
-        for med, q1, q3, name in timed:  # by median; a model joins the group while its IQR meets the group's
-            if group and q1 > reach:
-                groups.append(group)
-                group, reach = [], -math.inf
-            group.append(name)
-            reach = max(reach, q3)
-        groups += [group] if group else []
-        tied = [g for g in groups if len(g) > 1]
+        timed = sorted((lat["median_ms"], lat["q1_ms"], lat["q3_ms"], m.name) for m in _rows(results)
+                       for lat in [_latency(m, threads)]
+                       if lat and all(_num(lat.get(k)) for k in ("median_ms", "q1_ms", "q3_ms")))
+        chains, chain = [], []
+        for med, q1, q3, name in timed:
+            if chain and q1 > chain[-1][1]:  # this IQR starts above the previous one's end: a rank is shown
+                chains.append(chain)
+                chain = []
+            chain.append((name, q3))
+        chains += [chain] if chain else []
+        tied = [c for c in chains if len(c) > 1]
         if tied:
-            out.append(f"{threads} thread(s): " + "; ".join(" ≈ ".join(g) for g in tied))
+            out.append(f"{threads} thread(s): " + "; ".join(" ≈ ".join(n for n, _ in c) for c in tied))
     return out
 
 
@@ -266,21 +265,39 @@ def layer_error_table(results: dict) -> str:
     rows = [m for m in _rows(results) if m.layer_error and m.layer_error.get("layers")]
     if not rows:
         return ""
-    layers = list(dict.fromkeys(e["layer"] for m in rows for e in m.layer_error["layers"]))
+    per_model = {m.name: _by_position(m.layer_error["layers"]) for m in rows}
+    keys = list(dict.fromkeys(k for m in rows for k in per_model[m.name]))
     lines = ["| layer | " + " | ".join(m.name for m in rows) + " |", "|---|" + "---:|" * len(rows)]
-    for layer in layers:
+    for key in keys:
         cells = []
         for m in rows:
-            e = next((e for e in m.layer_error["layers"] if e["layer"] == layer), None)
-            mark = " ★" if e and layer in m.layer_error.get("worst", [])[:1] else ""
-            cells.append("—" if e is None else ("exact" if e["snr_db"] is None else f"{e['snr_db']:.1f}") + mark)
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+            e = per_model[m.name].get(key)
+            mark = " ★" if e and e["tensor"] in (m.layer_error.get("worst_tensors") or [])[:1] else ""
+            cells.append("—" if e is None else _snr(e) + mark)
+        lines.append(f"| {key[0]}{f' ({key[1] + 1})' if key[1] else ''} | " + " | ".join(cells) + " |")
     lines.append("")
     for m in rows:
-        worst = m.layer_error.get("worst") or []
+        worst = list(dict.fromkeys(m.layer_error.get("worst") or []))
         kept = f"; kept in float: {', '.join(m.float_layers)}" if m.float_layers else ""
         lines.append(f"- **{m.name}**: the layers adding the most error: {', '.join(worst) or 'none'}{kept}.")
     return "\n".join(lines) + "\n"
+
+
+def _by_position(layers: list[dict]) -> dict:
+    """Returns {(layer label, its occurrence): entry}: ops of one Keras layer (or the output) keep apart."""
+    seen: dict = {}
+    out = {}
+    for e in layers:
+        k = seen.get(e["layer"], 0)
+        seen[e["layer"]] = k + 1
+        out[(e["layer"], k)] = e
+    return out
+
+
+def _snr(e: dict) -> str:
+    if e.get("snr_db") is not None:
+        return f"{e['snr_db']:.1f}"
+    return "exact" if e.get("nrmse") == 0 else "n/a"
 
 
 def results_csv(results: dict) -> str:
@@ -288,9 +305,12 @@ def results_csv(results: dict) -> str:
     _check(results)
     threads = _threads(results)
     known = set(_MODEL_FIELDS) | {"latency"}
-    extra = [f.name for f in dataclasses.fields(ModelRow)
-             if f.name not in known and any(not isinstance(getattr(m, f.name), (dict, list)) for m in _rows(results))]
-    columns = list(_MODEL_FIELDS) + [f"latency_{t}_{f}" for t in threads for f in _LATENCY_FIELDS] + extra
+    # the scalar fields only: nested ones (parity, ops, layer_error, ...) are in results.json
+    extra = [f.name for f in dataclasses.fields(ModelRow) if f.name not in known
+             and any(getattr(m, f.name) is not None for m in _rows(results))
+             and not any(isinstance(getattr(m, f.name), (dict, list)) for m in _rows(results))]
+    columns = (list(_MODEL_FIELDS) + [f"latency_{t}_{f}" for t in threads for f in _LATENCY_FIELDS] + extra
+               + ["peak_memory_bytes"])
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -299,7 +319,7 @@ def results_csv(results: dict) -> str:
         lat = m.latency or {}
         row = [getattr(m, k) for k in _MODEL_FIELDS]
         row += [(lat.get(t) or {}).get(f) for t in threads for f in _LATENCY_FIELDS]
-        row += [getattr(m, k) for k in extra]
+        row += [getattr(m, k) for k in extra] + [(m.memory or {}).get("peak_bytes")]
         writer.writerow(["" if v is None else v for v in row])
     return buf.getvalue()
 
@@ -334,12 +354,14 @@ def layer_error_png(results: dict) -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     rows = [m for m in _rows(results) if m.layer_error and m.layer_error.get("layers")]
-    layers = list(dict.fromkeys(e["layer"] for m in rows for e in m.layer_error["layers"]))
+    per_model = {m.name: _by_position(m.layer_error["layers"]) for m in rows}
+    keys = list(dict.fromkeys(k for m in rows for k in per_model[m.name]))
     for m in rows:
-        by = {e["layer"]: e for e in m.layer_error["layers"]}
-        xs = [i for i, name in enumerate(layers) if name in by and by[name]["snr_db"] is not None]
-        ax.plot(xs, [by[layers[i]]["snr_db"] for i in xs], marker="o", label=m.name)
-    ax.set_xticks(range(len(layers)), layers, rotation=35, ha="right", fontsize=8)
+        by = per_model[m.name]
+        xs = [i for i, k in enumerate(keys) if k in by and by[k]["snr_db"] is not None]
+        ax.plot(xs, [by[keys[i]]["snr_db"] for i in xs], marker="o", label=m.name)
+    ax.set_xticks(range(len(keys)), [f"{k[0]}{f' ({k[1] + 1})' if k[1] else ''}" for k in keys], rotation=35,
+                  ha="right", fontsize=8)
     ax.set_ylabel("SNR against float (dB), higher is better")
     ax.grid(True, alpha=0.3)
     if rows:

@@ -90,7 +90,9 @@ class Benchmark(Stage):
             error = None
             if item["variant"] in tflite.INTEGER:
                 if item["stage"] not in floats:  # the float graph of the very Keras model the file was made from
-                    floats[item["stage"]] = tflite.convert(source_model(item["stage"]), "fp32")
+                    fp32 = f"{item['name'].rsplit('-', 1)[0]}-fp32"
+                    floats[item["stage"]] = (files[fp32].read_bytes() if fp32 in files
+                                             else tflite.convert(source_model(item["stage"]), "fp32"))
                 error = layer_error.layer_errors(floats[item["stage"]], file, x_test[: b.layer_error_samples])
             rows.append(row(item["name"], item["role"], "tflite", item["variant"], item["stage"], item["path"], file,
                             acc, latency=latencies[item["name"]], sparsity=sparsity["overall"],

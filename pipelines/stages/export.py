@@ -65,7 +65,7 @@ class Export(Stage):
 
     def check(self, ctx):
         spec = ctx.settings(self.name)
-        if spec.float_layers:  # the names are the student's Keras layers: an untrained one has them all
+        if spec.float_layers and "int8_mixed" in spec.variants:  # Keras layer names: an untrained student has them
             import numpy as np
 
             from edge_kd.export import tflite
@@ -138,4 +138,7 @@ class Export(Stage):
             x_val, _ = ctx.bundle.arrays("val")
             errors = layer_error.layer_errors(flat("fp32"), flat("int8"), x_val[: spec.float_samples])
             chosen += [t for t in layer_error.worst_tensors(errors, spec.float_worst) if t not in chosen]
+        if not chosen:
+            raise UserError(f"stages.export: no layer of the {stage} model's int8 file adds error on the validation "
+                            "images, so int8_mixed has nothing to keep in float; name layers in float_layers")
         return chosen, [layer_error.layer_name(t) for t in chosen]

@@ -140,12 +140,6 @@ def test_latency_rounds_interleave_the_models_after_warm_up():
                                   "max_ms", "rounds", "runs"}
 
 
-def test_overlap_is_about_the_interquartile_ranges():
-    a = {"q1_ms": 1.0, "q3_ms": 2.0}
-    assert litert.overlap(a, {"q1_ms": 2.0, "q3_ms": 3.0}) and litert.overlap(a, {"q1_ms": 0.0, "q3_ms": 5.0})
-    assert not litert.overlap(a, {"q1_ms": 2.01, "q3_ms": 3.0})
-
-
 def test_latency_of_a_real_model_gives_ordered_statistics(models):
     _, x, fp32, int8 = models
     out = litert.latency_rounds({"f": fp32, "q": int8}, x[0], [1], rounds=3, round_seconds=0.01,

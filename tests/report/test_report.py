@@ -148,3 +148,36 @@ def test_stage_parity_and_distillation_sections(results):
     assert ("the distilled student scores 98.90 % against 98.86 % for the same student trained without "
             "distillation (same augmentation, epochs and initial weights): +0.04 pp (a gain).") in md
     assert "holds **qat-int8**" in md
+
+
+def test_latency_ties_chain_the_models_whose_iqrs_overlap_and_old_rows_still_render(results):
+    from edge_kd.report.report import latency_ties
+
+    def lat(median, q1, q3):
+        return {"median_ms": median, "q1_ms": q1, "q3_ms": q3}
+
+    results["models"][1]["latency"] = {"1": lat(2.5, 2.4, 2.6)}
+    results["models"][2]["latency"] = {"1": lat(0.123, 0.120, 0.126)}
+    results["models"][3]["latency"] = {"1": lat(0.125, 0.124, 0.130)}  # overlaps student-int8: no ranking shown
+    assert latency_ties(results) == ["1 thread(s): student-int8 ≈ baseline-int8"]
+    results["models"][3]["latency"] = {"1": lat(0.130, 0.127, 0.131)}  # starts above the other's IQR
+    assert latency_ties(results) == []
+    results["models"][3]["latency"] = {"1": {"mean_ms": 0.13, "p90_ms": 0.2}}  # a row from before the rounds
+    assert "| baseline-int8 |" in markdown_table(results)
+
+
+def test_layer_error_table_stars_the_worst_tensor_and_keeps_repeated_labels_apart(results):
+    from edge_kd.report.report import layer_error_table
+
+    def e(tensor, layer, snr, added):
+        return {"tensor": tensor, "layer": layer, "op": "CONV_2D", "dtype": "int8", "rmse": 0.1,
+                "nrmse": 10 ** (-snr / 20), "snr_db": snr, "cosine": 0.99, "added": added}
+
+    results["models"][2]["layer_error"] = {
+        "method": "m", "samples": 8, "worst": ["c2", "(model output)"], "worst_tensors": ["t2", "out"],
+        "layers": [e("t1", "c1", 40.0, 0.01), e("t2", "c2", 30.0, 0.02), e("q", "(model output)", 35.0, -0.01),
+                   e("out", "(model output)", 29.0, 0.015)]}
+    table = layer_error_table(results)
+    assert "| c2 | 30.0 ★ |" in table and "| c1 | 40.0 |" in table
+    assert "| (model output) | 35.0 |" in table and "| (model output) (2) | 29.0 |" in table
+    assert "the layers adding the most error: c2, (model output)." in table
