@@ -44,3 +44,21 @@ def test_hinton_mnist_nets_have_the_papers_sizes():
     assert student.count_params() == 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10
     x = np.ones((2, 28, 28, 1), np.float32)
     np.testing.assert_array_equal(teacher(x, training=False).numpy(), teacher(x, training=False).numpy())
+
+
+def test_latency_repro_compares_each_models_medians_between_the_two_runs(tmp_path):
+    repro = _script("latency_repro")
+
+    def results(name, medians):
+        lat = {str(t): {"median_ms": m, "q1_ms": m * 0.9, "q3_ms": m * 1.1} for t, m in medians.items()}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(__import__("json").dumps({"models": [
+            {"name": "student", "latency": None}, {"name": "student-int8", "latency": lat}]}))
+
+    results("run-a", {1: 0.010, 2: 0.008})
+    results("run-b", {1: 0.0112, 2: 0.0096})
+    out = repro.compare(tmp_path, 0.15)
+    assert [(r["model"], r["threads"]) for r in out["rows"]] == [("student-int8", 1), ("student-int8", 2)]
+    assert out["rows"][0]["ratio"] == pytest.approx(1.12) and out["rows"][0]["within"]
+    assert out["rows"][1]["ratio"] == pytest.approx(1.2) and not out["rows"][1]["within"]
+    assert not out["all_within"] and out["worst_ratio"] == pytest.approx(1.2)
