@@ -96,15 +96,17 @@ class Augmenter:
     def __init__(self, config: AugmentConfig, seed: int = 0, fill_value: float = 0.0):
         self.config, self.seed, self.fill_value = config, int(seed), float(fill_value)
 
-    def step_seed(self, step):
-        """Returns the stateless seed of training step ``step``."""
+    def step_seed(self, step, replica=None):
+        """Returns the stateless seed of training step ``step`` (of one replica's share of the batch, if given)."""
         tf = _tf()
-        return tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
+        # Each replica of a distributed step draws its own views; one device keeps its draws unchanged.
+        return seed if replica is None else tf.random.experimental.stateless_fold_in(seed, replica)
 
-    def __call__(self, x, step):
+    def __call__(self, x, step, replica=None):
         """Returns ``(view, mix)``: the augmented batch, and ``(permutation, λ)`` if it was mixed, else None."""
         tf = _tf()
-        seeds = tf.random.experimental.stateless_split(self.step_seed(step), 4)
+        seeds = tf.random.experimental.stateless_split(self.step_seed(step, replica), 4)
         if self.config.views():
             x = self.view(x, seeds[0])
         if not self.config.mixes():

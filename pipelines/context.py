@@ -27,9 +27,10 @@ class Context:
         self.recipe, self.run_dir, self.command = recipe, Path(run_dir), command
         self.stages = registry.STAGES
         self._bundle = None
-        self._teacher = None
-        self._extra_teachers = None
+        self._teachers = {}  # per tf.distribute strategy: a model lives with the strategy it was built under
+        self._extra_teachers = {}
         self._teacher_cache = None
+        self._strategy = None
         self._file_keys: dict[str, str] = {}
         self.teacher_info: dict = {}
         self.manifests: dict[str, dict] = {}
@@ -92,7 +93,8 @@ class Context:
 
     def teacher(self):
         """Returns the frozen teacher taking the student's input and giving logits."""
-        if self._teacher is None:
+        key = self._strategy_key()
+        if key not in self._teachers:
             from edge_kd.keras import keras
 
             t = self.recipe.teacher
@@ -102,22 +104,52 @@ class Context:
                 from edge_kd.distill import load_teacher
 
                 model = load_teacher(t.path, trust=t.trust)
-            self._teacher, adapted = self.adapt(model, t.input_range)
+            self._teachers[key], adapted = self.adapt(model, t.input_range)
             from edge_kd import builtin_teachers
 
             shipped = None if t.path is None else builtin_teachers.name_of(t.path)
             by = "edge-kd" if t.path is None else f"edge-kd, shipped ({shipped})" if shipped else "user"
             self.teacher_info = {**adapted, "trained_by": by, "file": str(self.teacher_file())}
-        return self._teacher
+        return self._teachers[key]
 
     def extra_teachers(self) -> list:
         """Returns ``distillation.extra_teachers``, each loaded, adapted and frozen."""
-        if self._extra_teachers is None:
+        key = self._strategy_key()
+        if key not in self._extra_teachers:
             from edge_kd.distill import load_teacher
 
-            self._extra_teachers = [self.adapt(load_teacher(t.path, trust=t.trust), t.input_range)[0]
-                                    for t in self.recipe.distillation.extra_teachers]
-        return self._extra_teachers
+            self._extra_teachers[key] = [self.adapt(load_teacher(t.path, trust=t.trust), t.input_range)[0]
+                                         for t in self.recipe.distillation.extra_teachers]
+        return self._extra_teachers[key]
+
+    def strategy(self):
+        """Returns the tf.distribute strategy of ``training.strategy`` (built once), or None for one device."""
+        kind = self.recipe.training.strategy
+        if kind == "none":
+            return None
+        if self._strategy is None:
+            from edge_kd.keras import tf
+
+            # mirrored: every GPU of this host (the CPU when there is none); multi_worker: TF_CONFIG's cluster
+            self._strategy = (tf.distribute.MirroredStrategy() if kind == "mirrored"
+                              else tf.distribute.MultiWorkerMirroredStrategy())
+        return self._strategy
+
+    def training_scope(self, stage):
+        """Returns the context to run ``stage`` in: the strategy's scope for a stage that trains, else nothing."""
+        import contextlib
+
+        strategy = self.strategy()
+        if strategy is None or not stage.trains:
+            return contextlib.nullcontext()
+        print(f"  {stage.name}: {type(strategy).__name__} over {strategy.num_replicas_in_sync} replicas", flush=True)
+        return strategy.scope()
+
+    @staticmethod
+    def _strategy_key() -> int:
+        from edge_kd.keras import tf
+
+        return id(tf.distribute.get_strategy())
 
     def adapt(self, model, input_range):
         """Returns ``adapt_teacher`` of ``model`` for this run's data: (frozen logits model, description)."""

@@ -102,7 +102,8 @@ def run_stages(ctx: Context, stream=None) -> list[StageRecord]:
         work = staging_dir(folder)
         start = time.perf_counter()
         try:
-            summary = stage.run(ctx, work)
+            with ctx.training_scope(stage):  # training.strategy's scope, for the stages that train
+                summary = stage.run(ctx, work)
         except KeyboardInterrupt:
             shutil.rmtree(work, ignore_errors=True)
             raise Interrupted(name) from None

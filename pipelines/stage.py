@@ -77,6 +77,8 @@ class Stage:
     required: ClassVar[bool] = False
     #: (name, role) of this stage's Keras model's row in the benchmark, where it has one
     keras_row: ClassVar[Optional[tuple[str, str]]] = None
+    #: it trains a model, so it runs in training.strategy's scope
+    trains: ClassVar[bool] = False
 
     def title(self, recipe: "Recipe") -> str:
         """Returns what the stage does, in a few words, for its progress line."""
@@ -125,6 +127,7 @@ class StudentStage(Stage):
     """A stage that leaves the student model: the first one builds it, each later one refines the last one's."""
 
     settings: ClassVar[type[StageSettings]] = TrainSettings
+    trains = True
     #: its exported files are named ``<export_prefix>-<variant>.tflite``
     export_prefix: ClassVar[str]
     #: False for the first stage of the chain, which starts from a fresh student

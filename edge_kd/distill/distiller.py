@@ -78,6 +78,15 @@ class Distiller(keras.Model):
     teacher_logits=...)``, see ``teacher_logits``) give the fixed-view teachers' logits without running
     them. ``label_smoothing`` smooths the cross-entropy's labels.
 
+    Under a ``tf.distribute`` strategy with several replicas (``MirroredStrategy`` on the GPUs of one
+    host, ``MultiWorkerMirroredStrategy`` across hosts; build the student, the teachers and the
+    Distiller inside ``strategy.scope()``), each replica scales its mean loss by its share of the global
+    batch, so the summed gradient is that of the global batch's mean; the metrics are Keras metrics,
+    which aggregate across replicas; each replica draws its own augmentation. A mean teacher and
+    CRD's memory bank keep per-step state the replicas would write apart, so they are refused there.
+    Under the ``mixed_float16`` Keras policy the models compute in float16 while every loss term and
+    metric is computed in float32, and ``compile`` wraps the optimizer in a LossScaleOptimizer.
+
     Sample weights (``fit(..., sample_weight=w)``, ``class_weight={...}``, or ``(x, y, w)`` batches)
     weigh each example in the cross-entropy and in every term with one value per example, as Keras
     weighs a loss: ``Σ_i w_i · l_i / batch``. As in Keras, ``compile(weighted_metrics=[...])`` are
@@ -140,6 +149,7 @@ class Distiller(keras.Model):
         self._hard_tracker = keras.metrics.Mean(name="student_loss")
         self._term_trackers = [keras.metrics.Mean(name=n) for n in names]
         self._peer_tracker = keras.metrics.Mean(name="peer_loss") if peers else None
+        self._check_distributable()
         self._build_terms()
 
     @property
@@ -174,7 +184,7 @@ class Distiller(keras.Model):
         mixed with the batch's ``mixing`` (permutation, λ), as the labels are.
         """
         out = self._student_net(x, training=training)
-        student = self._as_dict(out, self._s_taps)
+        student = _float32(self._as_dict(out, self._s_taps))  # every loss term in float32, under mixed precision too
         student["epoch"] = self.epoch()
         if cached is not None:
             teachers = [{"logits": cached[:, k], "features": {}} for k in range(len(self.teachers))]
@@ -182,7 +192,7 @@ class Distiller(keras.Model):
             teachers = self._teach(x if teacher_x is None else teacher_x)
         if mixing is not None and (cached is not None or teacher_x is not None):
             teachers = [augment_mod.mix(t, *mixing) for t in teachers]
-        return student, [tf.nest.map_structure(tf.stop_gradient, t) for t in teachers]
+        return student, [tf.nest.map_structure(tf.stop_gradient, _float32(t)) for t in teachers]
 
     def _teach(self, x):
         """Returns one dict per teacher of its outputs on ``x`` (logits, and the tapped layers of the first)."""
@@ -296,7 +306,7 @@ class Distiller(keras.Model):
             total, hard, values = self._objective(student, teachers, y, sw, weights, extra, mixing)
             return student, teachers, total, hard, values, None
         # Mutual learning: every model learns from the others' current predictions, held constant.
-        models = [student] + [{"logits": p(x, training=training), "features": {}, "epoch": student["epoch"]}
+        models = [student] + [{"logits": _float32(p(x, training=training)), "features": {}, "epoch": student["epoch"]}
                               for p in self.peers]
         frozen = [tf.nest.map_structure(tf.stop_gradient, {"logits": m["logits"], "features": {}}) for m in models]
         others = lambda k: [f for j, f in enumerate(frozen) if j != k]  # noqa: E731
@@ -380,15 +390,20 @@ class Distiller(keras.Model):
         x, cached = self._split_inputs(x)
         if cached is not None and not self.uses_cache():
             raise ValueError("cached teacher logits need consistent=False, frozen teachers and terms on logits only")
-        view, mixing = (x, None) if self.augment is None else self.augment(x, self._train_counter)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group if replicas > 1 else None
+        view, mixing = (x, None) if self.augment is None else self.augment(x, self._train_counter, replica)
         # Consistent teaching: the teachers see the student's view. A fixed view: the unaugmented images.
         teacher_x = None if (self.consistent or cached is not None) else x
         with tf.GradientTape() as tape:
             student, teachers, total, hard, values, peer_total = self._compute_losses(
                 view, y, training=True, sw=sw, teacher_x=teacher_x, cached=cached, mixing=mixing)
             objective = total if peer_total is None else total + peer_total * len(self.peers)
-        variables = self.trained_variables()
-        self.optimizer.apply_gradients(zip(tape.gradient(objective, variables), variables))
+            if replicas > 1:
+                objective = objective * self._share_of_global_batch(x)
+        # minimize, not apply_gradients: under mixed_float16 the optimizer is a LossScaleOptimizer, and
+        # minimize scales the loss and unscales the gradients
+        self.optimizer.minimize(objective, self.trained_variables(), tape=tape)
         for term in self.terms:
             term.after_train_step(student, teachers[0] if teachers else None, y)
         if self.ema_decay is not None:
@@ -400,6 +415,26 @@ class Distiller(keras.Model):
         x, cached = self._split_inputs(x)
         student, _, total, hard, values, peer_total = self._compute_losses(x, y, training=False, sw=sw, cached=cached)
         return self._update(y, sw, student["logits"], total, hard, values, peer_total)
+
+    @staticmethod
+    def _share_of_global_batch(x) -> tf.Tensor:
+        """Returns this replica's examples over the global batch's: scaling each replica's mean loss by it makes
+        the all-reduced (summed) gradient that of the mean over the global batch, short last batches included."""
+        n = tf.cast(tf.shape(x)[0], tf.float32)
+        return n / tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, n)
+
+    def _check_distributable(self):
+        """Refuses, in a multi-replica strategy, what keeps per-step state that replicas would write apart."""
+        if tf.distribute.get_strategy().num_replicas_in_sync <= 1:
+            return
+        if self.ema_decay is not None:
+            raise ValueError("a mean teacher (ema_decay) is updated inside each step, which this Distiller does not "
+                             "do across replicas; train it on one device (training.strategy: none)")
+        banked = [t.name for t in self.terms if getattr(t, "bank_size", 0)]
+        if banked:
+            raise ValueError(f"{', '.join(banked)} with a memory bank (bank_size > 0) enqueues each replica's batch "
+                             "into one FIFO, which replicas would write apart; use bank_size: 0 (in-batch "
+                             "negatives) or train on one device (training.strategy: none)")
 
     def _update_mean_teacher(self):
         """teacher ← decay · teacher + (1 − decay) · student for trained weights; other state is copied."""
@@ -422,6 +457,11 @@ class Distiller(keras.Model):
     def load_weights(self, filepath, *args, **kwargs):
         """Loads weights saved by ``save_weights`` into the student."""
         return self.student.load_weights(filepath, *args, **kwargs)
+
+
+def _float32(outputs: dict) -> dict:
+    """Returns the model outputs with float16 tensors cast to float32 (a mixed_float16 model computes in float16)."""
+    return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32) if t.dtype == tf.float16 else t, outputs)
 
 
 def _copy_of(model: keras.Model) -> keras.Model:

@@ -15,6 +15,7 @@ class BaselineSettings(StageSettings):
 
 class Baseline(Stage):
     name = "baseline"
+    trains = True
     settings = BaselineSettings
     model_file = "baseline.keras"
     keras_row = ("baseline", "baseline")

@@ -1,0 +1,166 @@
+"""The Distiller under tf.distribute (two logical CPU devices) and under mixed precision, against one float32 device."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from edge_kd.distill import Distiller, losses
+from edge_kd.keras import keras, tf
+
+# Run in a fresh process: logical devices can only be set up before TensorFlow first touches the CPU.
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from edge_kd.keras import keras, tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import numpy as np
+    from edge_kd.augment import AugmentConfig, Augmenter
+    from edge_kd.distill import Distiller, losses
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 6, 6, 1)).astype(np.float32)   # 80 = 32 + 32 + 16: a short last batch
+    y = rng.integers(0, 3, 80)
+
+    def pair():
+        keras.utils.set_random_seed(1)
+        student = keras.Sequential([keras.layers.Input((6, 6, 1)), keras.layers.Flatten(),
+                                    keras.layers.Dense(16, activation="relu", name="hidden"), keras.layers.Dense(3)])
+        teacher = keras.Sequential([keras.layers.Input((6, 6, 1)), keras.layers.Flatten(name="tflat"),
+                                    keras.layers.Dense(3)])
+        return student, teacher
+
+    def train(strategy, augment=None, **kw):
+        with strategy.scope():
+            student, teacher = pair()
+            d = Distiller(student, teacher, terms=[losses.get("hinton", temperature=2.0, weight=0.5)],
+                          hard_weight=0.5, augment=augment, **kw)
+            d.compile(optimizer=keras.optimizers.SGD(0.5))
+        h = d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=3, verbose=0)
+        return student, {k: [float(v) for v in vs] for k, vs in h.history.items()}
+
+    out = {}
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    out["replicas"] = mirrored.num_replicas_in_sync
+    one, h1 = train(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    two, h2 = train(mirrored)
+    _, init_teacher = pair()
+    init, _ = pair()
+    out["max_weight_diff"] = max(float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(one.weights, two.weights))
+    out["moved"] = max(float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(one.weights, init.weights))
+    out["history_one"], out["history_two"] = h1, h2
+    _, ha = train(mirrored, augment=Augmenter(AugmentConfig(translate=1, mixup=0.2), seed=0))
+    out["augmented_loss"] = ha["loss"]
+    for name, kw in (("mean_teacher", {}), ("crd", {})):
+        try:
+            with mirrored.scope():
+                s, t = pair()
+                if name == "mean_teacher":
+                    Distiller(s, ema_decay=0.9, terms=[losses.get("hinton", temperature=2.0, weight=0.5)])
+                else:
+                    Distiller(s, t, terms=[losses.get("crd", bank_size=16, student_layer="hidden",
+                                                      teacher_layer="tflat", dim=4)])
+            out[name] = "accepted"
+        except ValueError as e:
+            out[name] = str(e)
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def distributed():
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_two_replicas_train_the_student_the_one_device_run_does(distributed):
+    assert distributed["replicas"] == 2
+    assert distributed["moved"] > 0.05  # three epochs of SGD at 0.5 move the weights well away from the start
+    # Each replica scales its mean loss by its share of the global batch (16/32 and, in the short last
+    # batch, 8/16): the summed gradient is the global batch's. Without it the step would be twice as long.
+    assert distributed["max_weight_diff"] < 1e-5
+
+
+def test_metrics_aggregate_across_replicas(distributed):
+    one, two = distributed["history_one"], distributed["history_two"]
+    assert set(one) == set(two) == {"loss", "student_loss", "hinton", "accuracy"}
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+def test_augmented_distributed_training_runs_and_per_step_state_is_refused(distributed):
+    assert all(np.isfinite(distributed["augmented_loss"]))
+    assert "mean teacher" in distributed["mean_teacher"] and "training.strategy: none" in distributed["mean_teacher"]
+    assert "memory bank" in distributed["crd"] and "bank_size: 0" in distributed["crd"]
+
+
+def test_mixed_precision_terms_agree_with_float32_and_the_loss_is_scaled():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 6, 6, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+
+    def pair():
+        keras.utils.set_random_seed(2)
+        student = keras.Sequential([keras.layers.Input((6, 6, 1)), keras.layers.Flatten(),
+                                    keras.layers.Dense(16, activation="relu", name="hidden"), keras.layers.Dense(3)])
+        teacher = keras.Sequential([keras.layers.Input((6, 6, 1)), keras.layers.Flatten(),
+                                    keras.layers.Dense(8, activation="relu", name="feat"), keras.layers.Dense(3)])
+        return student, teacher
+
+    def terms():
+        return [losses.get("hinton", temperature=4.0, weight=0.5), losses.get("dkd", weight=0.5),
+                losses.get("rkd", student_layer="hidden", teacher_layer="feat", weight=1.0)]
+
+    s32, t32 = pair()
+    ref = Distiller(s32, t32, terms=terms(), hard_weight=0.3)
+    _, _, total32, hard32, values32, _ = ref._compute_losses(tf.constant(x), tf.constant(y), training=False)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        s16, t16 = pair()
+        assert s16.layers[-1].compute_dtype == "float16"
+        d = Distiller(s16, t16, terms=terms(), hard_weight=0.3)
+        student, _, total16, hard16, values16, _ = d._compute_losses(tf.constant(x), tf.constant(y), training=False)
+        assert student["logits"].dtype == tf.float32 and all(v.dtype == tf.float32 for v in values16)
+        for a, b in zip([total32, hard32, *values32], [total16, hard16, *values16]):
+            np.testing.assert_allclose(float(b), float(a), rtol=2e-2, atol=2e-3)
+        d.compile(optimizer=keras.optimizers.Adam(1e-2))
+        assert isinstance(d.optimizer, keras.mixed_precision.LossScaleOptimizer)
+        before = [w.numpy().copy() for w in s16.trainable_weights]
+        h = d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=1, verbose=0)
+        assert np.isfinite(h.history["loss"][0])
+        assert any(np.max(np.abs(a - b.numpy())) > 0 for a, b in zip(before, s16.trainable_weights))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+PIPELINE = textwrap.dedent("""
+    import json, sys
+    from edge_kd.keras import tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from pipelines import recipe as recipe_mod
+    from pipelines.run import run
+
+    r = recipe_mod.apply_overrides(recipe_mod.load(), [
+        "training.strategy=mirrored", "data.limit_train=640", "data.limit_test=128", "stages.distill.epochs=1",
+        "prune.epochs=1", "prune.frequency=2", "qat.epochs=1", "export.variants=[fp32, int8]", "bundle=false",
+        "benchmark.threads=[1]", "benchmark.min_seconds=0.05", "benchmark.warmup_seconds=0.01"])
+    run_dir = run(r, out=sys.argv[1])
+    models = json.loads((run_dir / "results.json").read_text())["models"]
+    print("RESULT " + json.dumps({m["name"]: [m["accuracy"], m.get("sparsity")] for m in models}))
+""")
+
+
+def test_the_pipeline_trains_under_mirrored_strategy_on_two_devices(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", PIPELINE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("MirroredStrategy over 2 replicas") == 4  # distill, baseline, prune, qat
+    got = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert set(got) >= {"student", "baseline", "student-int8", "pruned-int8", "qat-int8"}
+    assert got["pruned-int8"][1] == pytest.approx(0.75, abs=0.02)  # pruning under the strategy reached its target
+    assert all(0 <= acc <= 1 for acc, _ in got.values())
