@@ -62,3 +62,45 @@ def test_latency_repro_compares_each_models_medians_between_the_two_runs(tmp_pat
     assert out["rows"][0]["ratio"] == pytest.approx(1.12) and out["rows"][0]["within"]
     assert out["rows"][1]["ratio"] == pytest.approx(1.2) and not out["rows"][1]["within"]
     assert not out["all_within"] and out["worst_ratio"] == pytest.approx(1.2)
+
+
+def test_throughput_times_the_contenders_in_turn_and_takes_the_median_ratios():
+    throughput = _script("throughput")
+    calls, now = [], [0.0]
+    cost = {"edge-kd": 1.1, "student alone": 0.6, "teacher forward": 0.4, "Keras 3": 1.65}
+
+    def runner(name):
+        def step():
+            calls.append(name)
+            now[0] += cost[name]
+        return step
+
+    runs = {n: runner(n) for n in cost}
+    times = throughput.measure(runs, steps=3, rounds=4, clock=lambda: now[0])
+    timed = calls[-4 * 3 * 4:]  # after the warm-up: rounds of 3 steps of each contender in turn
+    assert timed == [n for _ in range(4) for n in cost for _ in range(3)]
+    s = throughput.summarise(times, steps=3, batch=10)
+    assert s["floor_ratio"]["median"] == pytest.approx(1.1 / (0.6 + 0.4))
+    assert s["keras3_ratio"]["median"] == pytest.approx(1.5)
+    assert s["images_per_second"]["edge-kd"]["median"] == pytest.approx(10 / 1.1)
+
+
+def test_throughput_quick_mode_runs_the_real_contenders(tmp_path):
+    throughput = _script("throughput")
+    out = throughput.main(["--quick", "--json", str(tmp_path / "t.json")])
+    (pair,) = out.values()
+    assert set(pair["images_per_second"]) == {"edge-kd", "student alone", "teacher forward", "Keras 3"}
+    assert all(v["median"] > 0 for v in pair["images_per_second"].values())
+    assert pair["floor_ratio"]["median"] > 0 and pair["keras3_ratio"]["median"] > 0  # no goal asserted: timing
+    assert pair["jit_compile"]["edge-kd"] is False
+
+
+def test_keras3_copy_computes_what_the_tf_keras_model_does():
+    throughput = _script("throughput")
+    import models
+
+    m = models.build("resnet8", (32, 32, 3), 10)
+    x = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+    copy = throughput.to_keras3(m)
+    assert copy.count_params() == m.count_params() == 78_666
+    np.testing.assert_allclose(np.asarray(copy(x)), m(x).numpy(), atol=1e-5)
