@@ -14,6 +14,7 @@ The optimizer and its schedule are ``edge_kd.optim.OptimizerConfig``'s.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
@@ -64,3 +65,42 @@ def fit(model, train, epochs: int, learning_rate: float, validation=None, callba
                         verbose=verbosity() if verbose is None else verbose,
                         callbacks=[StopOnNonFiniteLoss(), *callbacks])
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+MIXED = "mixed_float16"
+
+
+@contextlib.contextmanager
+def precision(policy: str):
+    """Sets the global Keras dtype policy for the block (the models built inside take it), then restores the old one."""
+    old = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(old)
+
+
+def float32_copy(model):
+    """Returns ``model`` when every layer computes in float32, else a copy that does, holding the same weights.
+
+    A model built under ``mixed_float16`` keeps float32 weights but computes in float16; saved as it is,
+    it would carry float16 compute (and casts) into every model loaded from it and into the TFLite export.
+    """
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+    with precision("float32"):
+        copy = model.__class__.from_config(_as_float32(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _as_float32(config):
+    """Returns a model config with every layer's dtype policy replaced by float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") in ("Policy", "DTypePolicy"):
+            return "float32"
+        return {k: _as_float32(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_as_float32(v) for v in config]
+    return config

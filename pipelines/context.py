@@ -136,14 +136,25 @@ class Context:
         return self._strategy
 
     def training_scope(self, stage):
-        """Returns the context to run ``stage`` in: the strategy's scope for a stage that trains, else nothing."""
+        """Returns the context to run ``stage`` in: for a stage that trains, the strategy's scope and, with
+        ``training.mixed_precision``, the mixed_float16 policy where the stage allows it; else nothing."""
         import contextlib
 
+        scopes = contextlib.ExitStack()
+        if not stage.trains:
+            return scopes
         strategy = self.strategy()
-        if strategy is None or not stage.trains:
-            return contextlib.nullcontext()
-        print(f"  {stage.name}: {type(strategy).__name__} over {strategy.num_replicas_in_sync} replicas", flush=True)
-        return strategy.scope()
+        if strategy is not None:
+            print(f"  {stage.name}: {type(strategy).__name__} over {strategy.num_replicas_in_sync} replicas",
+                  flush=True)
+            scopes.enter_context(strategy.scope())
+        if self.recipe.training.mixed_precision and stage.mixed_precision:
+            from edge_kd import train
+
+            print(f"  {stage.name}: mixed precision ({train.MIXED}; loss terms in float32; saved in float32)",
+                  flush=True)
+            scopes.enter_context(train.precision(train.MIXED))
+        return scopes
 
     @staticmethod
     def _strategy_key() -> int:

@@ -94,6 +94,9 @@ class TrainingSpec(OptimizerConfig):
     #: tf.distribute for the stages that train: none (one device), mirrored (this host's GPUs),
     #: multi_worker (MultiWorkerMirroredStrategy over the hosts of TF_CONFIG); batch_size is the global batch
     strategy: Literal["none", "mirrored", "multi_worker"] = "none"
+    #: the teacher, distill and baseline stages compute in mixed_float16 (for GPUs; loss terms stay float32,
+    #: models are saved in float32); pruning and QAT stay in float32
+    mixed_precision: Bool = False
 
 
 class ExtraTeacher(Config):

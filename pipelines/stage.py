@@ -79,6 +79,8 @@ class Stage:
     keras_row: ClassVar[Optional[tuple[str, str]]] = None
     #: it trains a model, so it runs in training.strategy's scope
     trains: ClassVar[bool] = False
+    #: it may train under training.mixed_precision (not the tfmot stages: pruning and QAT stay in float32)
+    mixed_precision: ClassVar[bool] = False
 
     def title(self, recipe: "Recipe") -> str:
         """Returns what the stage does, in a few words, for its progress line."""

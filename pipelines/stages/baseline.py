@@ -15,6 +15,7 @@ class BaselineSettings(StageSettings):
 
 class Baseline(Stage):
     name = "baseline"
+    mixed_precision = True
     trains = True
     settings = BaselineSettings
     model_file = "baseline.keras"

@@ -6,11 +6,16 @@ from pathlib import Path
 
 
 def save_model(model, path: Path, scope=None) -> None:
-    """Saves Keras ``model`` to ``path`` atomically (inside ``scope()`` when given, e.g. QAT's custom objects)."""
+    """Saves Keras ``model`` to ``path`` atomically (inside ``scope()`` when given, e.g. QAT's custom objects).
+
+    A model trained under mixed precision is saved as its float32 copy: the next stages and the export
+    read float32 models.
+    """
     from edge_kd.fileio import atomic_path
+    from edge_kd.train import float32_copy
 
     with atomic_path(path) as tmp, (scope() if scope else contextlib.nullcontext()):
-        model.save(tmp)
+        float32_copy(model).save(tmp)
 
 
 def keras_sparsity(model) -> float:

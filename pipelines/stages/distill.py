@@ -6,6 +6,7 @@ from pipelines.stage import StudentStage
 
 class Distill(StudentStage):
     name = "distill"
+    mixed_precision = True
     model_file = "student.keras"
     required = True
     refines = False

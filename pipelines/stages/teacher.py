@@ -6,6 +6,7 @@ from pipelines.stage import AugmentedSettings, Stage, resolve_augment
 
 class Teacher(Stage):
     name = "teacher"
+    mixed_precision = True
     trains = True
     settings = AugmentedSettings
     model_file = "teacher.keras"

@@ -164,3 +164,26 @@ def test_the_pipeline_trains_under_mirrored_strategy_on_two_devices(tmp_path):
     assert set(got) >= {"student", "baseline", "student-int8", "pruned-int8", "qat-int8"}
     assert got["pruned-int8"][1] == pytest.approx(0.75, abs=0.02)  # pruning under the strategy reached its target
     assert all(0 <= acc <= 1 for acc, _ in got.values())
+
+
+def test_the_pipeline_trains_in_mixed_precision_and_saves_and_exports_float32(tmp_path, capsys):
+    from edge_kd.bench.compat import runtime
+    from pipelines import recipe as recipe_mod
+    from pipelines.run import run
+
+    r = recipe_mod.apply_overrides(recipe_mod.load(), [
+        "training.mixed_precision=true", "data.limit_train=640", "data.limit_test=128", "stages.distill.epochs=1",
+        "prune=false", "qat=false", "export.variants=[fp32, int8]", "bundle=false", "benchmark.threads=[1]",
+        "benchmark.min_seconds=0.05", "benchmark.warmup_seconds=0.01"])
+    run_dir = run(r, out=tmp_path)
+    printed = capsys.readouterr().out
+    assert printed.count("mixed precision (mixed_float16") == 2  # distill and baseline
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after each stage
+    for stage, file in (("distill", "student.keras"), ("baseline", "baseline.keras")):
+        saved = keras.models.load_model(run_dir / stage / file, compile=False)
+        assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
+    assert "CAST" not in runtime(run_dir / "tflite" / "student-fp32.tflite")["ops"]  # no float16 compute exported
+    models = {m["name"]: m for m in json.loads((run_dir / "results.json").read_text())["models"]}
+    assert models["student"]["accuracy"] == pytest.approx(models["student-fp32"]["accuracy"], abs=0.01)
+    history = json.loads((run_dir / "distill" / "history.json").read_text())
+    assert all(np.isfinite(history["loss"]))
