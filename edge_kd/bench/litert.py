@@ -104,16 +104,22 @@ def dequantize_output(y: np.ndarray, detail: dict) -> np.ndarray:
 
 def accuracy(path, x, y, batch_size: int = 256, num_threads: int = 1) -> float:
     """Returns the top-1 accuracy (0..1) of the TFLite model at ``path`` on inputs ``x`` and labels ``y``."""
+    if len(np.asarray(y)) != len(x):
+        raise ValueError(f"{len(x)} inputs but {len(np.asarray(y))} labels")
+    if len(x) == 0:
+        raise ValueError("accuracy needs at least one sample")
+    return top1(TFLiteModel(path, num_threads=num_threads).predict(x, batch_size=batch_size), y)
+
+
+def top1(outputs, y) -> float:
+    """Returns the share (0..1) of rows of ``outputs`` whose arg-max is the label (``y``: ints or one-hot)."""
     y = np.asarray(y)
     if y.ndim == 2:
         y = y.argmax(axis=1)
     y = y.reshape(-1)
-    if len(y) != len(x):
-        raise ValueError(f"{len(x)} inputs but {len(y)} labels")
-    if len(y) == 0:
-        raise ValueError("accuracy needs at least one sample")
-    pred = TFLiteModel(path, num_threads=num_threads).predict(x, batch_size=batch_size).reshape(len(y), -1).argmax(axis=1)
-    return float(np.mean(pred == y))
+    if len(y) != len(outputs):
+        raise ValueError(f"{len(outputs)} outputs but {len(y)} labels")
+    return float(np.mean(np.asarray(outputs).reshape(len(y), -1).argmax(axis=1) == y))
 
 
 def latency(path, sample, num_threads: int, rounds: int = 10, round_seconds: float = 0.1,

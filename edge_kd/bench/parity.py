@@ -32,20 +32,23 @@ from edge_kd.bench.litert import TFLiteModel
 DELEGATE_OP = "DELEGATE"  # the node name LiteRT gives a delegate's kernel (XNNPACK's here)
 
 
-def parity(keras_model, tflite_path, x, batch_size: int = 256) -> dict:
+def parity(keras_model, tflite_path, x, batch_size: int = 256, tflite_outputs=None, keras_outputs=None) -> dict:
     """Returns how closely the TFLite file's outputs follow the Keras model's on normalised inputs ``x``.
 
     Keys: ``n``, ``output_dtype``, ``max_abs_diff`` and ``mean_abs_diff`` (on dequantized outputs for
     an integer model), ``top1_agreement`` (fraction of samples with the same arg-max) and
-    ``output_scale`` (the output quantization step, None for float outputs).
+    ``output_scale`` (the output quantization step, None for float outputs). ``tflite_outputs`` and
+    ``keras_outputs``: the file's and the model's outputs on ``x``, where already computed.
     """
     x = np.asarray(x, dtype=np.float32)
     if len(x) == 0:
         raise ValueError("parity needs at least one sample")
     lite = TFLiteModel(tflite_path)
     detail = lite.output_details
-    ref = np.asarray(keras_model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
-    got = lite.predict(x, batch_size=batch_size)  # integer outputs come back dequantized
+    ref = np.asarray(keras_model.predict(x, batch_size=batch_size, verbose=0) if keras_outputs is None
+                     else keras_outputs, dtype=np.float32)
+    # integer outputs come back dequantized
+    got = lite.predict(x, batch_size=batch_size) if tflite_outputs is None else np.asarray(tflite_outputs)
     if ref.shape != got.shape:
         raise ValueError(f"Keras gives outputs of shape {ref.shape}, the TFLite model {got.shape}")
     diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))

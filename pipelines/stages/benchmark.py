@@ -81,10 +81,17 @@ class Benchmark(Stage):
               "rounds", flush=True)
         latencies = litert.latency_rounds(files, x_test[0], b.threads, rounds=b.rounds,
                                           round_seconds=b.min_seconds / b.rounds, warmup_seconds=b.warmup_seconds)
-        floats = {}
+        floats, predicted = {}, {}
+
+        def keras_outputs(stage):  # each Keras model's outputs on the test set, once for all its files
+            if stage not in predicted:
+                predicted[stage] = source_model(stage).predict(x_test, batch_size=256, verbose=0)
+            return predicted[stage]
+
         for item in plan:
             file = files[item["name"]]
-            acc = litert.accuracy(file, x_test, y_test)
+            outputs = litert.TFLiteModel(file).predict(x_test)  # one pass over the test set: accuracy and parity
+            acc = litert.top1(outputs, y_test)
             sparsity = stats.tflite_weight_sparsity(file)
             found = compat.runtime(file)
             error = None
@@ -97,7 +104,8 @@ class Benchmark(Stage):
             rows.append(row(item["name"], item["role"], "tflite", item["variant"], item["stage"], item["path"], file,
                             acc, latency=latencies[item["name"]], sparsity=sparsity["overall"],
                             sparsity_layers={stats.layer_of(k): v["sparsity"] for k, v in sparsity["layers"].items()},
-                            parity=parity.parity(source_model(item["stage"]), file, x_test),
+                            parity=parity.parity(source_model(item["stage"]), file, x_test, tflite_outputs=outputs,
+                                                 keras_outputs=keras_outputs(item["stage"])),
                             ops=parity.ops(file), min_runtime=found["min_runtime"], op_versions=found["ops"],
                             memory=litert.peak_memory(file), layer_error=error,
                             float_layers=item.get("float_layers")))
