@@ -95,7 +95,7 @@ class DataBundle:
         return self.normalise(x), y
 
     def dataset(self, split: str, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
-                teacher_logits: np.ndarray | None = None):
+                teacher_logits: np.ndarray | None = None, drop_remainder: bool = False):
         """Returns a batched tf.data pipeline of ``(normalised images, labels)`` for ``split``.
 
         With ``teacher_logits`` (one row per image of the split, a teacher cache), the inputs are
@@ -117,7 +117,7 @@ class DataBundle:
                 return {**a, "image": tf.cast(a["image"], tf.float32) * scale + offset}, b
             return tf.cast(a, tf.float32) * scale + offset, b
 
-        ds = ds.batch(batch_size).map(normalise, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(normalise, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def _split(self, split):

@@ -95,16 +95,19 @@ class Context:
         """Returns the frozen teacher taking the student's input and giving logits."""
         key = self._strategy_key()
         if key not in self._teachers:
+            from edge_kd import train
             from edge_kd.keras import keras
 
             t = self.recipe.teacher
-            if t.path is None:
-                model = keras.models.load_model(self.stage_dir("teacher") / "teacher.keras", compile=False)
-            else:
-                from edge_kd.distill import load_teacher
+            # float32 even inside a mixed-precision stage: the adapter's log-probabilities need its range
+            with train.precision("float32"):
+                if t.path is None:
+                    model = keras.models.load_model(self.stage_dir("teacher") / "teacher.keras", compile=False)
+                else:
+                    from edge_kd.distill import load_teacher
 
-                model = load_teacher(t.path, trust=t.trust)
-            self._teachers[key], adapted = self.adapt(model, t.input_range)
+                    model = load_teacher(t.path, trust=t.trust)
+                self._teachers[key], adapted = self.adapt(model, t.input_range)
             from edge_kd import builtin_teachers
 
             shipped = None if t.path is None else builtin_teachers.name_of(t.path)
@@ -116,23 +119,22 @@ class Context:
         """Returns ``distillation.extra_teachers``, each loaded, adapted and frozen."""
         key = self._strategy_key()
         if key not in self._extra_teachers:
+            from edge_kd import train
             from edge_kd.distill import load_teacher
 
-            self._extra_teachers[key] = [self.adapt(load_teacher(t.path, trust=t.trust), t.input_range)[0]
-                                         for t in self.recipe.distillation.extra_teachers]
+            with train.precision("float32"):  # as teacher()
+                self._extra_teachers[key] = [self.adapt(load_teacher(t.path, trust=t.trust), t.input_range)[0]
+                                             for t in self.recipe.distillation.extra_teachers]
         return self._extra_teachers[key]
 
     def strategy(self):
         """Returns the tf.distribute strategy of ``training.strategy`` (built once), or None for one device."""
-        kind = self.recipe.training.strategy
-        if kind == "none":
+        if self.recipe.training.strategy == "none":
             return None
         if self._strategy is None:
             from edge_kd.keras import tf
 
-            # mirrored: every GPU of this host (the CPU when there is none); multi_worker: TF_CONFIG's cluster
-            self._strategy = (tf.distribute.MirroredStrategy() if kind == "mirrored"
-                              else tf.distribute.MultiWorkerMirroredStrategy())
+            self._strategy = tf.distribute.MirroredStrategy()  # every GPU of this host (the CPU when there is none)
         return self._strategy
 
     def training_scope(self, stage):
@@ -272,8 +274,10 @@ class Context:
         b, tr = self.bundle, self.recipe.training
         cache = (self.teacher_cache(model) if self.recipe.distillation.teacher_cache and model.uses_cache()
                  else {"train": None, "val": None})
+        # Across replicas a short last batch could leave one replica no examples (NaN batch statistics)
+        replicated = model.distribute_strategy.num_replicas_in_sync > 1
         return train.fit(model, b.dataset("train", tr.batch_size, shuffle=True, seed=self.recipe.seed,
-                                          teacher_logits=cache["train"]),
+                                          teacher_logits=cache["train"], drop_remainder=replicated),
                          epochs, learning_rate, validation=b.dataset("val", 512, teacher_logits=cache["val"]),
                          callbacks=callbacks, optimizer=optimizer or tr)
 

@@ -91,9 +91,9 @@ class TrainingSpec(OptimizerConfig):
     learning_rate: Annotated[Float, Field(gt=0)] = 2e-3
     #: label smoothing of the students' cross-entropy (the teacher has its own, teacher.label_smoothing)
     label_smoothing: Annotated[Float, Field(ge=0, le=1)] = 0.0
-    #: tf.distribute for the stages that train: none (one device), mirrored (this host's GPUs),
-    #: multi_worker (MultiWorkerMirroredStrategy over the hosts of TF_CONFIG); batch_size is the global batch
-    strategy: Literal["none", "mirrored", "multi_worker"] = "none"
+    #: tf.distribute for the stages that train: none (one device) or mirrored (this host's GPUs);
+    #: batch_size is then the global batch
+    strategy: Literal["none", "mirrored"] = "none"
     #: the teacher, distill and baseline stages compute in mixed_float16 (for GPUs; loss terms stay float32,
     #: models are saved in float32); pruning and QAT stay in float32
     mixed_precision: Bool = False

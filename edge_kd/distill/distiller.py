@@ -82,8 +82,11 @@ class Distiller(keras.Model):
     host, ``MultiWorkerMirroredStrategy`` across hosts; build the student, the teachers and the
     Distiller inside ``strategy.scope()``), each replica scales its mean loss by its share of the global
     batch, so the summed gradient is that of the global batch's mean; the metrics are Keras metrics,
-    which aggregate across replicas; each replica draws its own augmentation. A mean teacher and
-    CRD's memory bank keep per-step state the replicas would write apart, so they are refused there.
+    which aggregate across replicas; each replica draws its own augmentation. Terms over the batch's
+    pairs or negatives (rkd, crd with ``bank_size: 0``) see each replica's share of the batch, not the
+    global batch. A mean teacher and CRD's memory bank keep per-step state the replicas would write
+    apart, so they are refused there. Batch the training data with ``drop_remainder=True``: a short
+    last batch can leave a replica no examples, and batch normalisation NaN statistics.
     Under the ``mixed_float16`` Keras policy the models compute in float16 while every loss term and
     metric is computed in float32, and ``compile`` wraps the optimizer in a LossScaleOptimizer.
 
@@ -338,12 +341,16 @@ class Distiller(keras.Model):
         # Weighted by batch size, as Keras weights its own loss, so an epoch's figure is the per-sample mean
         # even when the last batch is short.
         n = tf.cast(tf.shape(s_logits)[0], tf.float32)
-        self._loss_tracker.update_state(total, sample_weight=n)
-        self._hard_tracker.update_state(hard, sample_weight=n)
+
+        def seen(v):  # a replica given no examples (a short last batch) has a NaN mean that must weigh nothing
+            return tf.where(n > 0, v, tf.zeros_like(v))
+
+        self._loss_tracker.update_state(seen(total), sample_weight=n)
+        self._hard_tracker.update_state(seen(hard), sample_weight=n)
         for tracker, v in zip(self._term_trackers, values):
-            tracker.update_state(v, sample_weight=n)
+            tracker.update_state(seen(v), sample_weight=n)
         if self._peer_tracker is not None:
-            self._peer_tracker.update_state(peer_total, sample_weight=n)
+            self._peer_tracker.update_state(seen(peer_total), sample_weight=n)
         self.compiled_metrics.update_state(y, s_logits, sample_weight=sw)
         return {m.name: m.result() for m in self.metrics}
 

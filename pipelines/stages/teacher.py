@@ -19,7 +19,9 @@ class Teacher(Stage):
         return resolve_augment(settings, recipe)
 
     def key(self, ctx):
-        return {**ctx.data_key(), "batch_size": ctx.recipe.training.batch_size, "teacher": ctx.recipe.teacher.model_dump()}
+        tr = ctx.recipe.training
+        return {**ctx.data_key(), "batch_size": tr.batch_size, "strategy": tr.strategy,
+                "mixed_precision": tr.mixed_precision, "teacher": ctx.recipe.teacher.model_dump()}
 
     def check(self, ctx):
         ctx.build_teacher()  # the architecture and its options build for this data

@@ -32,13 +32,13 @@ SCRIPT = textwrap.dedent("""
                                     keras.layers.Dense(3)])
         return student, teacher
 
-    def train(strategy, augment=None, **kw):
+    def train(strategy, augment=None, n=80, **kw):
         with strategy.scope():
             student, teacher = pair()
             d = Distiller(student, teacher, terms=[losses.get("hinton", temperature=2.0, weight=0.5)],
                           hard_weight=0.5, augment=augment, **kw)
             d.compile(optimizer=keras.optimizers.SGD(0.5))
-        h = d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=3, verbose=0)
+        h = d.fit(tf.data.Dataset.from_tensor_slices((x[:n], y[:n])).batch(32), epochs=3, verbose=0)
         return student, {k: [float(v) for v in vs] for k, vs in h.history.items()}
 
     out = {}
@@ -53,6 +53,9 @@ SCRIPT = textwrap.dedent("""
     out["history_one"], out["history_two"] = h1, h2
     _, ha = train(mirrored, augment=Augmenter(AugmentConfig(translate=1, mixup=0.2), seed=0))
     out["augmented_loss"] = ha["loss"]
+    _, h65 = train(mirrored, n=65)   # the last batch holds one example: one replica gets none
+    _, h65_one = train(tf.distribute.OneDeviceStrategy("/cpu:0"), n=65)
+    out["short_loss"], out["short_loss_one"] = h65["loss"], h65_one["loss"]
     for name, kw in (("mean_teacher", {}), ("crd", {})):
         try:
             with mirrored.scope():
@@ -94,6 +97,8 @@ def test_metrics_aggregate_across_replicas(distributed):
 
 def test_augmented_distributed_training_runs_and_per_step_state_is_refused(distributed):
     assert all(np.isfinite(distributed["augmented_loss"]))
+    # a replica with no examples weighs nothing: the loss stays finite and equals the one-device run's
+    np.testing.assert_allclose(distributed["short_loss"], distributed["short_loss_one"], rtol=1e-5)
     assert "mean teacher" in distributed["mean_teacher"] and "training.strategy: none" in distributed["mean_teacher"]
     assert "memory bank" in distributed["crd"] and "bank_size: 0" in distributed["crd"]
 

@@ -125,7 +125,7 @@ RECIPE_MISTAKES = {
     "bad mode": ("distillation: {mode: ensemble}\n", ["distillation.mode", "mean_teacher", "ensemble"]),
     "int8_mixed without its layers": ("stages: {teacher: {}, distill: {}, export: {variants: [int8_mixed]}, "
                                       "benchmark: {}, report: {}}\n", ["variants", "int8_mixed", "float_worst"]),
-    "unknown strategy": ("training: {strategy: tpu}\n", ["training.strategy", "mirrored", "multi_worker", "tpu"]),
+    "unknown strategy": ("training: {strategy: tpu}\n", ["training.strategy", "none", "mirrored", "tpu"]),
     "bad min runtime": ("stages: {teacher: {}, distill: {}, export: {}, benchmark: {}, bundle: {min_runtime: latest}, "
                         "report: {}}\n", ["stages.bundle.min_runtime", "2.14", "latest"]),
     "cache with consistent teaching": ("distillation: {teacher_cache: true}\n",
