@@ -67,14 +67,8 @@ def to_keras3(model):
     return copy
 
 
-class _Runs(dict):
-    """The contenders by name, with ``jit``: which of them compile with XLA."""
-
-    jit: dict = {}
-
-
-def contenders(shape, student_spec, teacher_spec, batch: int) -> dict:
-    """Returns {name: zero-argument callable that runs one compiled step} for one model pair."""
+def contenders(shape, student_spec, teacher_spec, batch: int) -> tuple[dict, dict]:
+    """Returns ({name: zero-argument callable that runs one compiled step}, which of them compile with XLA)."""
     import keras as k3
 
     import models
@@ -105,14 +99,13 @@ def contenders(shape, student_spec, teacher_spec, batch: int) -> dict:
 
     fixed = tf.constant(x[:batch])  # the teacher's pass alone: no second data fetch charged to the floor
     forward = tf.function(lambda: teacher(fixed, training=False))
-    runs = _Runs()
+    runs = {}
     for name, model in (("edge-kd", d), ("student alone", alone), ("Keras 3", k3d)):
         model.make_train_function()  # tf_keras returns it, Keras 3 only sets it
         runs[name] = (lambda f, i: lambda: f(i))(model.train_function, iter(data))
     runs["teacher forward"] = forward
     # Keras 3's own default ("auto": XLA where it can); edge-kd keeps XLA off on the CPU, where it is slower
-    runs.jit = {"edge-kd": bool(d.jit_compile), "Keras 3": str(k3d.jit_compile)}
-    return runs
+    return runs, {"edge-kd": bool(d.jit_compile), "Keras 3": str(k3d.jit_compile)}
 
 
 def measure(runs: dict, steps: int, rounds: int, clock=time.perf_counter) -> dict:
@@ -158,8 +151,8 @@ def main(argv=None):
     results = {}
     for name, (shape, student, teacher) in pairs.items():
         print(f"{name}: {args.rounds} rounds of {args.steps} steps at batch {args.batch}", flush=True)
-        runs = contenders(shape, student, teacher, args.batch)
-        s = {**summarise(measure(runs, args.steps, args.rounds), args.steps, args.batch), "jit_compile": runs.jit}
+        runs, jit = contenders(shape, student, teacher, args.batch)
+        s = {**summarise(measure(runs, args.steps, args.rounds), args.steps, args.batch), "jit_compile": jit}
         results[name] = s
         print(f"  floor_ratio {s['floor_ratio']['median']:.3f} (IQR {s['floor_ratio']['q1']:.3f}–"
               f"{s['floor_ratio']['q3']:.3f}), keras3_ratio {s['keras3_ratio']['median']:.3f} "

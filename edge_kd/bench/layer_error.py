@@ -98,22 +98,19 @@ def layer_errors(reference, quantized, x, worst: int = WORST) -> dict:
     ref_ops, ref_values = op_outputs(reference, x)
     q_ops, q_values = op_outputs(quantized, x)
     q_dtype = {name: op["dtype"] for op in q_ops for name in op["outputs"]}
-    nrmse_of: dict[str, float] = {}
-    for name in ref_values:
-        if name in q_values and ref_values[name].shape == q_values[name].shape:
-            nrmse = compare(ref_values[name], q_values[name])["nrmse"]
-            if nrmse is not None:
-                nrmse_of[name] = nrmse
+    # every tensor both graphs hold, compared once; one with no float scale to relate its error to is left out
+    matched = {name: compare(ref_values[name], q_values[name]) for name in ref_values
+               if name in q_values and ref_values[name].shape == q_values[name].shape}
+    matched = {name: m for name, m in matched.items() if m["nrmse"] is not None}
     layers = []
     for op in ref_ops:
         for name in op["outputs"]:
-            if name not in nrmse_of:
+            if name not in matched:
                 continue  # the quantized graph has no tensor of that name (it fused or split the op differently)
-            m = compare(ref_values[name], q_values[name])
-            upstream = [nrmse_of[i] for i in op["inputs"] if i in nrmse_of]
-            added = None if m["nrmse"] is None else m["nrmse"] - (max(upstream) if upstream else 0.0)
+            m = matched[name]
+            upstream = [matched[i]["nrmse"] for i in op["inputs"] if i in matched]
             layers.append({"tensor": name, "layer": layer_name(name), "op": op["op"], "dtype": q_dtype.get(name),
-                           **m, "added": added})
+                           **m, "added": m["nrmse"] - (max(upstream) if upstream else 0.0)})
     ranked = _ranked(layers)[:worst]
     return {"method": METHOD, "samples": int(len(x)), "layers": layers, "worst": [e["layer"] for e in ranked],
             "worst_tensors": [e["tensor"] for e in ranked]}
@@ -126,7 +123,7 @@ def worst_tensors(errors: dict, n: int) -> list[str]:
 
 def _ranked(layers: list[dict]) -> list[dict]:
     """Returns the layers that add error, the one adding the most first."""
-    return sorted((e for e in layers if e["added"] is not None and e["added"] > 0), key=lambda e: -e["added"])
+    return sorted((e for e in layers if e["added"] > 0), key=lambda e: -e["added"])
 
 
 def layer_name(tensor: str) -> str:

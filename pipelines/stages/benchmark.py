@@ -97,8 +97,8 @@ class Benchmark(Stage):
             error = None
             if item["variant"] in tflite.INTEGER:
                 if item["stage"] not in floats:  # the float graph of the very Keras model the file was made from
-                    fp32 = f"{item['name'].rsplit('-', 1)[0]}-fp32"
-                    floats[item["stage"]] = (files[fp32].read_bytes() if fp32 in files
+                    fp32 = next((i for i in plan if i["stage"] == item["stage"] and i["variant"] == "fp32"), None)
+                    floats[item["stage"]] = (files[fp32["name"]].read_bytes() if fp32
                                              else tflite.convert(source_model(item["stage"]), "fp32"))
                 error = layer_error.layer_errors(floats[item["stage"]], file, x_test[: b.layer_error_samples])
             rows.append(row(item["name"], item["role"], "tflite", item["variant"], item["stage"], item["path"], file,
