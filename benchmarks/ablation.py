@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from edge_kd.bench import stats
+from edge_kd.fileio import write_json
 from pipelines import recipe as recipe_mod
 from pipelines.context import Context
 from pipelines.stages.baseline import Baseline
@@ -130,11 +129,10 @@ def main(argv=None):
         g = f"{gain['mean']:+.2f} ± {gain['std']:.2f}" if gain else "—"
         print(f"| {variant} | {100 * e['val']['mean']:.2f} ± {100 * e['val']['std']:.2f} | "
               f"{100 * e['test']['mean']:.2f} ± {100 * e['test']['std']:.2f} | {g} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({
+    write_json(args.json, {
         "command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "rows": rows, "summary": summary}, indent=2) + "\n")
+        "machine": stats.machine(),
+        "rows": rows, "summary": summary})
     print(f"wrote {args.json}")
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 from edge_kd.bench import stats
 from edge_kd.bench.results import rows_of
+from edge_kd.fileio import write_json
 from pipelines import recipe as recipe_mod
 from pipelines.run import run
 
@@ -116,11 +115,10 @@ def main(argv=None):
         print(f"| {k} | {scale * v['mean']:.2f} ± {scale * v['std']:.2f} |")
     for k, ok in summary["targets"].items():
         print(f"target {k}: {'met' if ok else 'MISSED'}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({
+    write_json(args.json, {
         "command": "python benchmarks/default_gain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "rows": rows,
-        **summary}, indent=2) + "\n")
+        "machine": stats.machine(), "rows": rows,
+        **summary})
     print(f"wrote {args.json}")
 
 

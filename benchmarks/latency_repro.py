@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from edge_kd.bench import stats
+from edge_kd.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,10 +71,9 @@ def main(argv=None):
               f"| {r['b_median_ms']:.4f} ({r['b_iqr_ms'][0]:.4f}–{r['b_iqr_ms'][1]:.4f}) | {r['ratio']:.3f}"
               f"{'' if r['within'] else ' ✗'} |")
     print(f"\nall within ±{100 * args.tolerance:.0f} %: {result['all_within']} (worst ratio {result['worst_ratio']:.3f})")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({
+    write_json(args.json, {
         "command": "python benchmarks/latency_repro.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", **result}, indent=2) + "\n")
+        "machine": stats.machine(), **result})
     print(f"wrote {args.json}")
     return 0 if result["all_within"] else 1
 

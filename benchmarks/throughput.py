@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from edge_kd.bench import stats
+from edge_kd.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 #: name -> (input shape, student (arch, options), teacher (arch, options))
@@ -158,11 +158,10 @@ def main(argv=None):
               f"{s['floor_ratio']['q3']:.3f}), keras3_ratio {s['keras3_ratio']['median']:.3f} "
               f"(IQR {s['keras3_ratio']['q1']:.3f}–{s['keras3_ratio']['q3']:.3f}); images/s: "
               + ", ".join(f"{n} {v['median']:.0f}" for n, v in s["images_per_second"].items()), flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({
+    write_json(args.json, {
         "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "goals": GOALS,
-        "pairs": results}, indent=2) + "\n")
+        "machine": stats.machine(), "goals": GOALS,
+        "pairs": results})
     print(f"wrote {args.json}")
     return results
 

@@ -12,8 +12,6 @@ It writes the model atomically, its training history and test accuracy beside it
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -72,7 +70,7 @@ def _train(args) -> int:
         "command": "python scripts/train_teacher.py " + " ".join(args.argv),
         "recipe": r.to_dict(), "parameters": int(model.count_params()),
         "test_accuracy": accuracy, "val_accuracy": summary["val_accuracy"], "seconds": round(seconds, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "history": history})
+        "machine": stats.machine(), "history": history})
     print(f"teacher {r.teacher.arch} {r.teacher.options}: test accuracy {accuracy:.2%} (val "
           f"{summary['val_accuracy']:.2%}), {seconds / 60:.1f} min; wrote {out}")
     return 0

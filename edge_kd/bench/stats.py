@@ -25,6 +25,14 @@ def keras_accuracy(model, x, y, batch_size: int = 512) -> float:
     return float(np.mean(np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1) == y))
 
 
+def machine() -> str:
+    """Returns the machine a benchmark record was measured on: its processor and core count."""
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def mean_std(values) -> tuple[float, float]:
     """Returns the mean and the sample standard deviation (ddof=1; 0 for a single value) of ``values``."""
     v = np.asarray(values, dtype=float)
