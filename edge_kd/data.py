@@ -4,8 +4,13 @@ Sources: ``fashion_mnist`` (the default) and ``mnist`` (both built in, shipped i
 ``x_train, y_train, x_test, y_test``, a folder of images with one subfolder per class (optionally
 ``train/`` and ``test/`` subfolders), or ``tfds:<name>`` for tensorflow-datasets.
 
-Images are kept as raw uint8 pixels (N, H, W, C); models see ``raw * input_scale + input_offset``
-(by default raw / 255, so inputs lie in [0, 1]).
+Images are raw uint8 pixels (N, H, W, C); models see ``raw * input_scale + input_offset`` (by
+default raw / 255, so inputs lie in [0, 1]). Built-in and ``.npz`` data are held in memory as arrays
+(fast for small sets). Image folders and tfds datasets stream: the bundle keeps each split's labels
+and where its images are (file paths, or positions in the tfds records), and ``dataset`` reads,
+decodes and resizes them batch by batch through ``tf.data``, so a set larger than memory trains.
+Code that needs pixels outside training asks for the ones it needs (``raw``, ``arrays`` with indices)
+or walks a split in order (``batches``); both work the same on either kind.
 
 >>> from edge_kd import data
 >>> bundle = data.load("mnist", limit_train=1000, limit_test=500)
@@ -73,26 +78,69 @@ class DataInfo:
 
 @dataclasses.dataclass
 class DataBundle:
-    """Raw uint8 splits (N, H, W, C) with integer labels, and the info describing them."""
+    """The train/val/test splits with integer labels, and the info describing them.
+
+    ``x_train``/``x_val``/``x_test`` are uint8 arrays (N, H, W, C) for in-memory sources, or an
+    ``ImageFiles``/``TfdsImages`` store for streamed ones (``streamed``); ``y_*`` are always arrays.
+    """
 
     info: DataInfo
-    x_train: np.ndarray
+    x_train: "np.ndarray | ImageStore"
     y_train: np.ndarray
-    x_val: np.ndarray
+    x_val: "np.ndarray | ImageStore"
     y_val: np.ndarray
-    x_test: np.ndarray
+    x_test: "np.ndarray | ImageStore"
     y_test: np.ndarray
     #: sha256 of what the images were read from (the file, the folder's listing, the tfds name and version)
     source_digest: str = ""
+
+    @property
+    def streamed(self) -> bool:
+        """True when the images are read from files as they are needed, not held in memory."""
+        return isinstance(self.x_train, ImageStore)
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
         """Returns raw pixels ``x`` mapped to model inputs as float32."""
         return x.astype(np.float32) * np.float32(self.info.input_scale) + np.float32(self.info.input_offset)
 
-    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Returns ``(normalised float32 images, int64 labels)`` of ``split`` (train, val or test)."""
+    def count(self, split: str) -> int:
+        """Returns the number of images in ``split``."""
+        return len(self._split(split)[1])
+
+    def labels(self, split: str) -> np.ndarray:
+        """Returns the int64 labels of ``split`` (always in memory)."""
+        return self._split(split)[1]
+
+    def raw(self, split: str, indices=None) -> np.ndarray:
+        """Returns the uint8 images of ``split`` at ``indices`` (in that order; default: all of them).
+
+        On a streamed bundle only those images are read; asking for all of a large split reads it whole.
+        """
+        x, _ = self._split(split)
+        idx = np.arange(len(x)) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        if isinstance(x, ImageStore):
+            return x.read(idx)
+        return x if indices is None else x[idx]
+
+    def arrays(self, split: str, indices=None) -> tuple[np.ndarray, np.ndarray]:
+        """Returns ``(normalised float32 images, int64 labels)`` of ``split`` at ``indices`` (default: all)."""
+        y = self._split(split)[1]
+        return self.normalise(self.raw(split, indices)), (y if indices is None else y[np.asarray(indices, np.int64)])
+
+    def batches(self, split: str, batch_size: int = 1024):
+        """Yields ``(normalised float32 images, labels)`` of ``split`` in order, ``batch_size`` at a time.
+
+        Holds one batch at a time: the way to walk a whole split (predictions, evaluation) that may not fit.
+        """
         x, y = self._split(split)
-        return self.normalise(x), y
+        if isinstance(x, ImageStore):
+            start = 0
+            for batch in x.ordered().batch(batch_size).as_numpy_iterator():
+                yield self.normalise(batch), y[start:start + len(batch)]
+                start += len(batch)
+            return
+        for start in range(0, len(x), batch_size):
+            yield self.normalise(x[start:start + batch_size]), y[start:start + batch_size]
 
     def dataset(self, split: str, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
                 teacher_logits: np.ndarray | None = None, drop_remainder: bool = False):
@@ -100,17 +148,33 @@ class DataBundle:
 
         With ``teacher_logits`` (one row per image of the split, a teacher cache), the inputs are
         ``{"image": images, "teacher_logits": rows}``: each image travels with its teachers' logits.
+        A streamed split shuffles its images' addresses (every one, for files; within a buffer of
+        ``TfdsImages.SHUFFLE_BUFFER`` records, for tfds) and reads and decodes them after.
         """
         from edge_kd.keras import tf
 
         x, y = self._split(split)
         scale, offset = np.float32(self.info.input_scale), np.float32(self.info.input_offset)
-        if teacher_logits is not None and len(teacher_logits) != len(x):
-            raise ValueError(f"teacher_logits has {len(teacher_logits)} rows for the {len(x)} images of {split}")
-        inputs = x if teacher_logits is None else {"image": x, "teacher_logits": teacher_logits}
-        ds = tf.data.Dataset.from_tensor_slices((inputs, y))
-        if shuffle:
-            ds = ds.shuffle(min(len(x), 60000), seed=seed, reshuffle_each_iteration=True)
+        if teacher_logits is not None and len(teacher_logits) != len(y):
+            raise ValueError(f"teacher_logits has {len(teacher_logits)} rows for the {len(y)} images of {split}")
+        if isinstance(x, ImageStore):
+            ds = x.addressed()
+            if shuffle:
+                ds = ds.shuffle(x.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+            labels = tf.constant(y)
+            rows = None if teacher_logits is None else tf.constant(np.asarray(teacher_logits, np.float32))
+
+            def read(pos, address):
+                image = x.decode(address)
+                inputs = image if rows is None else {"image": image, "teacher_logits": tf.gather(rows, pos)}
+                return inputs, tf.gather(labels, pos)
+
+            ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            inputs = x if teacher_logits is None else {"image": x, "teacher_logits": teacher_logits}
+            ds = tf.data.Dataset.from_tensor_slices((inputs, y))
+            if shuffle:
+                ds = ds.shuffle(min(len(x), 60000), seed=seed, reshuffle_each_iteration=True)
 
         def normalise(a, b):
             if isinstance(a, dict):
@@ -124,6 +188,138 @@ class DataBundle:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
         return getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+
+
+class ImageStore:
+    """The images of one split, read from where they lie when asked: a sequence of addresses.
+
+    Subclasses say what an address is (``addresses``, a tf.data of ``(position, address)`` in order)
+    and how one becomes a uint8 image (``decode``); indexing with an index array or a boolean mask
+    gives the store of those images (as NumPy indexing does, so the loader splits stores and arrays
+    alike). ``shape`` is ``(N, H, W, C)`` as an array's.
+    """
+
+    shuffle_buffer: int
+
+    def __init__(self, n: int, image_shape: tuple[int, int, int], size):
+        self.shape = (n, *image_shape)
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+
+    def __len__(self):
+        return self.shape[0]
+
+    @staticmethod
+    def _index(idx):
+        if np.ndim(idx) == 0:
+            raise TypeError("an image store is indexed by an index array or a boolean mask; DataBundle.raw gives pixels")
+        return idx
+
+    def addressed(self):
+        raise NotImplementedError
+
+    def decode(self, address):
+        raise NotImplementedError
+
+    def ordered(self):
+        """Returns a tf.data of the uint8 images in order, decoded in parallel."""
+        from edge_kd.keras import tf
+
+        return self.addressed().map(lambda pos, address: self.decode(address), num_parallel_calls=tf.data.AUTOTUNE)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Returns the uint8 images at ``indices`` (positions in this store), in that order."""
+        from edge_kd.keras import tf
+
+        if len(indices) == 0:
+            return np.zeros((0, *self.shape[1:]), np.uint8)
+        if indices.min() < 0 or indices.max() >= len(self):
+            raise IndexError(f"image index out of range 0..{len(self) - 1}")
+        wanted = np.zeros(len(self), bool)
+        wanted[indices] = True
+        mask = tf.constant(wanted)
+        ds = self.addressed().filter(lambda pos, address: tf.gather(mask, pos))
+        ds = ds.map(lambda pos, address: (pos, self.decode(address)), num_parallel_calls=tf.data.AUTOTUNE)
+        got = {}
+        for pos, images in ds.batch(256).as_numpy_iterator():
+            got.update(zip(pos.tolist(), images))
+        return np.stack([got[int(i)] for i in indices])
+
+    def _finish(self, image):
+        """Resizes a decoded image (H, W, C) to ``size`` (bicubic, antialiased) and fixes its shape."""
+        from edge_kd.keras import tf
+
+        image.set_shape([None, None, self.shape[-1]])
+        if self.size is not None:
+            image = tf.image.resize(image, self.size, method="bicubic", antialias=True)
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return tf.ensure_shape(image, self.shape[1:])
+
+
+class ImageFiles(ImageStore):
+    """Images in files (an image folder): TensorFlow decodes PNG, JPEG, BMP, GIF and WebP; PIL the rest (TIFF)."""
+
+    def __init__(self, paths, image_shape, size):
+        super().__init__(len(paths), image_shape, size)
+        self.paths = np.asarray(paths, dtype=object).astype(str)
+        self.shuffle_buffer = max(len(self.paths), 1)  # addresses are short strings: shuffle all of them
+
+    def __getitem__(self, idx):
+        return ImageFiles(self.paths[self._index(idx)], self.shape[1:], self.size)
+
+    def addressed(self):
+        from edge_kd.keras import tf
+
+        return tf.data.Dataset.from_tensor_slices((np.arange(len(self.paths), dtype=np.int64), self.paths))
+
+    def decode(self, path):
+        from edge_kd.keras import tf
+
+        channels = self.shape[-1]
+
+        def by_pil(p):
+            from PIL import Image
+
+            with Image.open(p.decode()) as im:
+                a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+            return a[..., None] if a.ndim == 2 else a
+
+        pil = tf.strings.regex_full_match(tf.strings.lower(path), r".*\.tiff?")
+        image = tf.cond(pil, lambda: tf.numpy_function(by_pil, [path], tf.uint8, stateful=False),
+                        lambda: tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False))
+        return self._finish(image)
+
+
+class TfdsImages(ImageStore):
+    """Images of one split of a prepared tfds dataset, at ``positions`` (ascending) of its records."""
+
+    #: records a streamed tfds split shuffles among (they are not randomly addressable); encoded, a few MB
+    SHUFFLE_BUFFER = 10_000
+
+    def __init__(self, name, data_dir, split, image_key, positions, total, image_shape, size):
+        super().__init__(len(positions), image_shape, size)
+        self.name, self.data_dir, self.split, self.image_key = name, data_dir, split, image_key
+        self.positions, self.total = np.asarray(positions, np.int64), int(total)
+        self.shuffle_buffer = max(1, min(len(self.positions), self.SHUFFLE_BUFFER))
+
+    def __getitem__(self, idx):
+        return TfdsImages(self.name, self.data_dir, self.split, self.image_key, self.positions[self._index(idx)],
+                          self.total,
+                          self.shape[1:], self.size)
+
+    def addressed(self):
+        from edge_kd.keras import tf
+
+        keep = np.zeros(self.total, bool)
+        keep[self.positions] = True
+        mask = tf.constant(keep)
+        ds = _tfds_records(self.name, self.data_dir, self.split, self.image_key).enumerate()
+        ds = ds.filter(lambda i, record: tf.gather(mask, i)).map(lambda i, record: record[0])
+        return ds.enumerate()
+
+    def decode(self, encoded):
+        from edge_kd.keras import tf
+
+        return self._finish(tf.io.decode_image(encoded, channels=self.shape[-1], expand_animations=False))
 
 
 def load(source: str = "fashion_mnist", *, val_fraction: float = 0.1, seed: int = 0, limit_train: int | None = None,
@@ -280,61 +476,54 @@ def _load_npz(path: Path):
     return x_tr, y_tr, x_te, y_te, class_names
 
 
-def _read_class_folders(root: Path, size, where: str):
+def _read_class_folders(root: Path, where: str):
+    """Returns (classes, paths, labels, sizes, modes) of the images under ``root``, reading each file's header only."""
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise UserError(f"image folder {where} needs one subfolder per class (at least 2), found {len(classes)}")
-    images, labels, modes = [], [], set()
+    paths, labels, sizes, modes = [], [], set(), set()
     for label, cls in enumerate(classes):
         files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise UserError(f"image folder {where}: class '{cls}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for f in files:
             try:
-                with Image.open(f) as im:
-                    im.load()
+                with Image.open(f) as im:  # reads the header: size and mode, not the pixels
+                    sizes.add((im.height, im.width))
                     modes.add("L" if im.mode in ("L", "1", "I;16", "I", "F") else "RGB")
-                    images.append((im.copy(), f))
             except (UnidentifiedImageError, OSError) as e:
                 raise UserError(f"cannot read image {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            paths.append(str(f))
             labels.append(label)
-    return classes, images, labels, modes
+    return classes, paths, np.array(labels, np.int64), sizes, modes
 
 
-def _to_array(images, mode, size):
-    out = []
-    for im, f in images:
-        im = im.convert(mode)
-        if size is not None and im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), resample=3)  # bicubic
-        a = np.asarray(im, dtype=np.uint8)
-        out.append(a[..., None] if a.ndim == 2 else a)
-    shapes = {a.shape for a in out}
-    if len(shapes) > 1:
-        raise UserError(f"images differ in size ({', '.join(str(s[:2]) for s in sorted(shapes)[:3])}...); "
-                        "pass --image-size H,W to resize them")
-    return np.stack(out)
+def _image_shape(sizes, modes, size, differ: str) -> tuple[int, int, int]:
+    """Returns the (H, W, C) the images become: ``size`` or their one size; RGB if any image is in colour."""
+    if size is None and len(sizes) > 1:
+        raise UserError(f"{differ} ({', '.join(str(s) for s in sorted(sizes)[:3])}...); pass --image-size H,W to "
+                        "resize them")
+    h, w = size if size is not None else next(iter(sizes))
+    return int(h), int(w), 3 if "RGB" in modes else 1
 
 
 def _load_folder(root: Path, size, test_fraction, seed):
+    """Returns the folder's train and test images as ``ImageFiles`` stores (nothing decoded yet) and labels."""
     splits = {s: root / s for s in ("train", "test") if (root / s).is_dir()}
     if set(splits) == {"train", "test"}:
-        classes, tr_images, tr_labels, tr_modes = _read_class_folders(splits["train"], size, f"{root}/train")
-        te_classes, te_images, te_labels, te_modes = _read_class_folders(splits["test"], size, f"{root}/test")
+        classes, tr_paths, y_tr, tr_sizes, tr_modes = _read_class_folders(splits["train"], f"{root}/train")
+        te_classes, te_paths, y_te, te_sizes, te_modes = _read_class_folders(splits["test"], f"{root}/test")
         if te_classes != classes:
             raise UserError(f"image folder {root}: train/ classes {classes} differ from test/ classes {te_classes}")
-        mode = "RGB" if "RGB" in tr_modes | te_modes else "L"
-        x_tr, x_te = _to_array(tr_images, mode, size), _to_array(te_images, mode, size)
-        if x_tr.shape[1:3] != x_te.shape[1:3]:
-            raise UserError(f"image folder {root}: train/ images are {x_tr.shape[1:3]} but test/ images are "
-                            f"{x_te.shape[1:3]}; pass --image-size H,W to resize them")
-        return x_tr, np.array(tr_labels, np.int64), x_te, np.array(te_labels, np.int64), tuple(classes)
-    classes, images, labels, modes = _read_class_folders(root, size, str(root))
-    mode = "RGB" if "RGB" in modes else "L"
-    x = _to_array(images, mode, size)
-    y = np.array(labels, np.int64)
+        _image_shape(tr_sizes, tr_modes, size, "images differ in size")
+        _image_shape(te_sizes, te_modes, size, "images differ in size")
+        shape = _image_shape(tr_sizes | te_sizes, tr_modes | te_modes, size,
+                             f"image folder {root}: train/ and test/ images differ in size")
+        return (ImageFiles(tr_paths, shape, size), y_tr, ImageFiles(te_paths, shape, size), y_te, tuple(classes))
+    classes, paths, y, sizes, modes = _read_class_folders(root, str(root))
+    x = ImageFiles(paths, _image_shape(sizes, modes, size, "images differ in size"), size)
     test_idx = _stratified_holdout(y, test_fraction, np.random.default_rng(seed + 7))
     if len(test_idx) == 0:
         raise UserError(f"image folder {root}: too few images to hold out a test split")
@@ -343,14 +532,27 @@ def _load_folder(root: Path, size, test_fraction, seed):
     return x[mask], y[mask], x[test_idx], y[test_idx], tuple(classes)
 
 
-def _load_tfds(name: str, size):
+def _tfds_records(name: str, data_dir, split: str, image_key: str):
+    """Returns the tf.data of ``(encoded image, label)`` records of a prepared tfds split, in file order."""
     import tensorflow_datasets as tfds
 
-    from edge_kd.keras import tf
+    builder = tfds.builder(name, data_dir=data_dir)
+    keys = builder.info.supervised_keys
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: (ex[keys[0]], ex[keys[1]]))
 
+
+def _load_tfds(name: str, size):
+    """Returns a prepared tfds dataset's train and test images as ``TfdsImages`` stores and their labels.
+
+    Downloads and prepares it first when tfds has not (its own cache). The labels are read once, the
+    images left encoded in the records (``SkipDecoding``); nothing is decoded until a model needs it.
+    """
+    import tensorflow_datasets as tfds
+
+    data_dir = os.environ.get("TFDS_DATA_DIR") or None  # read now, not when tensorflow_datasets was imported
     try:
-        # TFDS_DATA_DIR read now, not when tensorflow_datasets was first imported
-        builder = tfds.builder(name, data_dir=os.environ.get("TFDS_DATA_DIR") or None)
+        builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"unknown tfds dataset '{name}': {msg}") from None
@@ -362,18 +564,19 @@ def _load_tfds(name: str, size):
         keys = builder.info.supervised_keys
         if not keys:
             raise UserError(f"tfds dataset '{name}' has no (image, label) supervised keys")
+        feature = builder.info.features[keys[0]]
+        h, w, c = (tuple(feature.shape) + (None,) * 3)[:3]
+        if c not in (1, 3, 4):
+            raise UserError(f"tfds dataset '{name}': images have {c} channels; edge-kd takes 1, 3 or 4")
+        if size is None and (h is None or w is None):
+            raise UserError(f"tfds dataset '{name}' has images of several sizes; pass --image-size H,W")
+        shape = (*(size if size is not None else (h, w)), 1 if c == 1 else 3)
         out = []
         for split in ("train", "test"):
-            ds = builder.as_dataset(split=split, as_supervised=True)
-            if size is not None:
-                ds = ds.map(lambda x, y: (tf.cast(tf.clip_by_value(tf.round(tf.image.resize(x, size)), 0, 255), tf.uint8), y))
-            xs, ys = [], []
-            for x, y in tfds.as_numpy(ds):
-                xs.append(x)
-                ys.append(y)
-            if len({a.shape for a in xs}) > 1:
-                raise UserError(f"tfds dataset '{name}' has images of several sizes; pass --image-size H,W")
-            out += [_as_images(np.stack(xs), f"tfds:{name} {split}"), _as_labels(np.array(ys), len(ys), f"tfds:{name}")]
+            labels = np.concatenate([y for y in _tfds_records(name, data_dir, split, keys[0]).map(
+                lambda x, y: y).batch(8192).as_numpy_iterator()] or [np.zeros(0, np.int64)])
+            out += [TfdsImages(name, data_dir, split, keys[0], np.arange(len(labels)), len(labels), shape, size),
+                    _as_labels(labels, len(labels), f"tfds:{name} {split}")]
         label = builder.info.features[keys[1]]
         names = tuple(label.names) if hasattr(label, "names") else None
     except UserError:

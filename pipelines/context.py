@@ -174,7 +174,7 @@ class Context:
             lo, hi = input_range
             scale, offset = (hi - lo) / 255.0, float(lo)
         return adapt_teacher(model, info.input_shape, info.num_classes, info.input_scale, info.input_offset,
-                             teacher_scale=scale, teacher_offset=offset, sample=self.bundle.arrays("val")[0][:32])
+                             teacher_scale=scale, teacher_offset=offset, sample=self.bundle.arrays("val", np.arange(min(32, self.bundle.count("val"))))[0])
 
     def teacher_file(self) -> Path:
         t = self.recipe.teacher
@@ -237,7 +237,7 @@ class Context:
             import time
 
             start = time.perf_counter()
-            self._teacher_cache = {split: _predict(distiller.teacher_logits, self.bundle.arrays(split)[0])
+            self._teacher_cache = {split: _predict(distiller.teacher_logits, self.bundle, split)
                                    for split in ("train", "val")}
             print(f"  teacher cache: logits of {sum(len(v) for v in self._teacher_cache.values())} images in "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
@@ -282,7 +282,7 @@ class Context:
                          callbacks=callbacks, optimizer=optimizer or tr)
 
     def steps_per_epoch(self) -> int:
-        return int(np.ceil(len(self.bundle.y_train) / self.recipe.training.batch_size))
+        return int(np.ceil(self.bundle.count("train") / self.recipe.training.batch_size))
 
     # -- what results depend on ---------------------------------------------------------------------------
     def data_key(self) -> dict:
@@ -319,10 +319,10 @@ class Context:
         return self._file_keys[path]
 
 
-def _predict(fn, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-    """Returns ``fn`` of ``x`` computed in batches, as one float32 array."""
+def _predict(fn, bundle, split: str, batch: int = 1024) -> np.ndarray:
+    """Returns ``fn`` of ``split``'s images, computed a batch at a time in order, as one float32 array."""
     from edge_kd.keras import tf
 
     call = tf.function(fn)
-    return np.concatenate([call(tf.constant(x[i:i + batch])).numpy() for i in range(0, len(x), batch)]
-                          ).astype(np.float32)
+    out = [call(tf.constant(x)).numpy() for x, _ in bundle.batches(split, batch)]
+    return np.concatenate(out).astype(np.float32)

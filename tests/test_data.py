@@ -220,11 +220,11 @@ def test_image_folder_grayscale_with_held_out_test(tmp_path):
     b = data.load(str(tmp_path), val_fraction=0.0, test_fraction=0.2)
     assert b.info.class_names == ("cat", "dog", "eel") and b.info.num_classes == 3
     assert b.info.input_shape == (10, 12, 1)
-    assert b.x_train.shape == (24, 10, 12, 1) and b.x_test.shape == (6, 10, 12, 1)
+    assert b.raw("train").shape == (24, 10, 12, 1) and b.raw("test").shape == (6, 10, 12, 1)
     assert np.bincount(b.y_test).tolist() == [2, 2, 2]
     # Every image came back with its own label, pixel for pixel.
     expected = {a.tobytes(): i for i, cls in enumerate(["cat", "dog", "eel"]) for a in written[cls]}
-    for x, y in zip(np.concatenate([b.x_train, b.x_test]), np.concatenate([b.y_train, b.y_test])):
+    for x, y in zip(np.concatenate([b.raw("train"), b.raw("test")]), np.concatenate([b.y_train, b.y_test])):
         assert expected.pop(x[..., 0].tobytes()) == y
     assert not expected
 
@@ -235,9 +235,9 @@ def test_image_folder_train_test_layout_rgb(tmp_path):
     te = _write_images(tmp_path / "test", ["a", "b"], per_class=2, mode="RGB", rng=rng)
     b = data.load(str(tmp_path), val_fraction=0.0)
     assert b.info.input_shape == (10, 12, 3) and b.info.class_names == ("a", "b")
-    np.testing.assert_array_equal(b.x_train, np.stack(tr["a"] + tr["b"]))
+    np.testing.assert_array_equal(b.raw("train"), np.stack(tr["a"] + tr["b"]))
     np.testing.assert_array_equal(b.y_train, [0] * 5 + [1] * 5)
-    np.testing.assert_array_equal(b.x_test, np.stack(te["a"] + te["b"]))
+    np.testing.assert_array_equal(b.raw("test"), np.stack(te["a"] + te["b"]))
 
 
 def test_image_folder_mixed_modes_become_rgb(tmp_path):
@@ -245,7 +245,7 @@ def test_image_folder_mixed_modes_become_rgb(tmp_path):
     _write_images(tmp_path, ["b"], per_class=3, mode="RGB")
     b = data.load(str(tmp_path), val_fraction=0.0, test_fraction=0.34)
     assert b.info.input_shape == (10, 12, 3)
-    gray = b.x_train[b.y_train == 0]
+    gray = b.raw("train")[b.y_train == 0]
     np.testing.assert_array_equal(gray[..., 0], gray[..., 1])  # L → RGB repeats the channel
 
 
@@ -254,11 +254,14 @@ def test_image_folder_sizes_must_agree_unless_image_size_given(tmp_path):
     _write_images(tmp_path, ["b"], per_class=3, size=(14, 9))
     _user_error(str(tmp_path), "image-size", val_fraction=0.0)
     b = data.load(str(tmp_path), image_size=(16, 8), val_fraction=0.0, test_fraction=0.34)
-    assert b.info.input_shape == (16, 8, 1) and b.x_train.shape[1:] == (16, 8, 1)
-    # Resizing is PIL's bicubic, as documented.
-    first_b = np.asarray(Image.open(tmp_path / "b" / "000.png").resize((8, 16), resample=Image.BICUBIC))
-    all_x = np.concatenate([b.x_train, b.x_test])[..., 0]
-    assert any(np.array_equal(x, first_b) for x in all_x)
+    assert b.info.input_shape == (16, 8, 1) and b.raw("train").shape[1:] == (16, 8, 1)
+    # Resizing is TensorFlow's antialiased bicubic, rounded to uint8, as documented.
+    from edge_kd.keras import tf
+
+    png = np.asarray(Image.open(tmp_path / "b" / "000.png"))[..., None].astype(np.float32)
+    first_b = np.clip(np.round(tf.image.resize(png, (16, 8), method="bicubic", antialias=True).numpy()), 0, 255)
+    all_x = np.concatenate([b.raw("train"), b.raw("test")])
+    assert any(np.array_equal(x, first_b.astype(np.uint8)) for x in all_x)
 
 
 def test_train_and_test_folders_must_agree_in_size_unless_image_size_given(tmp_path):
@@ -266,7 +269,7 @@ def test_train_and_test_folders_must_agree_in_size_unless_image_size_given(tmp_p
     _write_images(tmp_path / "test", ["a", "b"], per_class=2, size=(12, 10))
     _user_error(str(tmp_path), "train/", "test/", "image-size", val_fraction=0.0)
     b = data.load(str(tmp_path), image_size=(6, 6), val_fraction=0.0)
-    assert b.x_train.shape == (4, 6, 6, 1) and b.x_test.shape == (4, 6, 6, 1)
+    assert b.raw("train").shape == (4, 6, 6, 1) and b.raw("test").shape == (4, 6, 6, 1)
 
 
 def test_image_folder_errors(tmp_path):
@@ -284,6 +287,88 @@ def test_image_folder_errors(tmp_path):
     _write_images(tmp_path / "split" / "train", ["a", "b"], per_class=2)
     _write_images(tmp_path / "split" / "test", ["a", "c"], per_class=2)
     _user_error(str(tmp_path / "split"), "differ")
+
+
+# --- streamed sources: image folders and tfds read images when asked --------------------------------------
+
+
+def _streamed_folder(tmp_path, per_class=12):
+    written = _write_images(tmp_path / "imgs", ["a", "b", "c"], per_class=per_class, mode="RGB")
+    return written, data.load(str(tmp_path / "imgs"), val_fraction=0.25, test_fraction=0.25, seed=3)
+
+
+def test_an_image_folder_is_streamed_and_load_reads_no_pixels(tmp_path):
+    written, b = _streamed_folder(tmp_path)
+    assert b.streamed and not data.load("mnist", limit_train=50, limit_test=10).streamed
+    assert isinstance(b.x_train, data.ImageFiles) and b.x_train.shape == (b.count("train"), 10, 12, 3)
+    # Rewrite every file after loading: what the bundle gives is what is on disk now, so load held no pixels
+    rng = np.random.default_rng(9)
+    now = {}
+    for cls in written:
+        for i in range(len(written[cls])):
+            a = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+            Image.fromarray(a, "RGB").save(tmp_path / "imgs" / cls / f"{i:03d}.png")
+            now[a.tobytes()] = "abc".index(cls)
+    for split in ("train", "val", "test"):
+        for x, y in zip(b.raw(split), b.labels(split)):
+            assert now[x.tobytes()] == y
+
+
+def test_streamed_splits_give_the_same_images_every_way_they_are_read(tmp_path):
+    _, b = _streamed_folder(tmp_path)
+    x, y = b.raw("train"), b.labels("train")
+    # in order, a batch at a time
+    got = list(b.batches("train", 5))
+    np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), b.normalise(x))
+    np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), y)
+    # at chosen positions, in the order asked
+    pick = np.array([7, 0, 3, 3])
+    np.testing.assert_array_equal(b.raw("train", pick), x[pick])
+    xs, ys = b.arrays("train", pick)
+    np.testing.assert_array_equal(xs, b.normalise(x[pick]))
+    np.testing.assert_array_equal(ys, y[pick])
+    assert b.raw("train", []).shape == (0, 10, 12, 3)
+    with pytest.raises(TypeError):
+        b.x_train[0]  # a store is not pixels
+
+
+def test_a_streamed_training_pipeline_shuffles_by_seed_and_carries_each_images_cached_logits(tmp_path):
+    _, b = _streamed_folder(tmp_path)
+    x, y = b.raw("train"), b.labels("train")
+    key = {im.tobytes(): i for i, im in enumerate(x)}
+    logits = np.arange(len(y), dtype=np.float32)[:, None, None] * np.ones((1, 1, 3), np.float32)
+
+    def epoch(seed):
+        order = []
+        for inputs, labels in b.dataset("train", 4, shuffle=True, seed=seed, teacher_logits=logits):
+            images = np.rint((inputs["image"].numpy() - b.info.input_offset) / b.info.input_scale).astype(np.uint8)
+            for im, row, label in zip(images, inputs["teacher_logits"].numpy(), labels.numpy()):
+                pos = key[im.tobytes()]
+                assert row[0, 0] == pos and label == y[pos]  # every image with its own row and label
+                order.append(pos)
+        return order
+
+    first = epoch(0)
+    assert sorted(first) == list(range(len(y))) and first != sorted(first)
+    assert epoch(0) == first and epoch(1) != first
+    batches = list(b.dataset("train", 4, drop_remainder=True))
+    assert all(len(lab) == 4 for _, lab in batches) and len(batches) == len(y) // 4
+
+
+def test_tiff_images_stream_through_pil(tmp_path):
+    rng = np.random.default_rng(2)
+    pixels = {}
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            a = rng.integers(0, 256, (6, 5), dtype=np.uint8)
+            Image.fromarray(a, "L").save(tmp_path / cls / f"{i}.tif" if i % 2 else tmp_path / cls / f"{i}.png")
+            pixels[a.tobytes()] = cls
+    b = data.load(str(tmp_path), val_fraction=0.0, test_fraction=0.5)
+    assert b.info.input_shape == (6, 5, 1)
+    for x, y in zip(np.concatenate([b.raw("train"), b.raw("test")]), np.concatenate([b.labels("train"), b.labels("test")])):
+        assert "ab"[y] == pixels.pop(x[..., 0].tobytes())
+    assert not pixels
 
 
 # --- tfds -------------------------------------------------------------------------------------------------
@@ -310,11 +395,19 @@ def test_tfds_dataset_goes_through_the_real_download_and_prepare(tmp_path, monke
     def pairs(x, y):
         return sorted((int(label), img.tobytes()) for img, label in zip(x, y))
 
-    assert pairs(b.x_test, b.y_test) == pairs(x_test, y_test)
-    assert b.x_train.dtype == np.uint8 and b.y_train.dtype == np.int64
+    assert pairs(b.raw("test"), b.y_test) == pairs(x_test, y_test)
+    # streamed from the prepared records: train and val hold the train split between them, and a
+    # shuffled epoch gives each of its images once, with its label
+    assert b.streamed and isinstance(b.x_val, data.TfdsImages)
+    x_train, y_train = tfds_tiny.expected("train")
+    assert sorted(pairs(b.raw("train"), b.y_train) + pairs(b.raw("val"), b.y_val)) == pairs(x_train, y_train)
+    shuffled = [(im, lab) for xs, ys in b.dataset("train", 8, shuffle=True, seed=0) for im, lab in zip(xs.numpy(), ys.numpy())]
+    as_raw = np.rint(np.stack([im for im, _ in shuffled]) * 255).astype(np.uint8)
+    assert pairs(as_raw, [lab for _, lab in shuffled]) == pairs(b.raw("train"), b.y_train)
+    assert b.raw("train").dtype == np.uint8 and b.y_train.dtype == np.int64
     # a second load reads the prepared files: same images, and a resize on the way
     sized = data.load(f"tfds:{tfds_tiny.NAME}", val_fraction=0.25, image_size=(16, 16))
-    assert sized.info.input_shape == (16, 16, 1) and sized.x_train.dtype == np.uint8 and len(sized.y_test) == 24
+    assert sized.info.input_shape == (16, 16, 1) and sized.raw("train").dtype == np.uint8 and len(sized.y_test) == 24
     assert b.source_digest == sized.source_digest  # the same dataset and version
 
 

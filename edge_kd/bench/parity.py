@@ -32,30 +32,36 @@ from edge_kd.bench.litert import TFLiteModel
 DELEGATE_OP = "DELEGATE"  # the node name LiteRT gives a delegate's kernel (XNNPACK's here)
 
 
-def parity(keras_model, tflite_path, x, batch_size: int = 256, tflite_outputs=None, keras_outputs=None) -> dict:
+def parity(keras_model, tflite_path, x=None, batch_size: int = 256, tflite_outputs=None, keras_outputs=None) -> dict:
     """Returns how closely the TFLite file's outputs follow the Keras model's on normalised inputs ``x``.
 
     Keys: ``n``, ``output_dtype``, ``max_abs_diff`` and ``mean_abs_diff`` (on dequantized outputs for
     an integer model), ``top1_agreement`` (fraction of samples with the same arg-max) and
     ``output_scale`` (the output quantization step, None for float outputs). ``tflite_outputs`` and
-    ``keras_outputs``: the file's and the model's outputs on ``x``, where already computed.
+    ``keras_outputs``: the file's and the model's outputs on ``x``, where already computed (with
+    both, ``x`` may be left out).
     """
-    x = np.asarray(x, dtype=np.float32)
-    if len(x) == 0:
-        raise ValueError("parity needs at least one sample")
+    if x is None and (tflite_outputs is None or keras_outputs is None):
+        raise ValueError("parity needs the inputs x unless both outputs are given")
+    if x is not None:
+        x = np.asarray(x, dtype=np.float32)
+        if len(x) == 0:
+            raise ValueError("parity needs at least one sample")
     lite = TFLiteModel(tflite_path)
     detail = lite.output_details
     ref = np.asarray(keras_model.predict(x, batch_size=batch_size, verbose=0) if keras_outputs is None
                      else keras_outputs, dtype=np.float32)
     # integer outputs come back dequantized
     got = lite.predict(x, batch_size=batch_size) if tflite_outputs is None else np.asarray(tflite_outputs)
+    if len(ref) == 0:
+        raise ValueError("parity needs at least one sample")
     if ref.shape != got.shape:
         raise ValueError(f"Keras gives outputs of shape {ref.shape}, the TFLite model {got.shape}")
     diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
     integer = np.issubdtype(np.dtype(detail["dtype"]), np.integer)
-    flat_ref, flat_got = ref.reshape(len(x), -1), got.reshape(len(x), -1)
+    flat_ref, flat_got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
     return {
-        "n": int(len(x)),
+        "n": int(len(ref)),
         "output_dtype": np.dtype(detail["dtype"]).name,
         "output_scale": float(detail["quantization"][0]) if integer else None,
         "max_abs_diff": float(diff.max()),

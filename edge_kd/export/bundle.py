@@ -18,7 +18,7 @@ Example::
     write_bundle("tflite_out/mnist-cnn/bundle", "tflite_out/mnist-cnn/" + row.path,
                  class_names=b.info.class_names, input_scale=b.info.input_scale,
                  input_offset=b.info.input_offset, channel_order="grayscale",
-                 golden_x_raw=b.x_test[:16], measured=measured_from(row),
+                 golden_x_raw=b.raw("test", range(16)), measured=measured_from(row),
                  recipe_hash="3f2a...", version="0.1.0")
 """
 from __future__ import annotations

@@ -42,13 +42,15 @@ class Benchmark(Stage):
     def run(self, ctx, out):
         import json
 
+        import numpy as np
+
         from edge_kd.bench import compat, layer_error, litert, parity, stats
         from edge_kd.bench.results import ModelRow
         from edge_kd.export import tflite
         from edge_kd.fileio import write_json
 
-        r, info = ctx.recipe, ctx.bundle.info
-        x_test, y_test = ctx.bundle.arrays("test")
+        r, info, data = ctx.recipe, ctx.bundle.info, ctx.bundle
+        y_test = data.labels("test")
         plan = json.loads((ctx.stage_dir("export") / "exports.json").read_text())
         sources = {}
 
@@ -68,30 +70,33 @@ class Benchmark(Stage):
         keras_rows = [("teacher", "teacher", "teacher")] if r.teacher is not None else []
         keras_rows += [(*ctx.stages[n].keras_row, n) for n in ctx.enabled()
                        if n != "teacher" and ctx.stages[n].keras_row is not None]
+        files = {item["name"]: ctx.run_dir / item["path"] for item in plan}
+        # One pass over the test split, a chunk at a time (a streamed split need not fit in memory): every
+        # Keras model's and every file's outputs, for accuracy and parity
+        stages = list(dict.fromkeys([s for _, _, s in keras_rows] + [i["stage"] for i in plan]))
+        lite = {name: litert.TFLiteModel(file) for name, file in files.items()}
+        outputs = {k: [] for k in [*stages, *files]}
+        for x, _ in data.batches("test", 2048):
+            for stage in stages:
+                outputs[stage].append(source_model(stage).predict(x, batch_size=256, verbose=0))
+            for name in files:
+                outputs[name].append(lite[name].predict(x))
+        outputs = {k: np.concatenate(v) for k, v in outputs.items()}
+        del lite
         rows = []
         for name, role, stage in keras_rows:
-            model = source_model(stage)
             file = ctx.teacher_file() if stage == "teacher" else ctx.stage_dir(stage) / ctx.stages[stage].model_file
             rel = os.path.relpath(file, ctx.run_dir) if stage != "teacher" or r.teacher.path is None else str(file)
-            acc = stats.keras_accuracy(model, x_test, y_test, batch_size=512)
-            rows.append(row(name, role, "keras", "fp32", stage, rel, file, acc))
+            rows.append(row(name, role, "keras", "fp32", stage, rel, file, litert.top1(outputs[stage], y_test)))
         b = r.stages.benchmark
-        files = {item["name"]: ctx.run_dir / item["path"] for item in plan}
+        x_error, _ = data.arrays("test", np.arange(min(b.layer_error_samples, data.count("test"))))
         print(f"  timing {len(files)} models at {', '.join(map(str, b.threads))} thread(s) in {b.rounds} interleaved "
               "rounds", flush=True)
-        latencies = litert.latency_rounds(files, x_test[0], b.threads, rounds=b.rounds,
+        latencies = litert.latency_rounds(files, x_error[0], b.threads, rounds=b.rounds,
                                           round_seconds=b.min_seconds / b.rounds, warmup_seconds=b.warmup_seconds)
-        floats, predicted = {}, {}
-
-        def keras_outputs(stage):  # each Keras model's outputs on the test set, once for all its files
-            if stage not in predicted:
-                predicted[stage] = source_model(stage).predict(x_test, batch_size=256, verbose=0)
-            return predicted[stage]
-
+        floats = {}
         for item in plan:
             file = files[item["name"]]
-            outputs = litert.TFLiteModel(file).predict(x_test)  # one pass over the test set: accuracy and parity
-            acc = litert.top1(outputs, y_test)
             sparsity = stats.tflite_weight_sparsity(file)
             found = compat.runtime(file)
             error = None
@@ -100,12 +105,13 @@ class Benchmark(Stage):
                     fp32 = next((i for i in plan if i["stage"] == item["stage"] and i["variant"] == "fp32"), None)
                     floats[item["stage"]] = (files[fp32["name"]].read_bytes() if fp32
                                              else tflite.convert(source_model(item["stage"]), "fp32"))
-                error = layer_error.layer_errors(floats[item["stage"]], file, x_test[: b.layer_error_samples])
+                error = layer_error.layer_errors(floats[item["stage"]], file, x_error)
             rows.append(row(item["name"], item["role"], "tflite", item["variant"], item["stage"], item["path"], file,
-                            acc, latency=latencies[item["name"]], sparsity=sparsity["overall"],
+                            litert.top1(outputs[item["name"]], y_test), latency=latencies[item["name"]],
+                            sparsity=sparsity["overall"],
                             sparsity_layers={stats.layer_of(k): v["sparsity"] for k, v in sparsity["layers"].items()},
-                            parity=parity.parity(source_model(item["stage"]), file, x_test, tflite_outputs=outputs,
-                                                 keras_outputs=keras_outputs(item["stage"])),
+                            parity=parity.parity(source_model(item["stage"]), file, tflite_outputs=outputs[item["name"]],
+                                                 keras_outputs=outputs[item["stage"]]),
                             ops=parity.ops(file), min_runtime=found["min_runtime"], op_versions=found["ops"],
                             memory=litert.peak_memory(file), layer_error=error,
                             float_layers=item.get("float_layers")))

@@ -68,8 +68,7 @@ class Bundle(Stage):
         r, spec, info = ctx.recipe, ctx.settings(self.name), ctx.bundle.info
         rows = rows_of(json.loads((ctx.stage_dir("benchmark") / "models.json").read_text())["models"])
         chosen = bundle_mod.pick(rows, tolerance_pp=spec.tolerance_pp, name=spec.pick, min_runtime=spec.min_runtime)
-        x_test = ctx.bundle.x_test
-        x_raw = x_test[np.random.default_rng(r.seed).permutation(len(x_test))[: spec.golden]]
+        x_raw = ctx.bundle.raw("test", np.random.default_rng(r.seed).permutation(ctx.bundle.count("test"))[: spec.golden])
         bundle_mod.write_bundle(out, ctx.run_dir / chosen.path, class_names=list(info.class_names),
                                 input_scale=info.input_scale, input_offset=info.input_offset, golden_x_raw=x_raw,
                                 measured=bundle_mod.measured_from(chosen), recipe_hash=fingerprint(r.to_dict()),

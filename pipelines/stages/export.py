@@ -101,8 +101,8 @@ class Export(Stage):
         from edge_kd.fileio import write_bytes, write_json
 
         spec = ctx.settings(self.name)
-        x_train, _ = ctx.bundle.arrays("train")
-        rep = x_train[np.random.default_rng(ctx.recipe.seed).permutation(len(x_train))[: spec.representative_samples]]
+        picked = np.random.default_rng(ctx.recipe.seed).permutation(ctx.bundle.count("train"))
+        rep, _ = ctx.bundle.arrays("train", picked[: spec.representative_samples])  # read only these, streamed or not
         loaded, flats = {}, {}
         plan = self.plan(ctx)
         # int8_mixed is made from the stage's int8 and fp32 files, so those come first
@@ -123,6 +123,8 @@ class Export(Stage):
 
     def float_tensors(self, ctx, spec, model, rep, flats, stage) -> tuple[list[str], list[str]]:
         """Returns (the op output tensors int8_mixed keeps in float, their layer names) for ``stage``'s model."""
+        import numpy as np
+
         from edge_kd.bench import layer_error
         from edge_kd.export import tflite
 
@@ -135,8 +137,8 @@ class Export(Stage):
         self.known_layers(spec, by_layer)
         chosen = [t for n in spec.float_layers for t in by_layer[n]]
         if spec.float_worst:
-            x_val, _ = ctx.bundle.arrays("val")
-            errors = layer_error.layer_errors(flat("fp32"), flat("int8"), x_val[: spec.float_samples])
+            x_val, _ = ctx.bundle.arrays("val", np.arange(min(spec.float_samples, ctx.bundle.count("val"))))
+            errors = layer_error.layer_errors(flat("fp32"), flat("int8"), x_val)
             chosen += [t for t in layer_error.worst_tensors(errors, spec.float_worst) if t not in chosen]
         if not chosen:
             raise UserError(f"stages.export: no layer of the {stage} model's int8 file adds error on the validation "
