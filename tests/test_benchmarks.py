@@ -104,3 +104,18 @@ def test_keras3_copy_computes_what_the_tf_keras_model_does():
     copy = throughput.to_keras3(m)
     assert copy.count_params() == m.count_params() == 78_666
     np.testing.assert_allclose(np.asarray(copy(x)), m(x).numpy(), atol=1e-5)
+
+
+def test_streaming_quick_mode_trains_from_a_streamed_folder_and_times_both_paths(tmp_path):
+    streaming = _script("streaming")
+    assert streaming.main(["--quick", "--folder", str(tmp_path / "images"), "--json", str(tmp_path / "s.json")]) == 0
+    record = __import__("json").loads((tmp_path / "s.json").read_text())
+    big = record["larger_than_memory"]
+    assert big["streamed"] and big["train_images"] + big["val_images"] < big["folder"]["images"]  # a test split held out
+    assert big["folder"]["bytes"] == sum(p.stat().st_size for p in (tmp_path / "images").rglob("*.png"))
+    assert big["images_per_second"] > 0 and big["peak_rss_bytes"] > 0 and 0 <= big["val_accuracy"] <= 1
+    small = record["small"]
+    assert set(small["images_per_second"]) == {"in memory (.npz)", "streamed (PNG folder)"} and small["images"] == 361  # 400 less 10 % per class, rounded
+    # the folder is reused when it matches what is asked
+    spec = streaming.make_folder(tmp_path / "images", 32, 1000)
+    assert spec == big["folder"]
