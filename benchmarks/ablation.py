@@ -32,20 +32,22 @@ from pipelines.stages.distill import Distill
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXED = ["distillation.consistent=false", "distillation.teacher_cache=true"]
-HARD_01 = ["distillation.hard_weight=0.1", "distillation.terms.0.weight=0.9"]
-#: name -> (the overrides of the default recipe, the "alone" row it is compared with)
+HARD_01 = ["distillation.hard_weight=0.1", "distillation.terms.0.weight=0.9"]  # the default since 2026-12-01
+HARD_05 = ["distillation.hard_weight=0.5", "distillation.terms.0.weight=0.5"]  # the default before
+#: name -> (the overrides of the default recipe, the "alone" row it is compared with); every variant names
+#: its weights, so a row keeps its meaning when the default changes
 VARIANTS = {
     "alone": ([], None),
-    "default: consistent, T 2, hard 0.5": ([], "alone"),
-    "fixed view (cached teacher)": (FIXED, "alone"),
-    "T 4": (["distillation.terms.0.temperature=4.0"], "alone"),
-    "T 1": (["distillation.terms.0.temperature=1.0"], "alone"),
+    "consistent, T 2, hard 0.5": (HARD_05, "alone"),
+    "fixed view (cached teacher)": ([*FIXED, *HARD_05], "alone"),
+    "T 4": (["distillation.terms.0.temperature=4.0", *HARD_05], "alone"),
+    "T 1": (["distillation.terms.0.temperature=1.0", *HARD_05], "alone"),
     "hard 0.1, soft 0.9": (HARD_01, "alone"),
     "alone, 20 epochs": (["stages.distill.epochs=20"], None),
-    "fixed view, 20 epochs": (["stages.distill.epochs=20", *FIXED], "alone, 20 epochs"),
+    "fixed view, 20 epochs": (["stages.distill.epochs=20", *FIXED, *HARD_05], "alone, 20 epochs"),
     "fixed view, hard 0.1, 20 epochs": (["stages.distill.epochs=20", *FIXED, *HARD_01], "alone, 20 epochs"),
     "alone, mixup 0.3": (["augment.mixup=0.3"], None),
-    "mixup 0.3": (["augment.mixup=0.3"], "alone, mixup 0.3"),
+    "mixup 0.3": (["augment.mixup=0.3", *HARD_05], "alone, mixup 0.3"),
 }
 
 
@@ -70,7 +72,7 @@ def one(variant: str, seed: int, folder: Path) -> dict:
 
 
 #: the variants a default run holds: variant -> (its stage, its Keras row in results.json)
-IN_DEFAULT_RUN = {"alone": ("baseline", "baseline"), "default: consistent, T 2, hard 0.5": ("distill", "student")}
+IN_DEFAULT_RUN = {"alone": ("baseline", "baseline"), "hard 0.1, soft 0.9": ("distill", "student")}
 
 
 def from_run(variant: str, seed: int, runs: Path) -> dict:
