@@ -4,12 +4,16 @@ Rows: the student alone, Hinton KD, and each family (fitnet, at, rkd, crd, dkd, 
 confidence, teacher-free virtual teacher, mean teacher, mutual learning). Columns: test accuracy of
 the trained student (Keras, fp32, the whole test split), mean ± sample std over the seeds, and wall
 time per epoch relative to Hinton KD, measured in the same run. Every method trains through the
-pipeline's own training code (``pipelines.context.Context.fit``: Adam, cosine decay, batch 128).
+pipeline's own training code (``pipelines.context.Context.fit``: Adam, cosine decay, batch 128)
+with the default recipe's augmentation (shifts of 2 px and flips, the same views per seed for every
+method) and consistent teaching: the teachers see each step's augmented batch. The teacher is the
+default recipe's, the shipped ResNet-8 (×2 width); the two-teacher row adds a ``cnn_large`` trained
+here with the same augmentation.
 
     python benchmarks/families.py --data ../shared/data/fashion_mnist.npz --seeds 0 1 2 --epochs 3
 
 Results go to benchmarks/results/families.json, rewritten after every trained student so an
-interrupted run keeps what it finished; the teachers are cached in --out and reused.
+interrupted run keeps what it finished; the second teacher is cached in --out and reused.
 """
 from __future__ import annotations
 
@@ -31,9 +35,9 @@ from pipelines.context import Context
 ROOT = Path(__file__).resolve().parents[1]
 
 STUDENT = {"arch": "cnn", "options": {"filters": [16, 32, 32]}}  # the default recipe's student
-TEACHER = {"arch": "cnn_large", "options": {}}
-SECOND_TEACHER = {"arch": "mlp", "options": {"hidden": [512, 256]}}  # another architecture, for multi-teacher
-TEACHER_EPOCHS = 5
+TEACHER = {"path": "builtin:fashion_mnist", "arch": "resnet8", "options": {"width": 2.0}}  # the default recipe's
+SECOND_TEACHER = {"arch": "cnn_large", "options": {}}  # another architecture, for multi-teacher
+TEACHER_EPOCHS = 5  # the second teacher's
 
 
 def _kd(weight=0.9, temperature=4.0):
@@ -44,30 +48,30 @@ def _kd(weight=0.9, temperature=4.0):
 # Weights: CE 1.0 plus the family's own term at its authors' (or RepDistiller's) weight, rescaled where our
 # normalisation differs; the soft-target rows put 0.1 on CE and 0.9 on soft targets (a low hard weight, as Hinton advises).
 METHODS = {
-    "student alone": (lambda s, t, peer: Distiller(s), "cross-entropy only"),
-    "hinton": (lambda s, t, peer: Distiller(s, t[0], [_kd()], hard_weight=0.1), "0.1 CE + 0.9 KD, T 4"),
-    "fitnet": (lambda s, t, peer: Distiller(s, t[0], [losses.get(
-        "fitnet", student_layer="block2_relu", teacher_layer="block2_relu", weight=100.0)]),
-               "CE + 100 · hint MSE, block2 (32 ch) → teacher block2 (64 ch) through a 1×1 adapter"),
-    "at": (lambda s, t, peer: Distiller(s, t[0], [losses.get(
-        "at", pairs=[["block1_relu", "block1_relu"], ["block2_relu", "block2_relu"]], weight=1000.0 / 196)]),
+    "student alone": (lambda s, t, peer, kw: Distiller(s, **kw), "cross-entropy only"),
+    "hinton": (lambda s, t, peer, kw: Distiller(s, t[0], [_kd()], hard_weight=0.1, **kw), "0.1 CE + 0.9 KD, T 4"),
+    "fitnet": (lambda s, t, peer, kw: Distiller(s, t[0], [losses.get(
+        "fitnet", student_layer="block2_relu", teacher_layer="stack2_relu", weight=100.0)], **kw),
+               "CE + 100 · hint MSE, block2 (32 ch) → teacher stack2 (64 ch, 14×14) through a 1×1 adapter"),
+    "at": (lambda s, t, peer, kw: Distiller(s, t[0], [losses.get(
+        "at", pairs=[["block1_relu", "stack1_relu"], ["block2_relu", "stack2_relu"]], weight=1000.0 / 196)], **kw),
            "CE + AT (p 2) on blocks 1 and 2, β 1000 per position"),
-    "rkd": (lambda s, t, peer: Distiller(s, t[0], [losses.get(
-        "rkd", student_layer="flatten", teacher_layer="fc", distance_weight=25.0, angle_weight=50.0)]),
+    "rkd": (lambda s, t, peer, kw: Distiller(s, t[0], [losses.get(
+        "rkd", student_layer="flatten", teacher_layer="gap", distance_weight=25.0, angle_weight=50.0)], **kw),
             "CE + RKD distance 25 + angle 50 on the penultimate features"),
-    "crd": (lambda s, t, peer: Distiller(s, t[0], [losses.get(
-        "crd", student_layer="flatten", teacher_layer="fc", dim=128, temperature=0.07, bank_size=4096,
-        weight=0.8)]), "CE + 0.8 CRD, 128-d heads, bank 4096, τ 0.07"),
-    "dkd": (lambda s, t, peer: Distiller(s, t[0], [losses.get(
-        "dkd", alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=0.5)]), "CE + DKD α 1 β 8 T 4, warm-up 0.5 epoch"),
-    "two teachers": (lambda s, t, peer: Distiller(s, t, [_kd()], hard_weight=0.1, combine="confidence"),
-                     "0.1 CE + 0.9 KD from cnn_large and an MLP, per-example confidence weights"),
-    "virtual teacher": (lambda s, t, peer: Distiller(s, terms=[losses.get(
-        "virtual_teacher", correct_prob=0.9, temperature=4.0, weight=0.9)], hard_weight=0.1),
+    "crd": (lambda s, t, peer, kw: Distiller(s, t[0], [losses.get(
+        "crd", student_layer="flatten", teacher_layer="gap", dim=128, temperature=0.07, bank_size=4096,
+        weight=0.8)], **kw), "CE + 0.8 CRD, 128-d heads, bank 4096, τ 0.07"),
+    "dkd": (lambda s, t, peer, kw: Distiller(s, t[0], [losses.get(
+        "dkd", alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=0.5)], **kw), "CE + DKD α 1 β 8 T 4, warm-up 0.5 epoch"),
+    "two teachers": (lambda s, t, peer, kw: Distiller(s, t, [_kd()], hard_weight=0.1, combine="confidence", **kw),
+                     "0.1 CE + 0.9 KD from the ResNet-8 and cnn_large, per-example confidence weights"),
+    "virtual teacher": (lambda s, t, peer, kw: Distiller(s, terms=[losses.get(
+        "virtual_teacher", correct_prob=0.9, temperature=4.0, weight=0.9)], hard_weight=0.1, **kw),
                         "no teacher: 0.1 CE + 0.9 KD from a hand-designed teacher (0.9 on the label), T 4"),
-    "mean teacher": (lambda s, t, peer: Distiller(s, terms=[_kd()], hard_weight=0.1, ema_decay=0.99),
+    "mean teacher": (lambda s, t, peer, kw: Distiller(s, terms=[_kd()], hard_weight=0.1, ema_decay=0.99, **kw),
                      "no teacher: 0.1 CE + 0.9 KD from the EMA of the student (decay 0.99)"),
-    "mutual (DML)": (lambda s, t, peer: Distiller(s, terms=[_kd(1.0, 1.0)], hard_weight=1.0, peers=[peer()]),
+    "mutual (DML)": (lambda s, t, peer, kw: Distiller(s, terms=[_kd(1.0, 1.0)], hard_weight=1.0, peers=[peer()], **kw),
                      "no teacher: CE + KL to a peer of the same architecture, both trained (T 1)"),
 }
 
@@ -78,21 +82,18 @@ def context(data: str, seed: int, out: Path) -> Context:
 
 
 def teachers(ctx: Context, out: Path) -> list:
-    """Returns [cnn_large, mlp] trained on ``ctx``'s data and seed, cached in ``out``."""
-    found = []
-    for name, spec in (("teacher", TEACHER), ("teacher2", SECOND_TEACHER)):
-        path = out / f"{name}.keras"
-        if not path.exists():
-            keras.utils.set_random_seed(ctx.recipe.seed)
-            model = models.build(spec["arch"], ctx.bundle.info.input_shape, ctx.bundle.info.num_classes,
-                                 **spec["options"])
-            ctx.fit(Distiller(model), TEACHER_EPOCHS, ctx.recipe.training.learning_rate)
-            out.mkdir(parents=True, exist_ok=True)
-            model.save(path)
-        model = keras.models.load_model(path, compile=False)
-        model.trainable = False
-        found.append(model)
-    return found
+    """Returns [the shipped ResNet-8, cnn_large trained on ``ctx``'s data, seed and augmentation (cached in ``out``)]."""
+    path = out / "teacher2.keras"
+    if not path.exists():
+        keras.utils.set_random_seed(ctx.recipe.seed)
+        model = models.build(SECOND_TEACHER["arch"], ctx.bundle.info.input_shape, ctx.bundle.info.num_classes,
+                             **SECOND_TEACHER["options"])
+        ctx.fit(Distiller(model, augment=ctx.augmenter("distill")), TEACHER_EPOCHS, ctx.recipe.training.learning_rate)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save(path)
+    second = keras.models.load_model(path, compile=False)
+    second.trainable = False
+    return [ctx.teacher(), second]
 
 
 def accuracy(model, ctx: Context) -> float:
@@ -108,7 +109,9 @@ def one(method: str, ctx: Context, teacher_models: list, epochs: int) -> dict:
         return models.build(STUDENT["arch"], info.input_shape, info.num_classes, **STUDENT["options"])
 
     student = build(ctx.recipe.seed)  # the same initial weights for every method at a seed
-    d = METHODS[method][0](student, teacher_models, lambda: build(ctx.recipe.seed + 1000))
+    # the recipe's augmentation for the distill stage (seeded by seed and stage: the same views for every method)
+    kw = {"augment": ctx.augmenter("distill"), "consistent": True}
+    d = METHODS[method][0](student, teacher_models, lambda: build(ctx.recipe.seed + 1000), kw)
     start = time.perf_counter()
     history = ctx.fit(d, epochs, ctx.recipe.training.learning_rate)
     seconds = time.perf_counter() - start
