@@ -9,7 +9,9 @@
    ``DataBundle.dataset`` (read, decode, shuffle, batch, prefetch) with the pipeline's own
    ``train.fit``, then walks the validation split (``batches``) for its accuracy. Reported: images
    per second of training, the child's peak RSS (VmHWM), the cgroup's peak usage and whether it hit
-   the cap; a run the kernel kills for memory says so. Then, as the contrast, a child under the same
+   the cap (page cache counts against the cap, so reading a folder larger than it reaches the cap by
+   design: the kernel reclaims the cache; what matters is ``oom_kills``); a run the kernel kills
+   for memory says so. Then, as the contrast, a child under the same
    cap reads the training split into one array (``DataBundle.raw``: what the in-memory path holds)
    and is expected to be killed for memory.
 2. **Small data in memory against streamed.** The first ``--small`` Fashion-MNIST training images,
@@ -17,8 +19,8 @@
    ``DataBundle.dataset`` for one shuffled epoch of batches of 128, in interleaved rounds: images per
    second of each, and their ratio.
 
-Needs a writable cgroup (root, or a delegated cgroup v2 subtree) for part 1; without one it says so
-and exits with 2. Writes ``benchmarks/results/streaming.json``. The folder is kept under ``--folder``
+Part 1 needs to create a memory cgroup (root, with the cgroup v1 or v2 memory controller); without
+that it says so in one line and exits with 2. Writes ``benchmarks/results/streaming.json``. The folder is kept under ``--folder``
 and reused when it matches; it is written under a temporary name and renamed when complete.
 
     python benchmarks/streaming.py                       # 28,000 224×224 PNGs (4.2 GB) under a 1 GiB cap
@@ -130,7 +132,7 @@ class Cgroup:
             own = next((line.split(":", 2)[2].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
                         if line.split(":")[1] == "memory"), None)
             if own is None:
-                raise SystemExit("streaming: no memory cgroup controller on this machine; part 1 needs one")
+                _refuse("no memory cgroup controller on this machine; part 1 needs one")
             self.kind, self.dir = "v1", Path("/sys/fs/cgroup/memory") / own.lstrip("/") / name
             files = {"limit": "memory.limit_in_bytes", "peak": "memory.max_usage_in_bytes", "events": "memory.failcnt"}
         self.files = files
@@ -142,8 +144,8 @@ class Cgroup:
             elif self.kind == "v1" and (self.dir / "memory.memsw.limit_in_bytes").exists():
                 (self.dir / "memory.memsw.limit_in_bytes").write_text(str(cap))
         except OSError as e:
-            raise SystemExit(f"streaming: cannot create a memory cgroup at {self.dir} ({e.strerror}); part 1 needs "
-                             "root or a delegated cgroup") from None
+            self.remove()
+            _refuse(f"cannot create a memory cgroup at {self.dir} ({e.strerror}); part 1 needs root")
         self.cap = int((self.dir / files["limit"]).read_text().strip())
 
     def join(self):  # runs in the child between fork and exec
@@ -153,18 +155,25 @@ class Cgroup:
         f = self.dir / self.files["peak"]
         return int(f.read_text().strip()) if f.is_file() else None
 
-    def hit_cap(self) -> bool:
-        text = (self.dir / self.files["events"]).read_text()
+    def events(self) -> dict:
+        """Returns how often usage reached the cap (the kernel then reclaims, page cache first) and OOM kills."""
         if self.kind == "v1":
-            return int(text.strip()) > 0
-        events = dict(line.split() for line in text.splitlines())
-        return int(events.get("max", 0)) > 0 or int(events.get("oom_kill", 0)) > 0
+            oom = dict(line.split() for line in (self.dir / "memory.oom_control").read_text().splitlines())
+            return {"reached_cap": int((self.dir / self.files["events"]).read_text().strip()),
+                    "oom_kills": int(oom.get("oom_kill", 0))}
+        events = dict(line.split() for line in (self.dir / self.files["events"]).read_text().splitlines())
+        return {"reached_cap": int(events.get("max", 0)), "oom_kills": int(events.get("oom_kill", 0))}
 
     def remove(self):
         try:
             self.dir.rmdir()
         except OSError:
             pass
+
+
+def _refuse(why: str):
+    print(f"benchmarks/streaming.py: {why}", file=sys.stderr)
+    sys.exit(2)
 
 
 # -- the child: train from the folder -----------------------------------------------------------------------
@@ -209,7 +218,7 @@ def larger_than_memory(args) -> dict:
         proc = subprocess.run([sys.executable, __file__, "--child", args.folder, "--epochs", str(args.epochs),
                                "--batch", str(args.batch)], preexec_fn=group.join, capture_output=True, text=True)
         result = {"cap_bytes": group.cap, "cgroup": group.kind, "cgroup_peak_bytes": group.peak(),
-                  "hit_cap": group.hit_cap(), "returncode": proc.returncode, "folder": spec}
+                  **group.events(), "returncode": proc.returncode, "folder": spec}
     finally:
         group.remove()
     # the contrast: the same folder read into one array under the same cap
@@ -218,7 +227,7 @@ def larger_than_memory(args) -> dict:
     try:
         copy = subprocess.run([sys.executable, __file__, "--child", args.folder, "--copy"], preexec_fn=group.join,
                               capture_output=True, text=True)
-        result["full_copy"] = {"returncode": copy.returncode, "hit_cap": group.hit_cap(),
+        result["full_copy"] = {"returncode": copy.returncode, **group.events(),
                                "killed_for_memory": copy.returncode in (-9, 137),
                                "needed_bytes": spec["decoded_bytes"]}
     finally:

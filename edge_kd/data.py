@@ -107,6 +107,12 @@ class DataBundle:
         """Returns the number of images in ``split``."""
         return len(self._split(split)[1])
 
+    def chunk(self, budget_bytes: int = 2**28, most: int = 2048) -> int:
+        """Returns how many images of float32 model input fit in ``budget_bytes`` (1..``most``): a batch size
+        for walking a split that stays within a memory budget whatever the image size."""
+        per_image = 4 * int(np.prod(self.info.input_shape))
+        return int(max(1, min(most, budget_bytes // per_image)))
+
     def labels(self, split: str) -> np.ndarray:
         """Returns the int64 labels of ``split`` (always in memory)."""
         return self._split(split)[1]
@@ -217,6 +223,10 @@ class ImageStore:
     def addressed(self):
         raise NotImplementedError
 
+    def undecodable(self) -> str | None:
+        """Returns the address of the first image that does not decode, where it can be named; else None."""
+        return None
+
     def decode(self, address):
         raise NotImplementedError
 
@@ -234,6 +244,8 @@ class ImageStore:
             return np.zeros((0, *self.shape[1:]), np.uint8)
         if indices.min() < 0 or indices.max() >= len(self):
             raise IndexError(f"image index out of range 0..{len(self) - 1}")
+        if len(indices) == len(self) and np.array_equal(indices, np.arange(len(self))):  # all, in order
+            return np.concatenate(list(self.ordered().batch(256).as_numpy_iterator()))
         wanted = np.zeros(len(self), bool)
         wanted[indices] = True
         mask = tf.constant(wanted)
@@ -256,35 +268,51 @@ class ImageStore:
 
 
 class ImageFiles(ImageStore):
-    """Images in files (an image folder): TensorFlow decodes PNG, JPEG, BMP, GIF and WebP; PIL the rest (TIFF)."""
+    """Images in files (an image folder). TensorFlow decodes PNG and JPEG files; PIL (``by_pil``, the
+    file's flag from its header) every other format and CMYK JPEGs, whose channel conversions
+    TensorFlow's decoders do not all make (grey BMPs and GIFs, 32-bit BMPs)."""
 
-    def __init__(self, paths, image_shape, size):
+    def __init__(self, paths, image_shape, size, by_pil=None):
         super().__init__(len(paths), image_shape, size)
         self.paths = np.asarray(paths, dtype=object).astype(str)
+        self.by_pil = np.zeros(len(self.paths), bool) if by_pil is None else np.asarray(by_pil, bool)
         self.shuffle_buffer = max(len(self.paths), 1)  # addresses are short strings: shuffle all of them
 
     def __getitem__(self, idx):
-        return ImageFiles(self.paths[self._index(idx)], self.shape[1:], self.size)
+        idx = self._index(idx)
+        return ImageFiles(self.paths[idx], self.shape[1:], self.size, self.by_pil[idx])
 
     def addressed(self):
         from edge_kd.keras import tf
 
-        return tf.data.Dataset.from_tensor_slices((np.arange(len(self.paths), dtype=np.int64), self.paths))
+        return tf.data.Dataset.from_tensor_slices((np.arange(len(self.paths), dtype=np.int64),
+                                                   (self.paths, self.by_pil)))
 
-    def decode(self, path):
+    def undecodable(self) -> str | None:
+        """Returns the first file that does not decode (what a decode error in training came from), or None."""
         from edge_kd.keras import tf
 
+        for i, path in enumerate(self.paths):
+            try:
+                self.decode((tf.constant(path), tf.constant(self.by_pil[i])))
+            except (tf.errors.OpError, OSError, ValueError):
+                return path
+        return None
+
+    def decode(self, address):
+        from edge_kd.keras import tf
+
+        path, by_pil = address
         channels = self.shape[-1]
 
-        def by_pil(p):
+        def pil(p):
             from PIL import Image
 
             with Image.open(p.decode()) as im:
                 a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
             return a[..., None] if a.ndim == 2 else a
 
-        pil = tf.strings.regex_full_match(tf.strings.lower(path), r".*\.tiff?")
-        image = tf.cond(pil, lambda: tf.numpy_function(by_pil, [path], tf.uint8, stateful=False),
+        image = tf.cond(by_pil, lambda: tf.numpy_function(pil, [path], tf.uint8, stateful=False),
                         lambda: tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False))
         return self._finish(image)
 
@@ -292,19 +320,24 @@ class ImageFiles(ImageStore):
 class TfdsImages(ImageStore):
     """Images of one split of a prepared tfds dataset, at ``positions`` (ascending) of its records."""
 
-    #: records a streamed tfds split shuffles among (they are not randomly addressable); encoded, a few MB
+    #: at most this many records a streamed tfds split shuffles among (they are not randomly addressable)
     SHUFFLE_BUFFER = 10_000
+    #: and at most this many bytes of them (the buffer holds encoded records)
+    SHUFFLE_BYTES = 2**28
 
-    def __init__(self, name, data_dir, split, image_key, positions, total, image_shape, size):
+    def __init__(self, name, data_dir, split, image_key, positions, total, image_shape, size, record_bytes=0):
         super().__init__(len(positions), image_shape, size)
         self.name, self.data_dir, self.split, self.image_key = name, data_dir, split, image_key
         self.positions, self.total = np.asarray(positions, np.int64), int(total)
-        self.shuffle_buffer = max(1, min(len(self.positions), self.SHUFFLE_BUFFER))
+        if np.any(np.diff(self.positions) <= 0):  # records come in file order: images and labels would part
+            raise ValueError("TfdsImages positions must be strictly increasing")
+        self.record_bytes = int(record_bytes)
+        by_bytes = self.SHUFFLE_BYTES // self.record_bytes if self.record_bytes else self.SHUFFLE_BUFFER
+        self.shuffle_buffer = int(max(1, min(len(self.positions), self.SHUFFLE_BUFFER, by_bytes)))
 
     def __getitem__(self, idx):
         return TfdsImages(self.name, self.data_dir, self.split, self.image_key, self.positions[self._index(idx)],
-                          self.total,
-                          self.shape[1:], self.size)
+                          self.total, self.shape[1:], self.size, self.record_bytes)
 
     def addressed(self):
         from edge_kd.keras import tf
@@ -314,7 +347,8 @@ class TfdsImages(ImageStore):
         mask = tf.constant(keep)
         ds = _tfds_records(self.name, self.data_dir, self.split, self.image_key).enumerate()
         ds = ds.filter(lambda i, record: tf.gather(mask, i)).map(lambda i, record: record[0])
-        return ds.enumerate()
+        # a filter hides the length, which training needs (steps per epoch)
+        return ds.apply(tf.data.experimental.assert_cardinality(len(self))).enumerate()
 
     def decode(self, encoded):
         from edge_kd.keras import tf
@@ -477,13 +511,13 @@ def _load_npz(path: Path):
 
 
 def _read_class_folders(root: Path, where: str):
-    """Returns (classes, paths, labels, sizes, modes) of the images under ``root``, reading each file's header only."""
+    """Returns (classes, (paths, PIL flags), labels, sizes, modes) of the images under ``root``, from headers only."""
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise UserError(f"image folder {where} needs one subfolder per class (at least 2), found {len(classes)}")
-    paths, labels, sizes, modes = [], [], set(), set()
+    paths, labels, sizes, modes, by_pil = [], [], set(), set(), []
     for label, cls in enumerate(classes):
         files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
@@ -493,11 +527,12 @@ def _read_class_folders(root: Path, where: str):
                 with Image.open(f) as im:  # reads the header: size and mode, not the pixels
                     sizes.add((im.height, im.width))
                     modes.add("L" if im.mode in ("L", "1", "I;16", "I", "F") else "RGB")
+                    by_pil.append(im.format not in ("PNG", "JPEG") or im.mode == "CMYK")
             except (UnidentifiedImageError, OSError) as e:
                 raise UserError(f"cannot read image {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             paths.append(str(f))
             labels.append(label)
-    return classes, paths, np.array(labels, np.int64), sizes, modes
+    return classes, (paths, by_pil), np.array(labels, np.int64), sizes, modes
 
 
 def _image_shape(sizes, modes, size, differ: str) -> tuple[int, int, int]:
@@ -513,17 +548,18 @@ def _load_folder(root: Path, size, test_fraction, seed):
     """Returns the folder's train and test images as ``ImageFiles`` stores (nothing decoded yet) and labels."""
     splits = {s: root / s for s in ("train", "test") if (root / s).is_dir()}
     if set(splits) == {"train", "test"}:
-        classes, tr_paths, y_tr, tr_sizes, tr_modes = _read_class_folders(splits["train"], f"{root}/train")
-        te_classes, te_paths, y_te, te_sizes, te_modes = _read_class_folders(splits["test"], f"{root}/test")
+        classes, tr_files, y_tr, tr_sizes, tr_modes = _read_class_folders(splits["train"], f"{root}/train")
+        te_classes, te_files, y_te, te_sizes, te_modes = _read_class_folders(splits["test"], f"{root}/test")
         if te_classes != classes:
             raise UserError(f"image folder {root}: train/ classes {classes} differ from test/ classes {te_classes}")
         _image_shape(tr_sizes, tr_modes, size, "images differ in size")
         _image_shape(te_sizes, te_modes, size, "images differ in size")
         shape = _image_shape(tr_sizes | te_sizes, tr_modes | te_modes, size,
                              f"image folder {root}: train/ and test/ images differ in size")
-        return (ImageFiles(tr_paths, shape, size), y_tr, ImageFiles(te_paths, shape, size), y_te, tuple(classes))
-    classes, paths, y, sizes, modes = _read_class_folders(root, str(root))
-    x = ImageFiles(paths, _image_shape(sizes, modes, size, "images differ in size"), size)
+        return (ImageFiles(tr_files[0], shape, size, tr_files[1]), y_tr, ImageFiles(te_files[0], shape, size, te_files[1]),
+                y_te, tuple(classes))
+    classes, (paths, by_pil), y, sizes, modes = _read_class_folders(root, str(root))
+    x = ImageFiles(paths, _image_shape(sizes, modes, size, "images differ in size"), size, by_pil)
     test_idx = _stratified_holdout(y, test_fraction, np.random.default_rng(seed + 7))
     if len(test_idx) == 0:
         raise UserError(f"image folder {root}: too few images to hold out a test split")
@@ -567,15 +603,18 @@ def _load_tfds(name: str, size):
         feature = builder.info.features[keys[0]]
         h, w, c = (tuple(feature.shape) + (None,) * 3)[:3]
         if c not in (1, 3, 4):
-            raise UserError(f"tfds dataset '{name}': images have {c} channels; edge-kd takes 1, 3 or 4")
+            raise UserError(f"tfds dataset '{name}': images have {c} channels; edge-kd takes 1, 3 or 4 (alpha dropped)")
         if size is None and (h is None or w is None):
             raise UserError(f"tfds dataset '{name}' has images of several sizes; pass --image-size H,W")
         shape = (*(size if size is not None else (h, w)), 1 if c == 1 else 3)
+        examples = sum(int(splits[k].num_examples) for k in splits)
+        record_bytes = int(builder.info.dataset_size) // max(examples, 1) if builder.info.dataset_size else 0
         out = []
         for split in ("train", "test"):
             labels = np.concatenate([y for y in _tfds_records(name, data_dir, split, keys[0]).map(
                 lambda x, y: y).batch(8192).as_numpy_iterator()] or [np.zeros(0, np.int64)])
-            out += [TfdsImages(name, data_dir, split, keys[0], np.arange(len(labels)), len(labels), shape, size),
+            out += [TfdsImages(name, data_dir, split, keys[0], np.arange(len(labels)), len(labels), shape, size,
+                               record_bytes),
                     _as_labels(labels, len(labels), f"tfds:{name} {split}")]
         label = builder.info.features[keys[1]]
         names = tuple(label.names) if hasattr(label, "names") else None

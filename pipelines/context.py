@@ -276,10 +276,23 @@ class Context:
                  else {"train": None, "val": None})
         # Across replicas a short last batch could leave one replica no examples (NaN batch statistics)
         replicated = model.distribute_strategy.num_replicas_in_sync > 1
-        return train.fit(model, b.dataset("train", tr.batch_size, shuffle=True, seed=self.recipe.seed,
-                                          teacher_logits=cache["train"], drop_remainder=replicated),
-                         epochs, learning_rate, validation=b.dataset("val", 512, teacher_logits=cache["val"]),
-                         callbacks=callbacks, optimizer=optimizer or tr)
+        from edge_kd.keras import tf
+
+        try:
+            return train.fit(model, b.dataset("train", tr.batch_size, shuffle=True, seed=self.recipe.seed,
+                                              teacher_logits=cache["train"], drop_remainder=replicated),
+                             epochs, learning_rate, validation=b.dataset("val", 512, teacher_logits=cache["val"]),
+                             callbacks=callbacks, optimizer=optimizer or tr)
+        except tf.errors.OpError as e:  # a streamed image whose header read but whose pixels do not decode
+            if not b.streamed or "Decode" not in str(e) and "PIL" not in str(e):
+                raise
+            print("  an image failed to decode; finding which ...", flush=True)
+            import re
+
+            bad = next((f for split in ("train", "val") if (f := getattr(b, f"x_{split}").undecodable())), None)
+            what = f"image {bad}" if bad else f"an image of {self.recipe.data.source}"
+            reason = re.sub(r"\{\{[^}]*\}\}\s*", "", e.message.splitlines()[0]).strip()[:200]
+            raise UserError(f"cannot decode {what} while training: {reason}") from None
 
     def steps_per_epoch(self) -> int:
         return int(np.ceil(self.bundle.count("train") / self.recipe.training.batch_size))
@@ -319,10 +332,12 @@ class Context:
         return self._file_keys[path]
 
 
-def _predict(fn, bundle, split: str, batch: int = 1024) -> np.ndarray:
+def _predict(fn, bundle, split: str) -> np.ndarray:
     """Returns ``fn`` of ``split``'s images, computed a batch at a time in order, as one float32 array."""
     from edge_kd.keras import tf
 
     call = tf.function(fn)
-    out = [call(tf.constant(x)).numpy() for x, _ in bundle.batches(split, batch)]
+    out = [call(tf.constant(x)).numpy() for x, _ in bundle.batches(split, bundle.chunk(2**28, 1024))]
+    if not out:  # an empty split (val_fraction 0): no rows, of the right shape
+        out = [call(tf.zeros((0, *bundle.info.input_shape))).numpy()]
     return np.concatenate(out).astype(np.float32)

@@ -355,20 +355,27 @@ def test_a_streamed_training_pipeline_shuffles_by_seed_and_carries_each_images_c
     assert all(len(lab) == 4 for _, lab in batches) and len(batches) == len(y) // 4
 
 
-def test_tiff_images_stream_through_pil(tmp_path):
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_every_image_format_streams_with_its_pixels(tmp_path, mode):
+    # TensorFlow decodes PNG and JPEG; PIL the formats whose channel conversions TensorFlow does not all make
+    # (grey BMP and GIF, 32-bit BMP), WebP, and TIFF, which it cannot read at all
     rng = np.random.default_rng(2)
     pixels = {}
+    formats = ["png", "bmp", "tif"] if mode == "L" else ["png", "bmp", "tif", "webp"]  # WebP has no grey
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
-        for i in range(4):
-            a = rng.integers(0, 256, (6, 5), dtype=np.uint8)
-            Image.fromarray(a, "L").save(tmp_path / cls / f"{i}.tif" if i % 2 else tmp_path / cls / f"{i}.png")
+        for i, fmt in enumerate(formats):
+            a = rng.integers(0, 256, (6, 5) if mode == "L" else (6, 5, 3), dtype=np.uint8)
+            Image.fromarray(a, mode).save(tmp_path / cls / f"{i}.{fmt}", **({"lossless": True} if fmt == "webp" else {}))
             pixels[a.tobytes()] = cls
-    b = data.load(str(tmp_path), val_fraction=0.0, test_fraction=0.5)
-    assert b.info.input_shape == (6, 5, 1)
-    for x, y in zip(np.concatenate([b.raw("train"), b.raw("test")]), np.concatenate([b.labels("train"), b.labels("test")])):
-        assert "ab"[y] == pixels.pop(x[..., 0].tobytes())
+    b = data.load(str(tmp_path), val_fraction=0.0, test_fraction=0.4)
+    assert b.info.input_shape == (6, 5, 1 if mode == "L" else 3)
+    got = np.concatenate([b.raw("train"), b.raw("test")])
+    for x, y in zip(got, np.concatenate([b.labels("train"), b.labels("test")])):
+        assert "ab"[y] == pixels.pop((x[..., 0] if mode == "L" else x).tobytes())
     assert not pixels
+    # the same through the training pipeline
+    assert sum(len(lab) for _, lab in b.dataset("train", 3, shuffle=True)) == b.count("train")
 
 
 # --- tfds -------------------------------------------------------------------------------------------------
@@ -404,6 +411,16 @@ def test_tfds_dataset_goes_through_the_real_download_and_prepare(tmp_path, monke
     shuffled = [(im, lab) for xs, ys in b.dataset("train", 8, shuffle=True, seed=0) for im, lab in zip(xs.numpy(), ys.numpy())]
     as_raw = np.rint(np.stack([im for im, _ in shuffled]) * 255).astype(np.uint8)
     assert pairs(as_raw, [lab for _, lab in shuffled]) == pairs(b.raw("train"), b.y_train)
+    # training needs its length (steps per epoch), which the positions' filter would hide
+    from edge_kd import train
+    from edge_kd.distill import Distiller
+    from edge_kd.keras import keras
+
+    ds = b.dataset("train", 8, shuffle=True)
+    assert len(ds) == -(-b.count("train") // 8)
+    student = keras.Sequential([keras.Input((12, 12, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    history = train.fit(Distiller(student), ds, 1, 1e-2, validation=b.dataset("val", 8), verbose=0)
+    assert len(history["loss"]) == 1
     assert b.raw("train").dtype == np.uint8 and b.y_train.dtype == np.int64
     # a second load reads the prepared files: same images, and a resize on the way
     sized = data.load(f"tfds:{tfds_tiny.NAME}", val_fraction=0.25, image_size=(16, 16))

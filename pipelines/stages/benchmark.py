@@ -74,13 +74,15 @@ class Benchmark(Stage):
         # One pass over the test split, a chunk at a time (a streamed split need not fit in memory): every
         # Keras model's and every file's outputs, for accuracy and parity
         stages = list(dict.fromkeys([s for _, _, s in keras_rows] + [i["stage"] for i in plan]))
+        # chunks of at most 256 MB of input, interpreter batches of at most 16 MB (2,048 and 256 for small images)
         lite = {name: litert.TFLiteModel(file) for name, file in files.items()}
+        lite_batch = data.chunk(2**24, 256)
         outputs = {k: [] for k in [*stages, *files]}
-        for x, _ in data.batches("test", 2048):
+        for x, _ in data.batches("test", data.chunk(2**28, 2048)):
             for stage in stages:
-                outputs[stage].append(source_model(stage).predict(x, batch_size=256, verbose=0))
+                outputs[stage].append(source_model(stage).predict(x, batch_size=lite_batch, verbose=0))
             for name in files:
-                outputs[name].append(lite[name].predict(x))
+                outputs[name].append(lite[name].predict(x, batch_size=lite_batch))
         outputs = {k: np.concatenate(v) for k, v in outputs.items()}
         del lite
         rows = []

@@ -235,6 +235,30 @@ def test_cli_end_to_end_on_a_slice_of_the_default_data_with_the_shipped_teacher(
         assert json.loads((run / "manifests" / f"{stage}.json").read_text())["files"]
 
 
+def test_an_image_whose_pixels_do_not_decode_is_a_one_line_error_naming_it(tmp_path):
+    from PIL import Image
+
+    from edge_kd.distill import Distiller
+    from edge_kd.errors import UserError
+    from pipelines import recipe as recipe_mod
+    from pipelines.context import Context
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), "L").save(tmp_path / "imgs" / cls / f"{i}.png")
+    broken = tmp_path / "imgs" / "b" / "3.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # the header reads; the pixels are cut off
+    r = recipe_mod.apply_overrides(recipe_mod.load(), [f"data.source={tmp_path / 'imgs'}", "data.test_fraction=0.17",
+                                                       "student.arch=mlp", "student.options={}"])
+    ctx = Context(r, tmp_path / "out", command="test")
+    with pytest.raises(UserError) as info:
+        ctx.fit(Distiller(ctx.build_student()), 1, 1e-3)
+    msg = str(info.value)
+    assert "\n" not in msg and "cannot decode image" in msg and str(broken) in msg and "{{" not in msg, msg
+
+
 @pytest.mark.slow
 def test_cli_streams_an_image_folder_through_every_stage(tmp_path):
     from PIL import Image
