@@ -181,7 +181,7 @@ def child(folder: str, epochs: int, batch: int, copy: bool = False) -> dict:
     import models
     from edge_kd import data, train
     from edge_kd.distill import Distiller
-    from edge_kd.keras import keras
+    from edge_kd.keras import keras, tf
 
     start = time.perf_counter()
     b = data.load(folder, val_fraction=0.05, test_fraction=0.05, seed=0)
@@ -196,8 +196,9 @@ def child(folder: str, epochs: int, batch: int, copy: bool = False) -> dict:
     train.fit(model, b.dataset("train", batch, shuffle=True, seed=0), epochs, 2e-3, verbose=2)
     fit_s = time.perf_counter() - start
     correct = 0
-    for x, y in b.batches("val", 256):
-        correct += int((student.predict(x, verbose=0).argmax(1) == y).sum())
+    logits = tf.function(lambda x: student(x, training=False))
+    for x, y in b.batches("val", 64):
+        correct += int((logits(tf.constant(x)).numpy().argmax(1) == y).sum())
     status = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
               if k in ("VmHWM", "VmRSS")}
     return {"streamed": b.streamed, "train_images": b.count("train"), "val_images": b.count("val"),

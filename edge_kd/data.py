@@ -107,7 +107,7 @@ class DataBundle:
         """Returns the number of images in ``split``."""
         return len(self._split(split)[1])
 
-    def chunk(self, budget_bytes: int = 2**28, most: int = 2048) -> int:
+    def chunk(self, budget_bytes: int = 2**26, most: int = 2048) -> int:
         """Returns how many images of float32 model input fit in ``budget_bytes`` (1..``most``): a batch size
         for walking a split that stays within a memory budget whatever the image size."""
         per_image = 4 * int(np.prod(self.info.input_shape))
@@ -206,6 +206,8 @@ class ImageStore:
     """
 
     shuffle_buffer: int
+    #: the most the autotuned buffers of a pipeline reading this store may hold (tf.data's default: half the RAM)
+    RAM_BUDGET = 2**28
 
     def __init__(self, n: int, image_shape: tuple[int, int, int], size):
         self.shape = (n, *image_shape)
@@ -221,6 +223,14 @@ class ImageStore:
         return idx
 
     def addressed(self):
+        """Returns the tf.data of ``(position, address)`` in order; every pipeline built on it keeps to RAM_BUDGET."""
+        from edge_kd.keras import tf
+
+        options = tf.data.Options()
+        options.autotune.ram_budget = self.RAM_BUDGET
+        return self._addressed().with_options(options)
+
+    def _addressed(self):
         raise NotImplementedError
 
     def undecodable(self) -> str | None:
@@ -282,7 +292,7 @@ class ImageFiles(ImageStore):
         idx = self._index(idx)
         return ImageFiles(self.paths[idx], self.shape[1:], self.size, self.by_pil[idx])
 
-    def addressed(self):
+    def _addressed(self):
         from edge_kd.keras import tf
 
         return tf.data.Dataset.from_tensor_slices((np.arange(len(self.paths), dtype=np.int64),
@@ -339,7 +349,7 @@ class TfdsImages(ImageStore):
         return TfdsImages(self.name, self.data_dir, self.split, self.image_key, self.positions[self._index(idx)],
                           self.total, self.shape[1:], self.size, self.record_bytes)
 
-    def addressed(self):
+    def _addressed(self):
         from edge_kd.keras import tf
 
         keep = np.zeros(self.total, bool)

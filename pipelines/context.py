@@ -337,7 +337,7 @@ def _predict(fn, bundle, split: str) -> np.ndarray:
     from edge_kd.keras import tf
 
     call = tf.function(fn)
-    out = [call(tf.constant(x)).numpy() for x, _ in bundle.batches(split, bundle.chunk(2**28, 1024))]
+    out = [call(tf.constant(x)).numpy() for x, _ in bundle.batches(split, bundle.chunk(most=1024))]
     if not out:  # an empty split (val_fraction 0): no rows, of the right shape
         out = [call(tf.zeros((0, *bundle.info.input_shape))).numpy()]
     return np.concatenate(out).astype(np.float32)

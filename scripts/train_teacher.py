@@ -61,7 +61,7 @@ def _train(args) -> int:
 
         model = keras.models.load_model(folder / stage.model_file, compile=False)
         correct = sum(int((model.predict(x, batch_size=1024, verbose=0).argmax(-1) == y).sum())
-                      for x, y in ctx.bundle.batches("test", ctx.bundle.chunk(2**28, 10240)))
+                      for x, y in ctx.bundle.batches("test", ctx.bundle.chunk(most=10240)))
         accuracy = correct / ctx.bundle.count("test")
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as dst:

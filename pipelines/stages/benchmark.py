@@ -74,11 +74,11 @@ class Benchmark(Stage):
         # One pass over the test split, a chunk at a time (a streamed split need not fit in memory): every
         # Keras model's and every file's outputs, for accuracy and parity
         stages = list(dict.fromkeys([s for _, _, s in keras_rows] + [i["stage"] for i in plan]))
-        # chunks of at most 256 MB of input, interpreter batches of at most 16 MB (2,048 and 256 for small images)
+        # chunks of at most 64 MB of input, interpreter batches of at most 16 MB (2,048 and 256 for small images)
         lite = {name: litert.TFLiteModel(file) for name, file in files.items()}
         lite_batch = data.chunk(2**24, 256)
         outputs = {k: [] for k in [*stages, *files]}
-        for x, _ in data.batches("test", data.chunk(2**28, 2048)):
+        for x, _ in data.batches("test", data.chunk(most=2048)):
             for stage in stages:
                 outputs[stage].append(source_model(stage).predict(x, batch_size=lite_batch, verbose=0))
             for name in files:
