@@ -133,6 +133,10 @@ class DataBundle:
         y = self._split(split)[1]
         return self.normalise(self.raw(split, indices)), (y if indices is None else y[np.asarray(indices, np.int64)])
 
+    def first(self, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Returns ``arrays`` of the first ``n`` images of ``split`` (all of them when it has fewer)."""
+        return self.arrays(split, np.arange(min(n, self.count(split))))
+
     def batches(self, split: str, batch_size: int = 1024):
         """Yields ``(normalised float32 images, labels)`` of ``split`` in order, ``batch_size`` at a time.
 
@@ -199,7 +203,7 @@ class DataBundle:
 class ImageStore:
     """The images of one split, read from where they lie when asked: a sequence of addresses.
 
-    Subclasses say what an address is (``addresses``, a tf.data of ``(position, address)`` in order)
+    Subclasses say what an address is (``_addressed``, a tf.data of ``(position, address)`` in order)
     and how one becomes a uint8 image (``decode``); indexing with an index array or a boolean mask
     gives the store of those images (as NumPy indexing does, so the loader splits stores and arrays
     alike). ``shape`` is ``(N, H, W, C)`` as an array's.
@@ -335,9 +339,9 @@ class TfdsImages(ImageStore):
     #: and at most this many bytes of them (the buffer holds encoded records)
     SHUFFLE_BYTES = 2**28
 
-    def __init__(self, name, data_dir, split, image_key, positions, total, image_shape, size, record_bytes=0):
+    def __init__(self, name, data_dir, split, positions, total, image_shape, size, record_bytes=0):
         super().__init__(len(positions), image_shape, size)
-        self.name, self.data_dir, self.split, self.image_key = name, data_dir, split, image_key
+        self.name, self.data_dir, self.split = name, data_dir, split
         self.positions, self.total = np.asarray(positions, np.int64), int(total)
         if np.any(np.diff(self.positions) <= 0):  # records come in file order: images and labels would part
             raise ValueError("TfdsImages positions must be strictly increasing")
@@ -346,8 +350,8 @@ class TfdsImages(ImageStore):
         self.shuffle_buffer = int(max(1, min(len(self.positions), self.SHUFFLE_BUFFER, by_bytes)))
 
     def __getitem__(self, idx):
-        return TfdsImages(self.name, self.data_dir, self.split, self.image_key, self.positions[self._index(idx)],
-                          self.total, self.shape[1:], self.size, self.record_bytes)
+        return TfdsImages(self.name, self.data_dir, self.split, self.positions[self._index(idx)], self.total,
+                          self.shape[1:], self.size, self.record_bytes)
 
     def _addressed(self):
         from edge_kd.keras import tf
@@ -355,7 +359,7 @@ class TfdsImages(ImageStore):
         keep = np.zeros(self.total, bool)
         keep[self.positions] = True
         mask = tf.constant(keep)
-        ds = _tfds_records(self.name, self.data_dir, self.split, self.image_key).enumerate()
+        ds = _tfds_records(self.name, self.data_dir, self.split).enumerate()
         ds = ds.filter(lambda i, record: tf.gather(mask, i)).map(lambda i, record: record[0])
         # a filter hides the length, which training needs (steps per epoch)
         return ds.apply(tf.data.experimental.assert_cardinality(len(self))).enumerate()
@@ -578,14 +582,14 @@ def _load_folder(root: Path, size, test_fraction, seed):
     return x[mask], y[mask], x[test_idx], y[test_idx], tuple(classes)
 
 
-def _tfds_records(name: str, data_dir, split: str, image_key: str):
+def _tfds_records(name: str, data_dir, split: str):
     """Returns the tf.data of ``(encoded image, label)`` records of a prepared tfds split, in file order."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
-    keys = builder.info.supervised_keys
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()})
-    return ds.map(lambda ex: (ex[keys[0]], ex[keys[1]]))
+    image, label = builder.info.supervised_keys
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders={image: tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: (ex[image], ex[label]))
 
 
 def _load_tfds(name: str, size):
@@ -621,10 +625,9 @@ def _load_tfds(name: str, size):
         record_bytes = int(builder.info.dataset_size) // max(examples, 1) if builder.info.dataset_size else 0
         out = []
         for split in ("train", "test"):
-            labels = np.concatenate([y for y in _tfds_records(name, data_dir, split, keys[0]).map(
+            labels = np.concatenate([y for y in _tfds_records(name, data_dir, split).map(
                 lambda x, y: y).batch(8192).as_numpy_iterator()] or [np.zeros(0, np.int64)])
-            out += [TfdsImages(name, data_dir, split, keys[0], np.arange(len(labels)), len(labels), shape, size,
-                               record_bytes),
+            out += [TfdsImages(name, data_dir, split, np.arange(len(labels)), len(labels), shape, size, record_bytes),
                     _as_labels(labels, len(labels), f"tfds:{name} {split}")]
         label = builder.info.features[keys[1]]
         names = tuple(label.names) if hasattr(label, "names") else None

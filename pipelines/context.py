@@ -174,7 +174,7 @@ class Context:
             lo, hi = input_range
             scale, offset = (hi - lo) / 255.0, float(lo)
         return adapt_teacher(model, info.input_shape, info.num_classes, info.input_scale, info.input_offset,
-                             teacher_scale=scale, teacher_offset=offset, sample=self.bundle.arrays("val", np.arange(min(32, self.bundle.count("val"))))[0])
+                             teacher_scale=scale, teacher_offset=offset, sample=self.bundle.first("val", 32)[0])
 
     def teacher_file(self) -> Path:
         t = self.recipe.teacher

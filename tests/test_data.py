@@ -328,6 +328,8 @@ def test_streamed_splits_give_the_same_images_every_way_they_are_read(tmp_path):
     np.testing.assert_array_equal(xs, b.normalise(x[pick]))
     np.testing.assert_array_equal(ys, y[pick])
     assert b.raw("train", []).shape == (0, 10, 12, 3)
+    np.testing.assert_array_equal(b.first("train", 3)[0], b.normalise(x[:3]))
+    assert len(b.first("train", 10_000)[1]) == len(y)  # no more than the split holds
     with pytest.raises(TypeError):
         b.x_train[0]  # a store is not pixels
 

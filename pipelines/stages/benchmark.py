@@ -91,7 +91,7 @@ class Benchmark(Stage):
             rel = os.path.relpath(file, ctx.run_dir) if stage != "teacher" or r.teacher.path is None else str(file)
             rows.append(row(name, role, "keras", "fp32", stage, rel, file, litert.top1(outputs[stage], y_test)))
         b = r.stages.benchmark
-        x_error, _ = data.arrays("test", np.arange(min(b.layer_error_samples, data.count("test"))))
+        x_error, _ = data.first("test", b.layer_error_samples)
         print(f"  timing {len(files)} models at {', '.join(map(str, b.threads))} thread(s) in {b.rounds} interleaved "
               "rounds", flush=True)
         latencies = litert.latency_rounds(files, x_error[0], b.threads, rounds=b.rounds,

@@ -123,8 +123,6 @@ class Export(Stage):
 
     def float_tensors(self, ctx, spec, model, rep, flats, stage) -> tuple[list[str], list[str]]:
         """Returns (the op output tensors int8_mixed keeps in float, their layer names) for ``stage``'s model."""
-        import numpy as np
-
         from edge_kd.bench import layer_error
         from edge_kd.export import tflite
 
@@ -137,7 +135,7 @@ class Export(Stage):
         self.known_layers(spec, by_layer)
         chosen = [t for n in spec.float_layers for t in by_layer[n]]
         if spec.float_worst:
-            x_val, _ = ctx.bundle.arrays("val", np.arange(min(spec.float_samples, ctx.bundle.count("val"))))
+            x_val, _ = ctx.bundle.first("val", spec.float_samples)
             errors = layer_error.layer_errors(flat("fp32"), flat("int8"), x_val)
             chosen += [t for t in layer_error.worst_tensors(errors, spec.float_worst) if t not in chosen]
         if not chosen:
