@@ -81,7 +81,7 @@ def make_folder(folder: Path, size: int, target_bytes: int) -> dict:
             return spec
     from concurrent.futures import ProcessPoolExecutor
 
-    per_image = _write_chunk_estimate(size)
+    per_image = _png_bytes(size)  # of one image, to know how many make target_bytes
     n = int(np.ceil(target_bytes / per_image / CLASSES) * CLASSES)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -108,7 +108,7 @@ def make_folder(folder: Path, size: int, target_bytes: int) -> dict:
     return spec
 
 
-def _write_chunk_estimate(size: int) -> float:
+def _png_bytes(size: int) -> float:
     import io
 
     from PIL import Image
@@ -208,40 +208,46 @@ def child(folder: str, epochs: int, batch: int, copy: bool = False) -> dict:
             "student": {"arch": STUDENT[0], "options": STUDENT[1], "params": stats.count_params(student)}}
 
 
+def _child_in_cgroup(cap: int, *child_args: str):
+    """Runs this script's child with ``child_args`` in a fresh cgroup of ``cap`` bytes; returns (the finished
+    process, what the cgroup saw: its cap, kind, peak usage, reclaims and OOM kills, and the return code)."""
+    group = Cgroup(cap)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--child", *child_args], preexec_fn=group.join,
+                              capture_output=True, text=True)
+        return proc, {"cap_bytes": group.cap, "cgroup": group.kind, "cgroup_peak_bytes": group.peak(),
+                      **group.events(), "returncode": proc.returncode}
+    finally:
+        group.remove()
+
+
+def _killed(proc) -> bool:
+    """True when the kernel killed ``proc`` (SIGKILL: out of memory under the cap)."""
+    return proc.returncode in (-9, 137)
+
+
 def larger_than_memory(args) -> dict:
     cap = args.cap_mb * 2**20
     spec = make_folder(Path(args.folder), args.size, int(args.ratio * cap))
-    group = Cgroup(cap)
     print(f"  training {args.epochs} epoch(s) on {spec['images']:,} images ({spec['bytes'] / 2**30:.2f} GiB on "
-          f"disk, {spec['decoded_bytes'] / 2**30:.2f} GiB decoded) under a {cap / 2**30:.2f} GiB cgroup "
-          f"({group.kind})", flush=True)
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--child", args.folder, "--epochs", str(args.epochs),
-                               "--batch", str(args.batch)], preexec_fn=group.join, capture_output=True, text=True)
-        result = {"cap_bytes": group.cap, "cgroup": group.kind, "cgroup_peak_bytes": group.peak(),
-                  **group.events(), "returncode": proc.returncode, "folder": spec}
-    finally:
-        group.remove()
+          f"disk, {spec['decoded_bytes'] / 2**30:.2f} GiB decoded) under a {cap / 2**30:.2f} GiB cgroup", flush=True)
+    proc, result = _child_in_cgroup(cap, args.folder, "--epochs", str(args.epochs), "--batch", str(args.batch))
+    result["folder"] = spec
+    cap = result["cap_bytes"]  # as the kernel set it
     # the contrast: the same folder read into one array under the same cap
     print("  the same training split read into one array, under the same cap:", flush=True)
-    group = Cgroup(cap)
-    try:
-        copy = subprocess.run([sys.executable, __file__, "--child", args.folder, "--copy"], preexec_fn=group.join,
-                              capture_output=True, text=True)
-        result["full_copy"] = {"returncode": copy.returncode, **group.events(),
-                               "killed_for_memory": copy.returncode in (-9, 137),
-                               "needed_bytes": spec["decoded_bytes"]}
-    finally:
-        group.remove()
+    copy, copied = _child_in_cgroup(cap, args.folder, "--copy")
+    result["full_copy"] = {**{k: copied[k] for k in ("returncode", "reached_cap", "oom_kills")},
+                           "killed_for_memory": _killed(copy), "needed_bytes": spec["decoded_bytes"]}
     sys.stdout.write(proc.stdout[-2000:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        result["failed"] = ("killed by the kernel (out of memory under the cap)" if proc.returncode in (-9, 137)
+        result["failed"] = ("killed by the kernel (out of memory under the cap)" if _killed(proc)
                             else proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no result")
         return result
     result.update(json.loads(lines[-1][len("RESULT "):]))
-    result["folder_to_cap"] = round(spec["bytes"] / group.cap, 2)
-    result["decoded_to_cap"] = round(spec["decoded_bytes"] / group.cap, 2)
+    result["folder_to_cap"] = round(spec["bytes"] / cap, 2)
+    result["decoded_to_cap"] = round(spec["decoded_bytes"] / cap, 2)
     return result
 
 
