@@ -42,6 +42,14 @@ def _run_main(capsys, out, *args):
     return code, err
 
 
+def _compress_ok(*args, timeout=600):
+    """Runs ``python -m pipelines.compress ARGS`` from the project root; asserts it succeeded; returns the process."""
+    proc = subprocess.run([sys.executable, "-m", "pipelines.compress", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def _assert_one_line_error(code, err, *needles):
     assert code == 2
     lines = err.splitlines()
@@ -166,12 +174,10 @@ def test_help_documents_every_option():
 @pytest.mark.slow
 def test_cli_end_to_end_on_a_slice_of_the_default_data_with_the_shipped_teacher(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipelines.compress", "--limit-train", "3000", "--limit-test", "600", "--epochs", "2",
-           "--threads", "1", "--out", str(out), "--run-name", "e2e",
-           "--set", "prune.epochs=1", "--set", "qat.epochs=1", "--set", "prune.frequency=5",
-           "--set", "benchmark.min_seconds=0.2", "--set", "benchmark.warmup_seconds=0.1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _compress_ok("--limit-train", "3000", "--limit-test", "600", "--epochs", "2", "--threads", "1",
+                        "--out", str(out), "--run-name", "e2e", "--set", "prune.epochs=1", "--set", "qat.epochs=1",
+                        "--set", "prune.frequency=5", "--set", "benchmark.min_seconds=0.2",
+                        "--set", "benchmark.warmup_seconds=0.1", timeout=900)
     assert "[8/8] report: done" in proc.stdout  # the default teacher is the shipped file: no teacher stage
     run = out / "e2e"
     results = json.loads((run / "results.json").read_text())
@@ -274,13 +280,11 @@ def test_cli_streams_an_image_folder_through_every_stage(tmp_path):
             a = np.clip(70 * label + 40 + rng.normal(0, 25, (12, 12)), 0, 255).astype(np.uint8)
             Image.fromarray(a, "L").save(folder / cls / f"{i:03d}.{'jpg' if i % 2 else 'png'}")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipelines.compress", "--data", str(folder), "--teacher",
-           str(_teacher(tmp_path / "t.h5")), "--student", "mlp", "--epochs", "1", "--threads", "1", "--out", str(out),
-           "--run-name", "folder", "--set", "prune=false", "--set", "qat=false", "--set", "export.variants=[fp32,int8]",
-           "--set", "distillation.consistent=false", "--set", "distillation.teacher_cache=true",
-           "--set", "benchmark.min_seconds=0.2", "--set", "benchmark.warmup_seconds=0.1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _compress_ok("--data", str(folder), "--teacher", str(_teacher(tmp_path / "t.h5")), "--student", "mlp",
+                        "--epochs", "1", "--threads", "1", "--out", str(out), "--run-name", "folder",
+                        "--set", "prune=false", "--set", "qat=false", "--set", "export.variants=[fp32,int8]",
+                        "--set", "distillation.consistent=false", "--set", "distillation.teacher_cache=true",
+                        "--set", "benchmark.min_seconds=0.2", "--set", "benchmark.warmup_seconds=0.1", timeout=600)
     assert "teacher cache: logits of" in proc.stdout
     run = out / "folder"
     results = json.loads((run / "results.json").read_text())
@@ -303,11 +307,10 @@ def test_cli_with_a_users_softmax_h5_teacher_of_another_input_size_and_range(tmp
     out = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inp))
     keras.Model(inp, out).save(tmp_path / "teacher.h5")
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipelines.compress", "--data", str(data), "--teacher", str(tmp_path / "teacher.h5"),
-           "--teacher-input-range=-1,1", "--student", "mlp", "--epochs", "1", "--threads", "1", "--out", str(out_dir),
-           "--run-name", "user", "--set", "prune=false", "--set", "qat=false", "--set", "benchmark.min_seconds=0.2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _compress_ok("--data", str(data), "--teacher", str(tmp_path / "teacher.h5"), "--teacher-input-range=-1,1",
+                        "--student", "mlp", "--epochs", "1", "--threads", "1", "--out", str(out_dir),
+                        "--run-name", "user", "--set", "prune=false", "--set", "qat=false",
+                        "--set", "benchmark.min_seconds=0.2", timeout=600)
     assert "[6/6] report: done" in proc.stdout  # no teacher training step
     results = json.loads((out_dir / "user" / "results.json").read_text())
     assert results["teacher"]["head"] == "softmax" and results["teacher"]["resized"] is True
@@ -340,13 +343,11 @@ def test_weight_tensor_names_map_back_to_their_keras_layers():
 @pytest.mark.slow
 def test_optional_clustering_stage_then_pcqat_keeps_sparsity_and_few_weight_values(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipelines.compress", "--limit-train", "1200", "--limit-test", "300", "--epochs", "1",
-           "--teacher-epochs", "1", "--threads", "1", "--out", str(out), "--run-name", "c", "--set", "baseline=false",
-           "--set", "prune.epochs=1", "--set", "prune.frequency=2", "--set", "cluster.clusters=8",
-           "--set", "cluster.epochs=1", "--set", "qat.epochs=1", "--set", "export.variants=[int8]",
-           "--set", "benchmark.min_seconds=0.05", "--set", "benchmark.warmup_seconds=0.01"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _compress_ok("--limit-train", "1200", "--limit-test", "300", "--epochs", "1", "--teacher-epochs", "1",
+                        "--threads", "1", "--out", str(out), "--run-name", "c", "--set", "baseline=false",
+                        "--set", "prune.epochs=1", "--set", "prune.frequency=2", "--set", "cluster.clusters=8",
+                        "--set", "cluster.epochs=1", "--set", "qat.epochs=1", "--set", "export.variants=[int8]",
+                        "--set", "benchmark.min_seconds=0.05", "--set", "benchmark.warmup_seconds=0.01", timeout=900)
     assert "cluster: cluster to 8 weights per layer while distilling" in proc.stdout
     run = out / "c"
     results = json.loads((run / "results.json").read_text())
