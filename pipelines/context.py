@@ -21,12 +21,13 @@ if TYPE_CHECKING:
 class Context:
     """The recipe, the run folder and what the stages load from them (the data, the teachers), loaded when asked."""
 
-    def __init__(self, recipe: "Recipe", run_dir: Path, command: str):
+    def __init__(self, recipe: "Recipe", run_dir: Path, command: str, data=None):
+        """``data``: the recipe's data, already loaded (runs of one search share it); default: loaded when used."""
         from pipelines import registry
 
         self.recipe, self.run_dir, self.command = recipe, Path(run_dir), command
         self.stages = registry.STAGES
-        self._bundle = None
+        self._bundle = data
         self._teachers = {}  # per tf.distribute strategy: a model lives with the strategy it was built under
         self._extra_teachers = {}
         self._teacher_cache = None
@@ -112,7 +113,9 @@ class Context:
 
             shipped = None if t.path is None else builtin_teachers.name_of(t.path)
             by = "edge-kd" if t.path is None else f"edge-kd, shipped ({shipped})" if shipped else "user"
-            self.teacher_info = {**adapted, "trained_by": by, "file": str(self.teacher_file())}
+            # a trained teacher's file is named within the run folder (the run's results may be shared: runner)
+            where = str(self.teacher_file().relative_to(self.run_dir)) if t.path is None else str(self.teacher_file())
+            self.teacher_info = {**adapted, "trained_by": by, "file": where}
         return self._teachers[key]
 
     def extra_teachers(self) -> list:

@@ -40,17 +40,24 @@ def preflight(ctx: Context) -> None:
         ctx.stages[name].check(ctx)
 
 
-def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.compress", stream=None) -> Path:
-    """Runs ``recipe``; returns its run folder, holding every stage's files and the report."""
+def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.compress", stream=None, store=None,
+        data=None, records: list | None = None) -> Path:
+    """Runs ``recipe``; returns its run folder, holding every stage's files and the report.
+
+    ``store`` and ``data``: a stage store shared with other runs (``pipelines.runner``) and the recipe's data,
+    already loaded; ``records`` (a list) receives the runner's record of each stage (ran, skipped or shared).
+    """
     from edge_kd.report.report import markdown_table
 
     stream = stream or sys.stdout
-    ctx = Context(recipe, Path(out) / recipe.run_name(), command)
+    ctx = Context(recipe, Path(out) / recipe.run_name(), command, data=data)
     preflight(ctx)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     write_text(ctx.run_dir / "recipe.yaml",
                f"# resolved recipe of: {command}\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    run_stages(ctx, stream=stream)
+    done = run_stages(ctx, stream=stream, store=store)
+    if records is not None:
+        records.extend(done)
     print(f"report: {ctx.run_dir / 'report.md'}  (results: {ctx.run_dir / 'results.json'})", file=stream, flush=True)
     print(markdown_table(json.loads((ctx.run_dir / "results.json").read_text())), file=stream, flush=True)
     return ctx.run_dir

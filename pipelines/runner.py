@@ -7,11 +7,17 @@ stages it reads) and of its code, with the sha256 of every file it wrote. A reru
 whose manifest matches and whose files still hash as recorded; anything else (a changed setting,
 input or source file, a missing or altered file, a stage killed at any moment) reruns that stage
 and every stage that reads from it. Whatever a killed run left behind is cleaned at the next start.
+
+Runs that share a ``store`` folder (the candidates of ``pipelines.search``) share their stages: a stage
+one run finished is copied into the store under its fingerprint, and another run whose stage has that
+very fingerprint (the same settings, recipe parts, inputs and code) takes it from there instead of
+running it. Stages whose result names its run (``Stage.shareable`` false) are never shared.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -39,6 +45,8 @@ class StageRecord:
     stage: str
     skipped: bool
     seconds: float = 0.0
+    #: taken from the store (finished by another run) rather than found in this run's folder
+    shared: bool = False
 
 
 def stage_fingerprint(ctx: Context, name: str) -> str:
@@ -79,8 +87,56 @@ def is_finished(folder: Path, manifest_path: Path, expected_fingerprint: str) ->
     return m
 
 
-def run_stages(ctx: Context, stream=None) -> list[StageRecord]:
-    """Runs (or skips, when finished and unchanged) every enabled stage; returns one record per stage."""
+def _store_entry(store: Path, name: str, fp: str) -> Path:
+    return Path(store) / f"{name}-{fp[:32]}"
+
+
+def take_from_store(store: Path, name: str, fp: str, folder: Path, manifest_path: Path) -> dict | None:
+    """Puts the stored result of stage ``name`` with fingerprint ``fp`` in ``folder``; returns its manifest, or None
+    when the store has no intact one."""
+    entry = _store_entry(store, name, fp)
+    manifest = is_finished(entry / "files", entry / "manifest.json", fp)
+    if manifest is None:
+        return None
+    work = staging_dir(folder)
+    _link_tree(entry / "files", work)
+    swap_dir(work, folder)
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+def put_in_store(store: Path, name: str, folder: Path, manifest: dict) -> None:
+    """Adds a finished stage to the store (whole or not at all: built aside, then renamed into place)."""
+    entry = _store_entry(store, name, manifest["fingerprint"])
+    if entry.exists():
+        return
+    work = staging_dir(entry)
+    _link_tree(folder, work / "files")
+    write_json(work / "manifest.json", manifest)
+    try:
+        work.rename(entry)
+    except OSError:  # another process stored it first
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copies folder ``src`` to ``dst`` as hard links where the file system allows (stage files are never
+    changed in place: a stage that reruns replaces its whole folder)."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
+
+
+def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[StageRecord]:
+    """Runs (or skips, when finished and unchanged) every enabled stage; returns one record per stage.
+
+    With ``store``, a stage another run finished with the same fingerprint is taken from there, and each stage
+    this run finishes is put there.
+    """
     stream = stream or sys.stdout
     names = ctx.enabled()
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +154,14 @@ def run_stages(ctx: Context, stream=None) -> list[StageRecord]:
             ctx.manifests[name] = manifest
             records.append(StageRecord(name, skipped=True))
             continue
+        if store is not None and stage.shareable:
+            manifest = take_from_store(store, name, fp, folder, ctx.manifest_path(name))
+            if manifest is not None:
+                print(f"{label}: finished by another run with the same settings, inputs and code, taken from "
+                      f"{store}", file=stream, flush=True)
+                ctx.manifests[name] = manifest
+                records.append(StageRecord(name, skipped=True, shared=True))
+                continue
         print(f"{label}: {stage.title(ctx.recipe)} ...", file=stream, flush=True)
         work = staging_dir(folder)
         start = time.perf_counter()
@@ -121,6 +185,8 @@ def run_stages(ctx: Context, stream=None) -> list[StageRecord]:
         # Written last: a kill before this leaves no manifest, or an older one whose hashes no longer match.
         write_json(ctx.manifest_path(name), manifest)
         ctx.manifests[name] = manifest
+        if store is not None and stage.shareable:
+            put_in_store(store, name, folder, manifest)
         records.append(StageRecord(name, skipped=False, seconds=seconds))
         print(f"{label}: done in {seconds:.1f} s", file=stream, flush=True)
     for name in names:

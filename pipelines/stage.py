@@ -81,6 +81,9 @@ class Stage:
     trains: ClassVar[bool] = False
     #: it may train under training.mixed_precision (not the tfmot stages: pruning and QAT stay in float32)
     mixed_precision: ClassVar[bool] = False
+    #: its result holds nothing of the run it belongs to beyond its fingerprint, so runs sharing a store
+    #: (``pipelines.runner``) may share it
+    shareable: ClassVar[bool] = True
 
     def title(self, recipe: "Recipe") -> str:
         """Returns what the stage does, in a few words, for its progress line."""

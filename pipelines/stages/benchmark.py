@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Annotated
 
-from edge_kd.config import Field, Float, Int
+from edge_kd.config import Bool, Field, Float, Int
 from pipelines.stage import Stage, StageSettings
 
 
@@ -23,6 +23,8 @@ class BenchmarkSettings(StageSettings):
     warmup_seconds: Annotated[Float, Field(ge=0)] = 0.5
     #: test images the per-layer quantization error runs on
     layer_error_samples: Annotated[Int, Field(ge=1)] = 256
+    #: also each model's accuracy on the whole validation split (val_accuracy), what settings are chosen on
+    validation: Bool = False
 
 
 class Benchmark(Stage):
@@ -59,13 +61,13 @@ class Benchmark(Stage):
                 sources[stage] = ctx.teacher() if stage == "teacher" else ctx.load_student(stage)
             return sources[stage]
 
-        def row(name, role, fmt, variant, stage, rel, file, acc, **tflite_figures):
+        def row(name, role, fmt, variant, stage, rel, file, acc, **figures):
             size, gz = stats.file_sizes(file)
             model = source_model(stage if stage == "teacher" else ctx.stages[stage].weights_stage(ctx))
             return ModelRow(name=name, role=role, format=fmt, variant=variant, stage=stage, path=rel,
                             accuracy=float(acc), size_bytes=int(size), gzip_bytes=int(gz),
                             params=stats.count_params(model), macs=stats.count_macs(model),
-                            input_scale=float(info.input_scale), input_offset=float(info.input_offset), **tflite_figures)
+                            input_scale=float(info.input_scale), input_offset=float(info.input_offset), **figures)
 
         keras_rows = [("teacher", "teacher", "teacher")] if r.teacher is not None else []
         keras_rows += [(*ctx.stages[n].keras_row, n) for n in ctx.enabled()
@@ -77,20 +79,30 @@ class Benchmark(Stage):
         # chunks of at most 64 MB of input, interpreter batches of at most 16 MB (2,048 and 256 for small images)
         lite = {name: litert.TFLiteModel(file) for name, file in files.items()}
         lite_batch = data.chunk(2**24, 256)
-        outputs = {k: [] for k in [*stages, *files]}
-        for x, _ in data.batches("test", data.chunk(most=2048)):
-            for stage in stages:
-                outputs[stage].append(source_model(stage).predict(x, batch_size=lite_batch, verbose=0))
-            for name in files:
-                outputs[name].append(lite[name].predict(x, batch_size=lite_batch))
-        outputs = {k: np.concatenate(v) for k, v in outputs.items()}
-        del lite
+
+        def outputs_of(split):
+            outputs = {k: [] for k in [*stages, *files]}
+            for x, _ in data.batches(split, data.chunk(most=2048)):
+                for stage in stages:
+                    outputs[stage].append(source_model(stage).predict(x, batch_size=lite_batch, verbose=0))
+                for name in files:
+                    outputs[name].append(lite[name].predict(x, batch_size=lite_batch))
+            return {k: np.concatenate(v) for k, v in outputs.items()}
+
+        outputs = outputs_of("test")
+        b = r.stages.benchmark
+        val = None
+        if b.validation:
+            y_val, val_outputs = data.labels("val"), outputs_of("val")
+            val = {k: litert.top1(v, y_val) for k, v in val_outputs.items()}
+            del val_outputs
+        lite.clear()
         rows = []
         for name, role, stage in keras_rows:
             file = ctx.teacher_file() if stage == "teacher" else ctx.stage_dir(stage) / ctx.stages[stage].model_file
             rel = os.path.relpath(file, ctx.run_dir) if stage != "teacher" or r.teacher.path is None else str(file)
-            rows.append(row(name, role, "keras", "fp32", stage, rel, file, litert.top1(outputs[stage], y_test)))
-        b = r.stages.benchmark
+            rows.append(row(name, role, "keras", "fp32", stage, rel, file, litert.top1(outputs[stage], y_test),
+                            val_accuracy=val and val[stage]))
         x_error, _ = data.first("test", b.layer_error_samples)
         print(f"  timing {len(files)} models at {', '.join(map(str, b.threads))} thread(s) in {b.rounds} interleaved "
               "rounds", flush=True)
@@ -109,7 +121,8 @@ class Benchmark(Stage):
                                              else tflite.convert(source_model(item["stage"]), "fp32"))
                 error = layer_error.layer_errors(floats[item["stage"]], file, x_error)
             rows.append(row(item["name"], item["role"], "tflite", item["variant"], item["stage"], item["path"], file,
-                            litert.top1(outputs[item["name"]], y_test), latency=latencies[item["name"]],
+                            litert.top1(outputs[item["name"]], y_test), val_accuracy=val and val[item["name"]],
+                            latency=latencies[item["name"]],
                             sparsity=sparsity["overall"],
                             sparsity_layers={stats.layer_of(k): v["sparsity"] for k, v in sparsity["layers"].items()},
                             parity=parity.parity(source_model(item["stage"]), file, tflite_outputs=outputs[item["name"]],

@@ -36,6 +36,7 @@ class BundleSettings(StageSettings):
 class Bundle(Stage):
     name = "bundle"
     settings = BundleSettings
+    shareable = False  # it names its run (its folder, command, recipe)
 
     def title(self, recipe):
         return "write the deployable bundle"

@@ -15,6 +15,7 @@ from edge_kd.errors import UserError
 from pipelines.stage import Stage, StageSettings, StudentStage
 
 Variant = Literal["fp32", "fp16", "dynamic", "dynamic_compat", "int8", "int8_mixed", "int16x8"]
+Models = Literal["all", "final"]
 
 
 class ExportSettings(StageSettings):
@@ -27,6 +28,9 @@ class ExportSettings(StageSettings):
     float_worst: Annotated[Int, Field(ge=0)] = 0
     #: validation images the float_worst measurement runs on
     float_samples: Annotated[Int, Field(ge=1)] = 256
+    #: all: the teacher and every student stage's model; final: only the last student stage's (what a search
+    #: candidate ships)
+    models: Models = "all"
 
     @model_validator(mode="after")
     def _mixed(self):
@@ -54,10 +58,10 @@ class Export(Stage):
 
     def plan(self, ctx) -> list[dict]:
         """Returns one entry per file to write: name, the stage whose model it converts, role and variant."""
-        plan = []
-        if ctx.recipe.teacher is not None:
+        plan, final = [], ctx.settings(self.name).models == "final"
+        if ctx.recipe.teacher is not None and not final:
             plan.append({"name": "teacher-fp32", "stage": "teacher", "role": "teacher", "variant": "fp32"})
-        for n in ctx.student_stages():
+        for n in ctx.student_stages()[-1:] if final else ctx.student_stages():
             stage = ctx.stages[n]
             plan += [{"name": f"{stage.export_prefix}-{v}", "stage": n, "role": "student", "variant": v}
                      for v in stage.export_variants(ctx.recipe)]

@@ -9,6 +9,7 @@ PUBLISHED = ("report.md", "results.json", "results.csv", "pareto.png", "layer_er
 class Report(Stage):
     name = "report"
     required = True
+    shareable = False  # it names its run (its folder, command, recipe)
 
     def title(self, recipe):
         return "write report"
