@@ -31,6 +31,7 @@ from edge_kd.data import DataConfig
 from edge_kd.errors import UserError
 from edge_kd.optim import OptimizerConfig
 from pipelines import registry
+from pipelines.search.spec import SearchSpec
 from pipelines.stage import LearningRate
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -185,6 +186,8 @@ class Recipe(Config):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     distillation: DistillationSpec = Field(default_factory=DistillationSpec)
     stages: Stages = Field(default_factory=Stages)
+    #: read by pipelines.search only: what it searches over, for what target, within what
+    search: Optional[SearchSpec] = None
 
     @field_validator("name")
     @classmethod

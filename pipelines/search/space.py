@@ -1,0 +1,222 @@
+"""The search space: one candidate recipe per point (student × loss × sparsity × variant), and what each costs.
+
+A candidate is the search's recipe with its point applied, made an ordinary ``pipelines.compress``
+recipe: its last student stage exported in the candidate's variant only, benchmarked on the
+validation split too (the search chooses on it), bundled, and without the baseline stage (a
+search compares candidates, not a student with itself untaught). int8 ships the QAT stage's file
+where the recipe has one; the other variants ship the stage before it, as QAT exists to make an
+int8 file.
+
+``predict`` measures what a candidate costs before anything trains: its file's size, gzip size,
+latency and minimum runtime depend on its graph, not on what training puts in it, so they are
+measured on the candidate's untrained student (pruned by weight magnitude for the gzip size).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from edge_kd.errors import UserError
+from pipelines.search.spec import SearchSpec
+
+#: the stages whose epochs a short rung shortens
+TRAINING_STAGES = ("distill", "prune", "cluster", "qat")
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One point of the space: its settings, its name, and the recipe that trains it to the end."""
+
+    index: int  # its place in the space as declared (ties of cost keep this order)
+    settings: dict  # {student: {arch, options}, loss, sparsity, variant}
+    label: str  # for people: "cnn width 0.75 · sparsity 0.75 · int8"
+    slug: str  # for folder names: "cnn-w0.75-s0.75-int8"
+    recipe: dict  # the full-length candidate recipe, as plain data, without its name
+    key: str  # fingerprint of that recipe
+    predicted: dict = dataclasses.field(default_factory=dict)  # size_bytes, gzip_bytes, latency_ms, min_runtime
+
+    def rung_recipe(self, factor: float, rung: int) -> dict:
+        """Returns the candidate's recipe for a rung whose training stages run ``factor`` of their epochs."""
+        raw = copy.deepcopy(self.recipe)
+        for name in TRAINING_STAGES:
+            stage = raw["stages"].get(name)
+            if stage and factor < 1:
+                stage["epochs"] = max(1, int(round(stage["epochs"] * factor)))
+        raw["name"] = f"{self.slug}-r{rung}-{self.key[:8]}"
+        return raw
+
+
+def candidates(recipe, spec: SearchSpec) -> list[Candidate]:
+    """Returns the candidates of ``recipe``'s search space, each validated as a recipe (a UserError names the one
+    that is not)."""
+    import itertools
+
+    from pipelines import recipe as recipe_mod
+
+    base = recipe.to_dict()
+    base.pop("search", None)
+    base.pop("name", None)
+    students = _students(recipe, spec)
+    has_prune = "prune" in recipe.stages.enabled()
+    sparsities = spec.sparsity if spec.sparsity is not None else ([0.5, 0.75] if has_prune else [0.0])
+    for i, loss in enumerate(spec.losses):
+        if not isinstance(loss, dict) or set(loss) - {"hard_weight", "terms"} or not loss:
+            raise UserError(f"search.losses.{i} must be a mapping of hard_weight and/or terms (as in the distillation "
+                            f"section), got {loss!r}")
+    losses = spec.losses or [None]
+    out = []
+    points = itertools.product(enumerate(students), enumerate(losses), sparsities, spec.variants)
+    for index, ((si, student), (li, loss), sparsity, variant) in enumerate(points):
+        raw = _apply(base, student, loss, sparsity, variant, spec)
+        settings = {"student": student, "loss": li if loss is not None else None, "sparsity": sparsity,
+                    "variant": variant}
+        label, slug = _names(recipe, student, li if len(losses) > 1 else None, sparsity, variant)
+        try:
+            recipe_mod.from_dict({**raw, "name": "candidate"})
+        except UserError as e:
+            raise UserError(f"search candidate {label}: {e}") from None
+        out.append(Candidate(index, settings, label, slug, raw, recipe_mod.fingerprint(raw)))
+    return out
+
+
+def _students(recipe, spec: SearchSpec) -> list[dict]:
+    import models
+
+    if spec.students is not None:
+        out = []
+        for i, s in enumerate(spec.students):
+            arch = s.arch or recipe.student.arch
+            options = s.options if (s.arch or s.options) else recipe.student.options
+            models.check_options(arch, options, f"search.students.{i}")
+            out.append({"arch": arch, "options": dict(options)})
+        return out
+    arch, options = recipe.student.arch, dict(recipe.student.options)
+    known = models.options_of(arch)
+    if "width" in known:  # at 1 the recipe's own options, as given: the same fingerprints as its run
+        return [{"arch": arch, "options": options if w == 1 else {**options, "width": round(options.get("width", 1.0) * w, 4)}}
+                for w in spec.widths]
+    if "hidden" in known:
+        import inspect
+
+        hidden = options.get("hidden") or inspect.signature(models._REGISTRY[arch]).parameters["hidden"].default
+        return [{"arch": arch, "options": options if w == 1 else {**options, "hidden": [max(4, int(round(h * w)))
+                                                                                        for h in hidden]}}
+                for w in spec.widths]
+    raise UserError(f"search.widths: student '{arch}' has no width or hidden option to scale; list the students "
+                    "to try in search.students instead")
+
+
+def _apply(base: dict, student: dict, loss, sparsity: float, variant: str, spec: SearchSpec) -> dict:
+    raw = copy.deepcopy(base)
+    stages = raw["stages"]
+    raw["student"] = copy.deepcopy(student)
+    if loss is not None:
+        raw["distillation"].update(copy.deepcopy(loss))
+    if sparsity == 0:
+        stages.pop("prune", None)
+    else:
+        stages.setdefault("prune", {})["target_sparsity"] = sparsity
+    if variant != "int8":
+        stages.pop("qat", None)  # a QAT model exists to become int8 (its export makes int8 only)
+    stages.pop("baseline", None)
+    export = stages.setdefault("export", {})
+    export.update(variants=[variant], models="final")
+    if variant == "int8_mixed" and not export.get("float_layers") and not export.get("float_worst"):
+        export["float_worst"] = 1
+    stages.setdefault("benchmark", {})["validation"] = True
+    bundle = stages.get("bundle") or {}
+    bundle.update(pick=None, min_runtime=spec.min_runtime)
+    stages["bundle"] = bundle
+    stages.setdefault("report", {})
+    return raw
+
+
+def _names(recipe, student, loss_index, sparsity, variant) -> tuple[str, str]:
+    base = recipe.student.options
+    arch = student["arch"]
+    changed = {k: v for k, v in student["options"].items() if arch != recipe.student.arch or base.get(k) != v}
+    opts = " ".join(f"{k} {_short(v)}" for k, v in changed.items())
+    label = " · ".join(x for x in (f"{arch} {opts or '(recipe)'}", f"sparsity {sparsity:g}" if sparsity else "no pruning",
+                                   variant, None if loss_index is None else f"loss {loss_index}") if x)
+    slug_opts = "-".join(f"{k[0]}{_short(v).replace(' ', '')}" for k, v in changed.items())
+    slug = "-".join(x for x in (arch, slug_opts, f"s{sparsity:g}", variant,
+                                None if loss_index is None else f"l{loss_index}") if x)
+    return label, re.sub(r"[^A-Za-z0-9._-]+", "_", slug)[:80]
+
+
+def _short(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_short(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+# -- what a candidate costs, before it trains --------------------------------------------------------------
+def predict(cands: list[Candidate], data, threads: int, need_latency: bool, cache: Path, stream) -> None:
+    """Fills each candidate's ``predicted`` cost from its untrained student's TFLite file (read from ``cache``,
+    a JSON file, where an earlier invocation measured it: the latency of a resumed search keeps its order).
+
+    Latency is measured once for all candidates, in interleaved rounds, batch 1 at ``threads`` threads.
+    """
+    import tempfile
+
+    import models
+    from edge_kd.bench import compat, litert, stats
+    from edge_kd.export import tflite
+    from edge_kd.fileio import write_json
+    from edge_kd.keras import keras
+
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    todo = [c for c in cands if c.key not in known or (need_latency and known[c.key].get("latency_ms") is None)]
+    if todo:
+        print(f"measuring the cost of {len(todo)} candidate(s) on their untrained graphs ...", file=stream, flush=True)
+        info = data.info
+        rep, _ = data.first("train", 64)
+        files, graphs = {}, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for c in todo:
+                s = c.settings
+                # size, latency and runtime do not depend on the weights: one file per student and variant; the
+                # gzip size does, through the zeros pruning leaves
+                variant = "int8" if s["variant"] == "int8_mixed" else s["variant"]  # the float layer is not known yet
+                graph = json.dumps([s["student"], variant, s["sparsity"]], sort_keys=True)
+                if graph not in graphs:
+                    keras.utils.set_random_seed(c.recipe["seed"])
+                    model = models.build(s["student"]["arch"], info.input_shape, info.num_classes,
+                                         **s["student"]["options"])
+                    if s["sparsity"]:
+                        _zero_smallest(model, s["sparsity"])
+                    flat = tflite.convert(model, variant, representative=rep if variant in tflite.CALIBRATED else None,
+                                          int8_io=c.recipe["stages"]["export"].get("int8_io", True))
+                    path = Path(tmp) / f"g{len(graphs)}.tflite"
+                    path.write_bytes(flat)
+                    size, gz = stats.file_sizes(path)
+                    graphs[graph] = {"size_bytes": size, "gzip_bytes": gz,
+                                     "min_runtime": compat.runtime(flat)["min_runtime"], "latency_ms": None,
+                                     "estimated_as": variant if variant != s["variant"] else None}
+                    files[graph] = path
+                known[c.key] = dict(graphs[graph], graph=graph)
+            if need_latency:
+                timed = litert.latency_rounds({g: files[g] for g in graphs}, rep[0], [threads], rounds=5,
+                                              round_seconds=0.05, warmup_seconds=0.1)
+                for c in todo:
+                    known[c.key]["latency_ms"] = timed[known[c.key]["graph"]][str(threads)]["median_ms"]
+        write_json(cache, known)
+    for c in cands:
+        c.predicted = {k: v for k, v in known[c.key].items() if k != "graph"}
+
+
+def _zero_smallest(model, sparsity: float) -> None:
+    """Zeroes the ``sparsity`` fraction of smallest-magnitude weights of each conv and dense kernel (what magnitude
+    pruning leaves)."""
+    import numpy as np
+
+    for layer in model.layers:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None or kernel.shape.rank < 2:
+            continue
+        w = kernel.numpy()
+        cut = np.quantile(np.abs(w), sparsity)
+        kernel.assign(np.where(np.abs(w) <= cut, 0.0, w).astype(w.dtype))
