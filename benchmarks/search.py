@@ -10,7 +10,7 @@ recipe: its stages have the default run's fingerprints); where the search did no
 end, its seed-0 figures come from ``benchmarks/results/default_gain.json``. Writes
 ``benchmarks/results/search.json`` and prints a markdown table.
 
-    python benchmarks/search.py                      # the README's figures (about 30 min on 2 cores)
+    python benchmarks/search.py                      # the README's figures (about 45 min on 2 cores)
     python benchmarks/search.py --set search.widths=[0.5] --set search.sparsity=[0.5] --set distill.epochs=1 \
         --set prune.epochs=1 --set qat.epochs=1 --out /tmp/quick   # a smoke run
 """
@@ -27,7 +27,7 @@ from edge_kd.bench import stats
 from edge_kd.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACE = ["search.widths=[0.5,0.75,1.0]", "search.sparsity=[0.5,0.75]", "search.variants=[int8]"]
+SPACE = ["search.widths=[0.5,0.625,0.75,1.0]", "search.sparsity=[0.5,0.75]", "search.variants=[int8]"]
 DEFAULT_LABEL = "cnn (recipe) · sparsity 0.75 · int8"  # width 1: the recipe's own student
 TARGET = 0.90
 
