@@ -24,7 +24,7 @@ PROG = "python -m pipelines.compress"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2: the same contract as every other user mistake
-        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -106,17 +106,15 @@ def take_from_store(store: Path, name: str, fp: str, folder: Path, manifest_path
 
 
 def put_in_store(store: Path, name: str, folder: Path, manifest: dict) -> None:
-    """Adds a finished stage to the store (whole or not at all: built aside, then renamed into place)."""
+    """Adds a finished stage to the store, unless an intact copy is there (whole or not at all: built aside, then
+    swapped into place)."""
     entry = _store_entry(store, name, manifest["fingerprint"])
-    if entry.exists():
+    if is_finished(entry / "files", entry / "manifest.json", manifest["fingerprint"]) is not None:
         return
     work = staging_dir(entry)
     _link_tree(folder, work / "files")
     write_json(work / "manifest.json", manifest)
-    try:
-        work.rename(entry)
-    except OSError:  # another process stored it first
-        shutil.rmtree(work, ignore_errors=True)
+    swap_dir(work, entry)  # replaces a damaged copy
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -141,6 +139,9 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
     names = ctx.enabled()
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     clean_leftovers(ctx.run_dir)
+    if store is not None:
+        Path(store).mkdir(parents=True, exist_ok=True)
+        clean_leftovers(store)
     records = []
     for i, name in enumerate(names, 1):
         stage = ctx.stages[name]
@@ -152,6 +153,8 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
             print(f"{label}: finished earlier with the same settings, inputs and code, skipped", file=stream,
                   flush=True)
             ctx.manifests[name] = manifest
+            if store is not None and stage.shareable:  # a run killed between its manifest and the store
+                put_in_store(store, name, folder, manifest)
             records.append(StageRecord(name, skipped=True))
             continue
         if store is not None and stage.shareable:

@@ -26,13 +26,9 @@ _KEYS = {"target_accuracy": "target_accuracy", "max_drop": "max_drop", "max_kb":
          "max_candidates": "max_candidates", "max_minutes": "max_minutes"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.compress import _Parser
+
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[1].replace("\n", " "),
                 epilog="The options set keys of the recipe's search section (shown in brackets) and override it. "
                        "Exit status: 0 found, 1 no candidate meets the target, 2 a mistake in the settings, "
@@ -61,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-candidates", type=int, metavar="N", help="[search.max_candidates] train at most N points "
                    "of the space (spread over the cost order; default 24)")
     g.add_argument("--max-minutes", type=float, metavar="MIN",
-                   help="[search.max_minutes] start no candidate run after this much wall time (of this invocation)")
+                   help="[search.max_minutes] start no candidate run that would end after this much wall time of "
+                        "this invocation (judged by the last run of its rung)")
     return p
 
 
@@ -74,6 +71,9 @@ def load(args):
     r = recipe_mod.load(args.recipe)
     sets = [f"search.{key}={json.dumps(getattr(args, attr))}" for attr, key in _KEYS.items()
             if getattr(args, attr) is not None]
+    # one target on the command line replaces the recipe's, whichever kind it was
+    if (args.target_accuracy is None) != (args.max_drop is None):
+        sets.append(f"search.{'max_drop' if args.target_accuracy is not None else 'target_accuracy'}=null")
     r = recipe_mod.apply_overrides(r, list(args.overrides) + sets)
     spec = r.search
     if spec is None:
@@ -120,19 +120,24 @@ def main(argv=None, quiet_native: bool = False) -> int:
         if outcome is None:
             from pipelines.search.strategy import Outcome
 
-            outcome = Outcome(None, spec.target_accuracy or 0.0, None, excluded, not_tried, None, 0, 0.0, {})
+            outcome = Outcome(None, spec.target_accuracy, None)
         results = report.write(search, cands, outcome)
         print(f"search: {search.root / 'search.md'}  (results: {search.root / 'search.json'})", flush=True)
+        if not todo:
+            print(f"{PROG}: no candidate met the target: every candidate breaks a constraint before training:",
+                  file=sys.stderr)
+            for c, reason in excluded[:5]:
+                print(f"  {c.label}: {reason}", file=sys.stderr)
+            return 1
         if outcome.chosen is None:
-            why = (f"; stopped: {outcome.budget_stop}" if outcome.budget_stop else
-                   "; every candidate breaks a constraint" if not todo else "")
-            print(f"{PROG}: no candidate met validation accuracy >= {outcome.target:.2%} within the constraints"
-                  f"{why}. The closest:", file=sys.stderr)
-            for c in report.closest(results):
+            why = f"; stopped: {outcome.budget_stop}" if outcome.budget_stop else ""
+            target = ("the target (no run finished to measure the teacher)" if outcome.target is None
+                      else f"validation accuracy >= {outcome.target:.2%}")
+            near = report.closest(results)
+            print(f"{PROG}: no candidate met {target} within the constraints{why}. "
+                  + ("The closest:" if near else "No candidate run finished."), file=sys.stderr)
+            for c in near:
                 print(f"  {report.describe(c)}", file=sys.stderr)
-            if not todo:
-                for c, reason in excluded[:5]:
-                    print(f"  {c.label}: {reason}", file=sys.stderr)
             return 1
         ch = results["chosen"]
         print(f"chosen: {ch['label']}: val {ch['val_accuracy']:.2%}, test {ch['test_accuracy']:.2%}, "

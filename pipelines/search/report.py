@@ -86,7 +86,8 @@ def csv_text(results: dict) -> str:
 def markdown(results: dict) -> str:
     t, ch = results["target"], results["chosen"]
     cons = ", ".join(f"{k} {v}" for k, v in results["constraints"].items() if v is not None) or "none"
-    lines = [f"# edge-kd search: the smallest {results['objective']} at validation accuracy >= {t['accuracy']:.2%}", "",
+    at = "the target" if t["accuracy"] is None else f"validation accuracy >= {t['accuracy']:.2%}"
+    lines = [f"# edge-kd search: the smallest {results['objective']} at {at}", "",
              f"- command: `{results['command']}`",
              f"- target: {t['given']}; chosen on the **validation** split (LiteRT, whole split); the test split is "
              "reported beside it, never chosen on",
@@ -134,16 +135,14 @@ def pareto_png(results: dict) -> bytes:
     axes = fig.subplots(1, 2)
     last = results["budget"]["rungs"] - 1
     chosen = results["chosen"]["label"] if results["chosen"] else None
-    for ax, (xlabel, cost, log) in zip(axes, (("size (KB, log scale)", lambda r: r["size_bytes"] / KB, True),
-                                              (f"latency, batch 1, {results['latency_threads']} thread(s) (ms)",
-                                               lambda r: r.get("latency_ms_together", r["latency_ms"]), False))):
+    for ax, (xlabel, cost) in zip(axes, (("size (KB)", lambda r: r["size_bytes"] / KB),
+                                         (f"latency, batch 1, {results['latency_threads']} thread(s) (ms)",
+                                          lambda r: r.get("latency_ms_together", r["latency_ms"])))):
         points = [(cost(c["runs"][-1]), c["runs"][-1]["val_accuracy"] * 100, c) for c in results["candidates"]
                   if c["runs"]]
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation accuracy, LiteRT (%)")
-        ax.grid(True, which="both", alpha=0.3)
-        if log:
-            ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
         full = [p for p in points if p[2]["runs"][-1]["rung"] == last]
         short = [p for p in points if p[2]["runs"][-1]["rung"] != last]
         if short:
@@ -159,8 +158,9 @@ def pareto_png(results: dict) -> bytes:
             ax.annotate(c["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             if c["label"] == chosen:
                 ax.scatter([x], [y], marker="*", s=220, c="tab:orange", zorder=4, label="chosen")
-        ax.axhline(results["target"]["accuracy"] * 100, color="tab:red", linestyle="--",
-                   label=f"target {results['target']['accuracy']:.2%}")
+        if results["target"]["accuracy"] is not None:
+            ax.axhline(results["target"]["accuracy"] * 100, color="tab:red", linestyle="--",
+                       label=f"target {results['target']['accuracy']:.2%}")
         if not points:
             ax.text(0.5, 0.5, "no candidate trained", ha="center", va="center", transform=ax.transAxes)
         ax.legend(fontsize=8, loc="lower right")
@@ -171,7 +171,8 @@ def pareto_png(results: dict) -> bytes:
 
 
 def write(search: Search, cands, outcome: Outcome) -> dict:
-    """Writes the search folder's files (each atomically; the bundle folder swapped in whole); returns search.json."""
+    """Writes the search folder: the chosen candidate's bundle (swapped in whole) and recipe first, then the tables,
+    the plot and, last, search.json, each file atomically; returns what search.json holds."""
     import shutil
 
     import yaml
@@ -180,23 +181,26 @@ def write(search: Search, cands, outcome: Outcome) -> dict:
 
     results = summary(search, cands, outcome)
     root = search.root
-    write_json(root / "search.json", results)
-    write_text(root / "search.csv", csv_text(results))
-    write_text(root / "search.md", markdown(results))
-    write_bytes(root / "pareto.png", pareto_png(results))
     if outcome.chosen is not None:
         res = search.results[outcome.chosen.key][-1]
         work = staging_dir(root / "bundle")
-        shutil.copytree(root / res.run / "bundle", work, dirs_exist_ok=True)
-        swap_dir(work, root / "bundle")
+        try:
+            shutil.copytree(root / res.run / "bundle", work, dirs_exist_ok=True)
+            swap_dir(work, root / "bundle")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         raw = outcome.chosen.rung_recipe(1.0, search.spec.rungs - 1)
         raw["name"] = outcome.chosen.slug
+        raw["stages"]["bundle"]["min_runtime"] = search.spec.min_runtime  # what the search checked it against
         write_text(root / "recipe.yaml",
                    f"# {outcome.chosen.label}: the candidate `{search.command}` chose; "
                    "`python -m pipelines.compress --recipe <this file>` trains it alone\n"
                    + yaml.safe_dump(raw, sort_keys=False))
     else:
-        for stale in (root / "recipe.yaml",):
-            stale.unlink(missing_ok=True)
+        (root / "recipe.yaml").unlink(missing_ok=True)
         shutil.rmtree(root / "bundle", ignore_errors=True)
+    write_text(root / "search.csv", csv_text(results))
+    write_text(root / "search.md", markdown(results))
+    write_bytes(root / "pareto.png", pareto_png(results))
+    write_json(root / "search.json", results)
     return results

@@ -68,9 +68,9 @@ def candidates(recipe, spec: SearchSpec) -> list[Candidate]:
                             f"section), got {loss!r}")
     losses = spec.losses or [None]
     out = []
-    points = itertools.product(enumerate(students), enumerate(losses), sparsities, spec.variants)
-    for index, ((si, student), (li, loss), sparsity, variant) in enumerate(points):
-        raw = _apply(base, student, loss, sparsity, variant, spec)
+    points = itertools.product(students, enumerate(losses), sparsities, spec.variants)
+    for student, (li, loss), sparsity, variant in points:
+        raw = _apply(base, student, loss, sparsity, variant)
         settings = {"student": student, "loss": li if loss is not None else None, "sparsity": sparsity,
                     "variant": variant}
         label, slug = _names(recipe, student, li if len(losses) > 1 else None, sparsity, variant)
@@ -78,7 +78,10 @@ def candidates(recipe, spec: SearchSpec) -> list[Candidate]:
             recipe_mod.from_dict({**raw, "name": "candidate"})
         except UserError as e:
             raise UserError(f"search candidate {label}: {e}") from None
-        out.append(Candidate(index, settings, label, slug, raw, recipe_mod.fingerprint(raw)))
+        key = recipe_mod.fingerprint(raw)
+        if any(c.key == key for c in out):  # the same recipe twice (widths [1, 1.0], hidden sizes at their floor)
+            continue
+        out.append(Candidate(len(out), settings, label, slug, raw, key))
     return out
 
 
@@ -109,7 +112,7 @@ def _students(recipe, spec: SearchSpec) -> list[dict]:
                     "to try in search.students instead")
 
 
-def _apply(base: dict, student: dict, loss, sparsity: float, variant: str, spec: SearchSpec) -> dict:
+def _apply(base: dict, student: dict, loss, sparsity: float, variant: str) -> dict:
     raw = copy.deepcopy(base)
     stages = raw["stages"]
     raw["student"] = copy.deepcopy(student)
@@ -118,7 +121,7 @@ def _apply(base: dict, student: dict, loss, sparsity: float, variant: str, spec:
     if sparsity == 0:
         stages.pop("prune", None)
     else:
-        stages.setdefault("prune", {})["target_sparsity"] = sparsity
+        stages["prune"] = {**(stages.get("prune") or {}), "target_sparsity": sparsity, "enabled": True}
     if variant != "int8":
         stages.pop("qat", None)  # a QAT model exists to become int8 (its export makes int8 only)
     stages.pop("baseline", None)
@@ -127,9 +130,9 @@ def _apply(base: dict, student: dict, loss, sparsity: float, variant: str, spec:
     if variant == "int8_mixed" and not export.get("float_layers") and not export.get("float_worst"):
         export["float_worst"] = 1
     stages.setdefault("benchmark", {})["validation"] = True
-    bundle = stages.get("bundle") or {}
-    bundle.update(pick=None, min_runtime=spec.min_runtime)
-    stages["bundle"] = bundle
+    # the bundle of the one file (min_runtime is the search's own check: a file that misses it is a candidate
+    # that breaks a constraint, not a run that fails)
+    stages["bundle"] = {**(stages.get("bundle") or {}), "pick": None, "min_runtime": None, "enabled": True}
     stages.setdefault("report", {})
     return raw
 
@@ -154,11 +157,20 @@ def _short(v) -> str:
 
 
 # -- what a candidate costs, before it trains --------------------------------------------------------------
-def predict(cands: list[Candidate], data, threads: int, need_latency: bool, cache: Path, stream) -> None:
-    """Fills each candidate's ``predicted`` cost from its untrained student's TFLite file (read from ``cache``,
-    a JSON file, where an earlier invocation measured it: the latency of a resumed search keeps its order).
+#: the layout of the cost cache (search/predicted.json); another one is measured again
+CACHE_VERSION = 2
 
-    Latency is measured once for all candidates, in interleaved rounds, batch 1 at ``threads`` threads.
+
+def predict(cands: list[Candidate], data, threads: int, need_latency: bool, cache: Path, stream,
+            timing: dict | None = None) -> None:
+    """Fills each candidate's ``predicted`` cost from its untrained student's TFLite file.
+
+    Size, latency and minimum runtime depend on the graph (student and variant), not on the weights: one file
+    per graph. The gzip size depends on the zeros pruning leaves: the same weights with the smallest of each
+    kernel zeroed at the candidate's sparsity. Latency is measured for every graph together, in interleaved
+    rounds (``timing``: rounds, round_seconds, warmup_seconds; the benchmark stage's), batch 1 at ``threads``.
+    What was measured is kept in ``cache`` (JSON), so a resumed search keeps its order; when a candidate is
+    missing there, every graph is measured again, together.
     """
     import tempfile
 
@@ -168,44 +180,60 @@ def predict(cands: list[Candidate], data, threads: int, need_latency: bool, cach
     from edge_kd.fileio import write_json
     from edge_kd.keras import keras
 
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
-    todo = [c for c in cands if c.key not in known or (need_latency and known[c.key].get("latency_ms") is None)]
-    if todo:
-        print(f"measuring the cost of {len(todo)} candidate(s) on their untrained graphs ...", file=stream, flush=True)
-        info = data.info
-        rep, _ = data.first("train", 64)
-        files, graphs = {}, {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for c in todo:
-                s = c.settings
-                # size, latency and runtime do not depend on the weights: one file per student and variant; the
-                # gzip size does, through the zeros pruning leaves
-                variant = "int8" if s["variant"] == "int8_mixed" else s["variant"]  # the float layer is not known yet
-                graph = json.dumps([s["student"], variant, s["sparsity"]], sort_keys=True)
-                if graph not in graphs:
-                    keras.utils.set_random_seed(c.recipe["seed"])
-                    model = models.build(s["student"]["arch"], info.input_shape, info.num_classes,
-                                         **s["student"]["options"])
-                    if s["sparsity"]:
-                        _zero_smallest(model, s["sparsity"])
-                    flat = tflite.convert(model, variant, representative=rep if variant in tflite.CALIBRATED else None,
-                                          int8_io=c.recipe["stages"]["export"].get("int8_io", True))
-                    path = Path(tmp) / f"g{len(graphs)}.tflite"
-                    path.write_bytes(flat)
-                    size, gz = stats.file_sizes(path)
-                    graphs[graph] = {"size_bytes": size, "gzip_bytes": gz,
-                                     "min_runtime": compat.runtime(flat)["min_runtime"], "latency_ms": None,
-                                     "estimated_as": variant if variant != s["variant"] else None}
-                    files[graph] = path
-                known[c.key] = dict(graphs[graph], graph=graph)
-            if need_latency:
-                timed = litert.latency_rounds({g: files[g] for g in graphs}, rep[0], [threads], rounds=5,
-                                              round_seconds=0.05, warmup_seconds=0.1)
-                for c in todo:
-                    known[c.key]["latency_ms"] = timed[known[c.key]["graph"]][str(threads)]["median_ms"]
-        write_json(cache, known)
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    known = saved.get("candidates", {}) if saved.get("version") == CACHE_VERSION else {}
+    if all(c.key in known and (not need_latency or known[c.key]["latency_ms"] is not None) for c in cands):
+        for c in cands:
+            c.predicted = {k: v for k, v in known[c.key].items() if k != "graph"}
+        return
+    print(f"measuring the cost of {len(cands)} candidate(s) on their untrained graphs ...", file=stream, flush=True)
+    info = data.info
+    rep, _ = data.first("train", 64)
+
+    def graph_of(c):
+        variant = "int8" if c.settings["variant"] == "int8_mixed" else c.settings["variant"]  # its float layer is
+        return json.dumps([c.settings["student"], variant], sort_keys=True), variant  # not known before training
+
+    files, costs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for graph in dict.fromkeys(graph_of(c)[0] for c in cands):
+            members = [c for c in cands if graph_of(c)[0] == graph]
+            c0, variant = members[0], graph_of(members[0])[1]
+            keras.utils.set_random_seed(c0.recipe["seed"])
+            student = c0.settings["student"]
+            model = models.build(student["arch"], info.input_shape, info.num_classes, **student["options"])
+            weights = model.get_weights()
+
+            def convert(sparsity):
+                model.set_weights(weights)
+                if sparsity:
+                    _zero_smallest(model, sparsity)
+                return tflite.convert(model, variant, representative=rep if variant in tflite.CALIBRATED else None,
+                                      int8_io=c0.recipe["stages"]["export"].get("int8_io", True))
+
+            flat = convert(0.0)
+            files[graph] = Path(tmp) / f"g{len(files)}.tflite"
+            files[graph].write_bytes(flat)
+            gzip_of = {}
+            for sparsity in dict.fromkeys(c.settings["sparsity"] for c in members):
+                path = Path(tmp) / "sparse.tflite"
+                path.write_bytes(convert(sparsity) if sparsity else flat)
+                gzip_of[sparsity] = stats.file_sizes(path)[1]
+            costs[graph] = {"size_bytes": len(flat), "min_runtime": compat.runtime(flat)["min_runtime"],
+                            "gzip": gzip_of}
+        timed = {}
+        if need_latency:
+            t = {"rounds": 10, "round_seconds": 0.05, "warmup_seconds": 0.25, **(timing or {})}
+            timed = litert.latency_rounds(files, rep[0], [threads], **t)
     for c in cands:
+        graph, variant = graph_of(c)
+        g = costs[graph]
+        known[c.key] = {"size_bytes": g["size_bytes"], "gzip_bytes": g["gzip"][c.settings["sparsity"]],
+                        "latency_ms": timed[graph][str(threads)]["median_ms"] if timed else None,
+                        "min_runtime": g["min_runtime"],
+                        "estimated_as": variant if variant != c.settings["variant"] else None, "graph": graph}
         c.predicted = {k: v for k, v in known[c.key].items() if k != "graph"}
+    write_json(cache, {"version": CACHE_VERSION, "candidates": known})
 
 
 def _zero_smallest(model, sparsity: float) -> None:

@@ -55,14 +55,22 @@ class Outcome:
     """What the search found."""
 
     chosen: Candidate | None
-    target: float  # validation accuracy (fraction) a candidate must reach
+    target: float | None  # validation accuracy (fraction) a candidate must reach (max_drop: known once one ran)
     teacher_val: float | None
-    excluded: list  # [(candidate, reason)] before training
-    not_tried: list  # candidates the budget (max_candidates) left out
-    budget_stop: str | None  # why the search stopped before its end, if it did
-    runs_trained: int
-    seconds: float
-    final_latency: dict  # {candidate key: ms} from the last interleaved measurement
+    budget_stop: str | None = None  # why the search stopped before its end, if it did
+    runs_trained: int = 0
+    seconds: float = 0.0
+    final_latency: dict = dataclasses.field(default_factory=dict)  # {candidate key: ms}, measured together
+
+
+def spread(ordered: list, n: int) -> tuple[list, list]:
+    """Returns (``n`` of ``ordered`` spread evenly over it, its first and last included; the others)."""
+    if len(ordered) <= n:
+        return list(ordered), []
+    import numpy as np
+
+    picks = set(np.linspace(0, len(ordered) - 1, n).round().astype(int).tolist())
+    return [c for i, c in enumerate(ordered) if i in picks], [c for i, c in enumerate(ordered) if i not in picks]
 
 
 class Search:
@@ -78,6 +86,7 @@ class Search:
         self.data = None
         self.target = spec.target_accuracy
         self.teacher_val = None
+        self.start = time.monotonic()
 
     # -- before anything trains ------------------------------------------------------------------------------
     def prepare(self, cands: list[Candidate]) -> tuple[list[Candidate], list, list]:
@@ -95,36 +104,36 @@ class Search:
         self.data = data_mod.load_config(self.recipe.data, seed=self.recipe.seed)
         checked = set()
         for c in cands:  # one check per student and chain (QAT or not): the others differ in numbers only
-            shape = json.dumps([c.settings["student"], "qat" in c.recipe["stages"], c.settings["sparsity"] > 0],
-                               sort_keys=True)
-            if shape not in checked:
-                checked.add(shape)
-                r = recipe_mod.from_dict(c.rung_recipe(1.0, 0))
+            shape = json.dumps([c.settings["student"], c.settings["loss"], "qat" in c.recipe["stages"],
+                                c.settings["sparsity"] > 0, c.settings["variant"] == "int8_mixed"], sort_keys=True)
+            if shape in checked:
+                continue
+            checked.add(shape)
+            for rung in sorted({0, self.spec.rungs - 1}):  # the shortest rung has the fewest steps to prune in
+                r = recipe_mod.from_dict(c.rung_recipe(float(self.spec.eta) ** -(self.spec.rungs - 1 - rung), rung))
                 try:
                     preflight(Context(r, self.runs / r.run_name(), self.command, data=self.data))
                 except UserError as e:
                     raise UserError(f"search candidate {c.label}: {e}") from None
         self.root.mkdir(parents=True, exist_ok=True)
         need_latency = self.spec.objective == "latency" or self.spec.max_latency_ms is not None
-        space.predict(cands, self.data, self.threads, need_latency, self.root / "predicted.json", self.stream)
+        b = self.recipe.stages.benchmark
+        space.predict(cands, self.data, self.threads, need_latency, self.root / "predicted.json", self.stream,
+                      timing={"rounds": b.rounds, "round_seconds": b.min_seconds / b.rounds,
+                              "warmup_seconds": b.warmup_seconds})
         kept, excluded = [], []
         for c in cands:
             p, why = c.predicted, []
             if self.spec.max_kb is not None and p["size_bytes"] > self.spec.max_kb * KB:
                 why.append(f"file {p['size_bytes'] / KB:.1f} KB > {self.spec.max_kb:g} KB")
-            if self.spec.max_latency_ms is not None and p["latency_ms"] > self.spec.max_latency_ms:
+            # latency before training is a short measurement: only a clear miss is left out (the trained file is
+            # checked again)
+            if self.spec.max_latency_ms is not None and p["latency_ms"] > self.spec.max_latency_ms * 1.1:
                 why.append(f"latency {p['latency_ms']:.3f} ms > {self.spec.max_latency_ms:g} ms")
             if self.spec.min_runtime is not None and not loads_on(p["min_runtime"], self.spec.min_runtime):
                 why.append(f"needs TFLite {p['min_runtime']}, not {self.spec.min_runtime}")
             (excluded.append((c, "; ".join(why))) if why else kept.append(c))
-        kept.sort(key=self.cost_order)
-        not_tried = []
-        if len(kept) > self.spec.max_candidates:  # spread over the cost order, the cheapest and dearest included
-            import numpy as np
-
-            picks = set(np.linspace(0, len(kept) - 1, self.spec.max_candidates).round().astype(int).tolist())
-            not_tried = [c for i, c in enumerate(kept) if i not in picks]
-            kept = [c for i, c in enumerate(kept) if i in picks]
+        kept, not_tried = spread(sorted(kept, key=self.cost_order), self.spec.max_candidates)
         for c, why in excluded:
             self.status[c.key] = f"excluded before training: {why}"
         for c in not_tried:
@@ -140,35 +149,66 @@ class Search:
         return self.cost(c), c.index
 
     # -- the rounds ---------------------------------------------------------------------------------------------
+    def bound(self, met: Candidate) -> float:
+        """Returns the predicted cost above which no candidate can beat ``met``, which meets the target.
+
+        Sizes are predicted exactly or from below (an int8_mixed file as int8), so its measured size bounds them;
+        gzip sizes (of untrained weights) and latencies (noisy) are not, so they get a 10 % margin, latency
+        against its own prediction (the two measured together, before training).
+        """
+        if self.spec.objective == "latency":
+            return self.cost(met) * 1.1
+        return self.measured(met)[0] * (1.1 if self.spec.objective == "gzip" else 1.0)
+
     def run(self, cands: list[Candidate]) -> Outcome:
         """Runs the search over the prepared candidates ``cands``; returns its outcome."""
-        spec = self.spec
-        start = time.monotonic()
-        deadline = start + spec.max_minutes * 60 if spec.max_minutes else math.inf
+        spec, last = self.spec, self.spec.rungs - 1
+        self.start = time.monotonic()
+        deadline = self.start + spec.max_minutes * 60 if spec.max_minutes else math.inf
         cands = sorted(cands, key=self.cost_order)
-        alive, budget_stop, trained_runs = list(cands), None, 0
+        alive, reserve, budget_stop, trained_runs = list(cands), [], None, 0
         last_seconds: dict[int, float] = {}
-        for k in range(spec.rungs):
-            factor = float(spec.eta) ** -(spec.rungs - 1 - k)
-            met, trained = None, []
-            for i, c in enumerate(alive, 1):
-                if met is not None and self.cost(c) > self.cost(met):
-                    self.status[c.key] = (f"not trained in rung {k + 1}: {met.label} meets the target at a lower "
-                                          f"{spec.objective}")
-                    continue
-                left = deadline - time.monotonic()
-                if left <= 0 or last_seconds.get(k, 0) > left:
-                    budget_stop = (f"max_minutes {spec.max_minutes:g} reached in rung {k + 1} after "
-                                   f"{(time.monotonic() - start) / 60:.1f} min")
-                    break
-                res = self.train(c, k, factor, f"rung {k + 1}/{spec.rungs} · {i}/{len(alive)}")
+
+        def budget_left(k: int) -> bool:
+            """Whether a run of rung ``k`` fits the time left (judged by the last one of that rung, or eta times the
+            last one of the rung before)."""
+            nonlocal budget_stop
+            left = deadline - time.monotonic()
+            guess = last_seconds.get(k, last_seconds.get(k - 1, 0.0) * spec.eta)
+            if left > 0 and guess <= left:
+                return True
+            budget_stop = (f"max_minutes {spec.max_minutes:g} would be passed in rung {k + 1} after "
+                           f"{(time.monotonic() - self.start) / 60:.1f} min")
+            return False
+
+        def attempt(c: Candidate, k: int, where: str) -> RungResult | None:
+            nonlocal trained_runs
+            res = self.train(c, k, float(spec.eta) ** -(last - k), where)
+            if res is not None:
                 trained_runs += res.trained
                 if res.trained:
                     last_seconds[k] = res.seconds
+            return res
+
+        for k in range(spec.rungs):
+            met, trained = None, []
+            for i, c in enumerate(alive, 1):
+                if met is not None and self.cost(c) > self.bound(met):
+                    self.status[c.key] = (f"not trained in rung {k + 1}: {met.label} met the target at a lower "
+                                          f"{spec.objective}")
+                    reserve.append(c)
+                    continue
+                if not budget_left(k):
+                    for rest in alive[i - 1:]:
+                        self.status[rest.key] = f"not trained in rung {k + 1}: the time budget ran out"
+                    break
+                res = attempt(c, k, f"rung {k + 1}/{spec.rungs} · {i}/{len(alive)}")
+                if res is None:  # its run failed (the reason is its status): the others go on
+                    continue
                 trained.append(c)
                 if res.meets_target and met is None:
                     met = c
-            if budget_stop or k == spec.rungs - 1:
+            if budget_stop or k == last:
                 break
             keep = max(1, math.ceil(len(trained) / spec.eta))
             ranked = sorted(trained, key=lambda c: ((0, self.cost(c), c.index) if self.results[c.key][-1].meets_target
@@ -176,18 +216,30 @@ class Search:
             for c in ranked[keep:]:
                 self.status[c.key] = f"stopped after rung {k + 1}"
             alive = sorted(ranked[:keep], key=self.cost_order)
-        final = [c for c in cands if c.key in self.results and self.results[c.key][-1].rung == spec.rungs - 1]
+        final = [c for c in cands if c.key in self.results and self.results[c.key][-1].rung == last]
         latency = self.final_latency(final)
         chosen = self.choose(final, latency)
+        # What an early exit passed over, in case the candidate that made them needless missed in the end
+        reserve.sort(key=self.cost_order)
+        while chosen is None and reserve and not budget_stop:
+            c = reserve.pop(0)
+            if not budget_left(last):
+                self.status[c.key] = f"not trained in rung {last + 1}: the time budget ran out"
+                break
+            if attempt(c, last, f"rung {last + 1}/{spec.rungs} · passed over earlier") is not None:
+                final.append(c)
+                latency = self.final_latency(final)
+                chosen = self.choose(final, latency)
         for c in final:
-            self.status.setdefault(c.key, "trained to the end")
+            self.status[c.key] = "trained to the end"
         if chosen is not None:
             self.status[chosen.key] = "chosen"
-        return Outcome(chosen, self.target, self.teacher_val, [], [], budget_stop, trained_runs,
-                       time.monotonic() - start, latency)
+        return Outcome(chosen, self.target, self.teacher_val, budget_stop, trained_runs,
+                       time.monotonic() - self.start, latency)
 
-    def train(self, c: Candidate, rung: int, factor: float, where: str) -> RungResult:
-        """Runs candidate ``c``'s recipe for ``rung`` (resuming or taking what is cached); returns what it measured."""
+    def train(self, c: Candidate, rung: int, factor: float, where: str) -> RungResult | None:
+        """Runs candidate ``c``'s recipe for ``rung`` (resuming or taking what is cached); returns what it measured,
+        or None when its run stopped on a UserError (a diverging loss, say)."""
         from pipelines import recipe as recipe_mod
         from pipelines.run import run
 
@@ -203,6 +255,10 @@ class Search:
             with open(log, "a", buffering=1) as f, contextlib.redirect_stdout(f):
                 run_dir = run(r, out=self.runs, command=f"{self.command}  # candidate {c.label}, rung {rung + 1}",
                               stream=f, store=self.store, data=self.data, records=records)
+        except UserError as e:  # this candidate cannot be trained as it is (its loss diverged, say): say so, go on
+            print(f" failed: {e} (its log: {log})", file=self.stream, flush=True)
+            self.status[c.key] = f"failed in rung {rung + 1}: {e}"
+            return None
         except BaseException:
             print(f" stopped (its log: {log})", file=self.stream, flush=True)
             raise
@@ -227,7 +283,8 @@ class Search:
         print(f" val {res.val_accuracy:.2%} · test {res.accuracy:.2%} · {res.size_bytes / KB:.1f} KB · "
               f"{res.latency_ms:.3f} ms · {seconds:.0f} s{'' if res.trained else ' (cached)'}"
               f"{' · meets the target' if res.meets_target else ''}   best: "
-              f"{best.label if best else f'none yet at val >= {self.target:.2%}'}", file=self.stream, flush=True)
+              f"{best.label if best else f'none yet at val >= {self.target:.2%}'} · search "
+              f"{(time.monotonic() - self.start) / 60:.1f} min", file=self.stream, flush=True)
         return res
 
     def meets(self, res: RungResult) -> bool:
