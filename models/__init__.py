@@ -162,3 +162,99 @@ def mobilenet(input_shape, num_classes, width: float = 1.0,
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     out = layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inp, out, name="mobilenet")
+
+
+# -- keras.applications backbones ------------------------------------------------------------------------------
+#: registry name -> (the keras.applications class, the (scale, offset) that maps the models' [0, 1] input to the
+#: range the backbone was made for: [-1, 1] for the MobileNets and ResNet50V2, 0..255 for EfficientNetB0, which
+#: normalises with its own ImageNet mean and variance inside)
+APPLICATIONS = {
+    "mobilenet_v2": ("MobileNetV2", (2.0, -1.0)),
+    "mobilenet_v3_small": ("MobileNetV3Small", (2.0, -1.0)),
+    "mobilenet_v3_large": ("MobileNetV3Large", (2.0, -1.0)),
+    "efficientnet_b0": ("EfficientNetB0", (255.0, 0.0)),
+    "resnet50_v2": ("ResNet50V2", (2.0, -1.0)),
+}
+
+
+def _application(name, input_shape, num_classes, dropout, **options):
+    """Returns keras.applications ``name`` without its top, built untrained (nothing is downloaded) into one flat
+    Functional model: the preprocessing it expects as a ``preprocess`` Rescaling layer, the backbone's own layers
+    under their keras.applications names (so taps and weight files find them), then global average pooling,
+    dropout and a ``logits`` Dense layer."""
+    cls_name, (scale, offset) = APPLICATIONS[name]
+    inp = keras.Input(input_shape, name="image")
+    x = layers.Rescaling(scale, offset, name="preprocess")(inp)
+    base = getattr(keras.applications, cls_name)(include_top=False, weights=None, input_tensor=x, **options)
+    x = layers.GlobalAveragePooling2D(name="gap")(base.output)
+    if dropout:
+        x = layers.Dropout(dropout, name="drop")(x)
+    out = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inp, out, name=name)
+
+
+@register("mobilenet_v2")
+def mobilenet_v2(input_shape, num_classes, alpha: float = 1.0, dropout: float = 0.2):
+    """keras.applications MobileNetV2 (Sandler et al. 2018), width multiplier ``alpha``."""
+    return _application("mobilenet_v2", input_shape, num_classes, dropout, alpha=alpha)
+
+
+@register("mobilenet_v3_small")
+def mobilenet_v3_small(input_shape, num_classes, alpha: float = 1.0, minimalistic: bool = False,
+                       dropout: float = 0.2):
+    """keras.applications MobileNetV3Small (Howard et al. 2019); ``minimalistic`` drops squeeze-excite and
+    hard-swish."""
+    return _application("mobilenet_v3_small", input_shape, num_classes, dropout, alpha=alpha,
+                        minimalistic=minimalistic, include_preprocessing=False)
+
+
+@register("mobilenet_v3_large")
+def mobilenet_v3_large(input_shape, num_classes, alpha: float = 1.0, minimalistic: bool = False,
+                       dropout: float = 0.2):
+    """keras.applications MobileNetV3Large; ``minimalistic`` drops squeeze-excite and hard-swish."""
+    return _application("mobilenet_v3_large", input_shape, num_classes, dropout, alpha=alpha,
+                        minimalistic=minimalistic, include_preprocessing=False)
+
+
+@register("efficientnet_b0")
+def efficientnet_b0(input_shape, num_classes, dropout: float = 0.2):
+    """keras.applications EfficientNetB0 (Tan and Le 2019)."""
+    return _application("efficientnet_b0", input_shape, num_classes, dropout)
+
+
+@register("resnet50_v2")
+def resnet50_v2(input_shape, num_classes, dropout: float = 0.0):
+    """keras.applications ResNet50V2 (He et al. 2016, pre-activation)."""
+    return _application("resnet50_v2", input_shape, num_classes, dropout)
+
+
+def load_weights(model, path, where: str) -> None:
+    """Loads a user's weights file (.h5, by layer name, so a backbone's file fills the backbone of a model with a
+    new head) into ``model``; a file that is missing, unreadable, of other layers or other shapes is a UserError
+    naming ``where`` (``student.weights``)."""
+    from pathlib import Path
+
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{where}: file not found: {path}")
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        raise UserError(f"{where}: expected a Keras weights file in HDF5 (.h5, from model.save_weights), got {path.name}")
+    try:
+        with h5py.File(path, "r") as f:
+            group = f["model_weights"] if "model_weights" in f else f
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("layer_names", [])]
+    except (OSError, KeyError) as e:
+        raise UserError(f"{where}: cannot read {path.name} as a Keras weights file: {e}") from None
+    ours = {layer.name for layer in model.layers if layer.weights}
+    stored = [n for n in names if n in ours]
+    if not stored:
+        raise UserError(f"{where}: {path.name} holds no weights of a layer of '{model.name}' (its layers: "
+                        f"{', '.join(names[:4]) or 'none'}{' ...' if len(names) > 4 else ''}); is it for another "
+                        f"architecture?")
+    try:
+        model.load_weights(str(path), by_name=True, skip_mismatch=False)
+    except ValueError as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{where}: {path.name} does not match '{model.name}': {text}") from None

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-epochs", type=int, help="[teacher.epochs] epochs to train that teacher")
     g = p.add_argument_group("student and distillation")
     g.add_argument("--student", help="[student.arch] student architecture (with its default options) from the models registry "
-                   "(mlp, cnn, cnn_large, resnet8, mobilenet)")
+                   "(mlp, cnn, cnn_large, resnet8, mobilenet; keras.applications: mobilenet_v2, mobilenet_v3_small, "
+                   "mobilenet_v3_large, efficientnet_b0, resnet50_v2)")
     g.add_argument("--student-width", type=float, help="[student.options.width] width multiplier (cnn, resnet8, mobilenet)")
     g.add_argument("--epochs", type=int, help="[stages.distill.epochs] epochs of distillation (the baseline follows)")
     g.add_argument("--batch-size", type=int, help="[training.batch_size] training batch size")

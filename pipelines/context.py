@@ -80,8 +80,11 @@ class Context:
         from edge_kd.keras import keras
 
         keras.utils.set_random_seed(self.recipe.seed)
-        info = self.bundle.info
-        return models.build(self.recipe.student.arch, info.input_shape, info.num_classes, **self.recipe.student.options)
+        info, spec = self.bundle.info, self.recipe.student
+        model = models.build(spec.arch, info.input_shape, info.num_classes, **spec.options)
+        if spec.weights is not None:
+            models.load_weights(model, spec.weights, "student.weights")
+        return model
 
     def build_teacher(self):
         """Returns a fresh teacher of the recipe's architecture (what the teacher stage trains)."""
@@ -90,7 +93,10 @@ class Context:
 
         t, info = self.recipe.teacher, self.bundle.info
         keras.utils.set_random_seed(self.recipe.seed)
-        return models.build(t.arch, info.input_shape, info.num_classes, **t.options)
+        model = models.build(t.arch, info.input_shape, info.num_classes, **t.options)
+        if t.weights is not None:
+            models.load_weights(model, t.weights, "teacher.weights")
+        return model
 
     def teacher(self):
         """Returns the frozen teacher taking the student's input and giving logits."""
@@ -308,7 +314,9 @@ class Context:
     def training_key(self) -> dict:
         """Returns what a trained student depends on: the data, the training settings and the student."""
         r = self.recipe
-        return {**self.data_key(), "training": r.training.model_dump(), "student": r.student.model_dump()}
+        weights = None if r.student.weights is None else self.file_key(r.student.weights, "student.weights")
+        return {**self.data_key(), "training": r.training.model_dump(), "student": r.student.model_dump(),
+                "student_weights": weights}
 
     def distillation_key(self) -> dict:
         """Returns what distilling depends on: the loss, the teacher and the extra teachers' files."""
@@ -325,12 +333,12 @@ class Context:
             return {"trained": self.manifests.get("teacher", {}).get("fingerprint")}
         return {"file_sha256": self.file_key(t.path), "input_range": t.input_range, "trust": t.trust}
 
-    def file_key(self, path) -> str:
-        """Returns the sha256 of a user's file (hashed once per run)."""
+    def file_key(self, path, what: str = "teacher file") -> str:
+        """Returns the sha256 of a user's file (hashed once per run); ``what`` names it in the error of a missing one."""
         path = str(path)
         if path not in self._file_keys:
             if not Path(path).is_file():
-                raise UserError(f"teacher file not found: {path}")
+                raise UserError(f"{what} not found: {path}")
             self._file_keys[path] = sha256_file(path)
         return self._file_keys[path]
 

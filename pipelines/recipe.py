@@ -73,6 +73,8 @@ class TeacherSpec(OptimizerConfig):
     input_range: Optional[InputRange] = None
     arch: Str = "cnn_large"
     options: dict[str, Any] = {}
+    #: a Keras weights file (.h5) the teacher stage starts ``arch`` from, loaded by layer name
+    weights: Optional[Str] = None
     epochs: Annotated[Int, Field(ge=1)] = 3
     learning_rate: LearningRate = None
     #: label smoothing of the teacher's own training: off, as smoothed teachers distil worse (Müller et al. 2019)
@@ -83,6 +85,8 @@ class StudentSpec(Config):
     arch: Str = "cnn"
     #: keyword options of models.build, e.g. width
     options: dict[str, Any] = {}
+    #: a Keras weights file (.h5) the student starts from instead of random weights, loaded by layer name
+    weights: Optional[Str] = None
 
 
 class TrainingSpec(OptimizerConfig):

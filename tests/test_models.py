@@ -17,7 +17,7 @@ def test_registry_lists_the_documented_models():
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["28x28x1", "32x32x3"])
-@pytest.mark.parametrize("name", models.available())
+@pytest.mark.parametrize("name", [n for n in models.available() if n not in models.APPLICATIONS])
 def test_builds_gives_logits_and_matches_tflite_fp32(name, shape):
     keras.utils.set_random_seed(0)
     num_classes = 7
@@ -79,3 +79,52 @@ def test_unknown_model_or_option_is_a_user_error(name, kw, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg
+
+
+#: each keras.applications model at its smallest options, for the tests that convert it
+APPS = {"mobilenet_v2": {"alpha": 0.35}, "mobilenet_v3_small": {"alpha": 0.75, "minimalistic": True},
+        "mobilenet_v3_large": {"alpha": 0.75}, "efficientnet_b0": {}, "resnet50_v2": {}}
+
+
+def test_the_keras_applications_are_registered_under_their_names():
+    assert set(APPS) == set(models.APPLICATIONS) <= set(models.available())
+    assert models.options_of("mobilenet_v3_small") == ["alpha", "minimalistic", "dropout"]
+
+
+@pytest.mark.parametrize("name", list(APPS))
+def test_a_keras_application_builds_untrained_converts_to_int8_with_builtin_ops_and_loads_its_weights_file(
+        name, tmp_path):
+    from edge_kd.bench import parity
+
+    keras.utils.set_random_seed(0)
+    model = models.build(name, (32, 32, 3), 5, **APPS[name])
+    assert model.output_shape == (None, 5) and model.layers[-1].name == "logits"
+    assert model.get_layer("preprocess").get_config()["scale"] == models.APPLICATIONS[name][1][0]
+    assert len([layer for layer in model.layers if isinstance(layer, keras.Model)]) == 0  # one flat graph
+    x = np.random.default_rng(0).random((4, 32, 32, 3)).astype(np.float32)
+    flat = convert(model, "int8", representative=x)
+    (tmp_path / "m.tflite").write_bytes(flat)
+    ops = parity.ops(tmp_path / "m.tflite")
+    assert not [op for op in ops["ops"] if op.startswith("CUSTOM") or op == "FlexDelegate"], ops
+    assert TFLiteModel(flat).predict(x).shape == (4, 5)
+    # a user's weights file fills the same architecture, layer by layer
+    model.save_weights(tmp_path / "w.h5")
+    keras.utils.set_random_seed(1)
+    fresh = models.build(name, (32, 32, 3), 5, **APPS[name])
+    models.load_weights(fresh, tmp_path / "w.h5", "student.weights")
+    for a, b in zip(model.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_weights_file_of_another_architecture_is_a_one_line_error(tmp_path):
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="other")]).save_weights(tmp_path / "other.h5")
+    models.build("cnn", (32, 32, 3), 5).save_weights(tmp_path / "cnn.h5")  # its logits layer is 1536 wide
+    models.build("mobilenet_v2", (32, 32, 3), 7, alpha=0.35).save_weights(tmp_path / "seven.h5")
+    (tmp_path / "w.keras").write_bytes(b"")
+    target = models.build("mobilenet_v2", (32, 32, 3), 5, alpha=0.35)
+    for file, words in (("other.h5", "no weights of a layer"), ("cnn.h5", "(1536, 5)"), ("seven.h5", "does not match"),
+                        ("missing.h5", "not found"), ("w.keras", "expected a Keras weights file")):
+        with pytest.raises(UserError) as e:
+            models.load_weights(target, tmp_path / file, "student.weights")
+        assert str(e.value).startswith("student.weights: ") and words in str(e.value) and "\n" not in str(e.value)
+

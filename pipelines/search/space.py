@@ -94,19 +94,21 @@ def _students(recipe, spec: SearchSpec) -> list[dict]:
             arch = s.arch or recipe.student.arch
             options = s.options if (s.arch or s.options) else recipe.student.options
             models.check_options(arch, options, f"search.students.{i}")
-            out.append({"arch": arch, "options": dict(options)})
+            out.append({"arch": arch, "options": dict(options), "weights": s.weights})
         return out
-    arch, options = recipe.student.arch, dict(recipe.student.options)
+    arch, options, weights = recipe.student.arch, dict(recipe.student.options), recipe.student.weights
     known = models.options_of(arch)
     if "width" in known:  # at 1 the recipe's own options, as given: the same fingerprints as its run
-        return [{"arch": arch, "options": options if w == 1 else {**options, "width": round(options.get("width", 1.0) * w, 4)}}
+        return [{"arch": arch, "options": options, "weights": weights} if w == 1 else  # other widths: new weights
+                {"arch": arch, "options": {**options, "width": round(options.get("width", 1.0) * w, 4)}, "weights": None}
                 for w in spec.widths]
     if "hidden" in known:
         import inspect
 
         hidden = options.get("hidden") or inspect.signature(models._REGISTRY[arch]).parameters["hidden"].default
-        return [{"arch": arch, "options": options if w == 1 else {**options, "hidden": [max(4, int(round(h * w)))
-                                                                                        for h in hidden]}}
+        return [{"arch": arch, "options": options, "weights": weights} if w == 1 else
+                {"arch": arch, "options": {**options, "hidden": [max(4, int(round(h * w))) for h in hidden]},
+                 "weights": None}
                 for w in spec.widths]
     raise UserError(f"search.widths: student '{arch}' has no width or hidden option to scale; list the students "
                     "to try in search.students instead")

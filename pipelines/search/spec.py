@@ -21,6 +21,8 @@ class StudentChoice(Config):
     arch: Optional[Str] = None
     #: the architecture's options (models.options_of), replacing the recipe's student.options
     options: dict[str, Any] = {}
+    #: a weights file this student starts from (student.weights)
+    weights: Optional[Str] = None
 
 
 class SearchSpec(Config):

@@ -20,8 +20,10 @@ class Teacher(Stage):
 
     def key(self, ctx):
         tr = ctx.recipe.training
+        t = ctx.recipe.teacher
         return {**ctx.data_key(), "batch_size": tr.batch_size, "strategy": tr.strategy,
-                "mixed_precision": tr.mixed_precision, "teacher": ctx.recipe.teacher.model_dump()}
+                "mixed_precision": tr.mixed_precision, "teacher": t.model_dump(),
+                "weights": None if t.weights is None else ctx.file_key(t.weights, "teacher.weights")}
 
     def check(self, ctx):
         ctx.build_teacher()  # the architecture and its options build for this data

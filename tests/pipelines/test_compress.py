@@ -99,6 +99,10 @@ BAD_CASES = {
                                          ["model 'cnn'", "wide"]),
     "prune end beyond the steps": (lambda d: ["--limit-train", "300", "--set", "prune.end_step=100000"],
                                    ["prune.end_step 100000", "training steps"]),
+    "student weights of another model": (lambda d: ["--limit-train", "300", "--set", f"student.weights={d['other_h5']}"],
+                                         ["student.weights: other.h5 holds no weights of a layer of 'cnn'"]),
+    "missing student weights": (lambda d: ["--limit-train", "300", "--set", f"student.weights={d['tmp'] / 'no.h5'}"],
+                                ["student.weights: file not found"]),
 }
 
 
@@ -131,6 +135,8 @@ def bad_inputs(tmp_path_factory):
     d["badlabel_npz"] = tmp / "badlabel.npz"
     (tmp / "a_file").write_text("not a folder")
     d["a_file"] = tmp / "a_file"
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="other")]).save_weights(tmp / "other.h5")
+    d["other_h5"] = tmp / "other.h5"
     return d
 
 
@@ -361,3 +367,20 @@ def test_optional_clustering_stage_then_pcqat_keeps_sparsity_and_few_weight_valu
     for layer in clustered.layers:
         if getattr(layer, "kernel", None) is not None:
             assert len(np.unique(layer.kernel.numpy())) <= 8
+
+
+def test_the_student_starts_from_its_weights_file_and_the_file_enters_the_fingerprint(tmp_path):
+    import models
+    from pipelines import recipe as recipe_mod
+    from pipelines.context import Context
+
+    keras.utils.set_random_seed(5)
+    trained = models.build("cnn", (28, 28, 1), 10, filters=[16, 32, 48])
+    trained.save_weights(tmp_path / "w.h5")
+    r = recipe_mod.apply_overrides(recipe_mod.load(), [f"student.weights={tmp_path / 'w.h5'}", "data.limit_train=300"])
+    ctx = Context(r, tmp_path / "run", "test")
+    for a, b in zip(trained.get_weights(), ctx.build_student().get_weights()):
+        np.testing.assert_array_equal(a, b)
+    before = ctx.training_key()["student_weights"]
+    models.build("cnn", (28, 28, 1), 10, filters=[16, 32, 48]).save_weights(tmp_path / "w.h5")  # other weights
+    assert Context(r, tmp_path / "run", "test").training_key()["student_weights"] != before
