@@ -19,13 +19,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ClassVar, Optional
 
+from pydantic import AfterValidator
+
 from edge_kd.augment import AugmentConfig
-from edge_kd.config import Bool, Config, Field, Float, Int
+from edge_kd.config import Bool, Config, Field, Float, Int, Invalid, Str
 
 if TYPE_CHECKING:  # only for annotations: a stage module imports no pipeline code it does not run
     from pipelines.context import Context
     from pipelines.recipe import Recipe
 
+def _runtime_version(v):
+    from edge_kd.bench.compat import version_key
+
+    try:
+        version_key(v)
+    except ValueError:
+        raise Invalid("", f"must be a TFLite runtime version such as 2.14 or 2.14.0, got {v!r}") from None
+    return v
+
+
+#: a TFLite runtime version, "2.14" or "2.14.0" (a model must load on it: bundle.min_runtime, search.min_runtime)
+RuntimeVersion = Annotated[Str, AfterValidator(_runtime_version)]
 Epochs = Annotated[Int, Field(ge=1)]
 #: a stage's learning rate; null means the recipe's training.learning_rate (resolved when the recipe loads)
 LearningRate = Optional[Annotated[Float, Field(gt=0)]]

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import field_validator
-
-from edge_kd.config import Config, Field, Float, Int, Invalid, Str
+from edge_kd.config import Config, Field, Float, Int, Str
+from pipelines.stage import RuntimeVersion
 
 #: the quantization variants a candidate may ship (int8_mixed is the selective one: its worst layers in float)
 VARIANTS = ("int8", "int16x8", "dynamic", "int8_mixed")
@@ -44,7 +43,7 @@ class SearchSpec(Config):
     #: thread count), the oldest TFLite runtime it must load on
     max_kb: Optional[Annotated[Float, Field(gt=0)]] = None
     max_latency_ms: Optional[Annotated[Float, Field(gt=0)]] = None
-    min_runtime: Optional[Str] = None
+    min_runtime: Optional[RuntimeVersion] = None
     #: what "smallest" means: file size, latency, or gzip size (where sparsity pays)
     objective: Literal["size", "latency", "gzip"] = "size"
     #: the budget: how many points of the space are trained at all, and the wall time of one invocation
@@ -54,15 +53,3 @@ class SearchSpec(Config):
     #: before; the last at the recipe's epochs
     rungs: Annotated[Int, Field(ge=1, le=4)] = 2
     eta: Annotated[Int, Field(ge=2)] = 3
-
-    @field_validator("min_runtime")
-    @classmethod
-    def _version(cls, v):
-        from edge_kd.bench.compat import version_key
-
-        if v is not None:
-            try:
-                version_key(v)
-            except ValueError:
-                raise Invalid("", f"must be a TFLite runtime version such as 2.14 or 2.14.0, got {v!r}") from None
-        return v

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-from pydantic import field_validator
-
-from edge_kd.config import Field, Float, Int, Invalid, Str
+from edge_kd.config import Field, Float, Int, Str
 from edge_kd.errors import UserError
-from pipelines.stage import Stage, StageSettings
+from pipelines.stage import RuntimeVersion, Stage, StageSettings
 
 
 class BundleSettings(StageSettings):
@@ -18,19 +16,7 @@ class BundleSettings(StageSettings):
     #: real test images stored with their expected outputs
     golden: Annotated[Int, Field(ge=1, le=1000)] = 8
     #: e.g. "2.14": bundle only a model that loads on this TFLite runtime (read from each file's metadata)
-    min_runtime: Optional[Str] = None
-
-    @field_validator("min_runtime")
-    @classmethod
-    def _version(cls, v):
-        from edge_kd.bench.compat import version_key
-
-        if v is not None:
-            try:
-                version_key(v)
-            except ValueError:
-                raise Invalid("", f"must be a TFLite runtime version such as 2.14 or 2.14.0, got {v!r}") from None
-        return v
+    min_runtime: Optional[RuntimeVersion] = None
 
 
 class Bundle(Stage):
