@@ -179,11 +179,8 @@ def main(argv=None, quiet_native: bool = False) -> int:
     """
     args = build_parser().parse_args(argv)
     command = " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])
-    native_log = os.path.join(tempfile.gettempdir(), f"edge-kd-native-{os.getpid()}.log")
-    if quiet_native:  # before TensorFlow is first imported, which happens while the recipe is checked
-        _send_native_logs_to(native_log)
-    keep_log = False
-    try:
+
+    def body(native_log):
         recipe = load_recipe(args)
         from pipelines.run import run
         from pipelines.runner import Interrupted
@@ -197,16 +194,34 @@ def main(argv=None, quiet_native: bool = False) -> int:
         if quiet_native:
             shutil.copyfile(native_log, run_dir / "native.log")
         return 0
+
+    return run_command(PROG, body, quiet_native, kept="finished stages")
+
+
+def run_command(prog: str, body, quiet_native: bool, kept: str) -> int:
+    """Runs ``body(native_log)``, a command's work, and returns its exit status: body's, or 2 for a UserError (one
+    line), 130 for Ctrl-C (saying that ``kept`` are kept and a rerun resumes).
+
+    With ``quiet_native``, TensorFlow's C++ log lines go to ``native_log``, a temporary file, set up before body
+    runs (and so before TensorFlow is first imported); it is removed afterwards, unless the command failed with
+    a traceback, whose message then names it.
+    """
+    native_log = os.path.join(tempfile.gettempdir(), f"edge-kd-native-{os.getpid()}.log")
+    if quiet_native:
+        _send_native_logs_to(native_log)
+    keep_log = False
+    try:
+        return body(native_log)
     except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished stages are kept: rerun the same command to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; {kept} are kept: rerun the same command to resume", file=sys.stderr)
         return 130
     except BaseException:
         keep_log = quiet_native
         if keep_log:
-            print(f"{PROG}: failed; TensorFlow's own log is in {native_log}", file=sys.stderr)
+            print(f"{prog}: failed; TensorFlow's own log is in {native_log}", file=sys.stderr)
         raise
     finally:
         if quiet_native and not keep_log and os.path.exists(native_log):

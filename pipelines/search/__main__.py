@@ -12,9 +12,7 @@ settings (before anything trains), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 
 from edge_kd.errors import UserError
 
@@ -91,15 +89,12 @@ def load(args):
 
 def main(argv=None, quiet_native: bool = False) -> int:
     """Runs the command; returns its exit status."""
-    from pipelines.compress import _send_native_logs_to
+    from pipelines.compress import run_command
 
     args = build_parser().parse_args(argv)
     command = " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])
-    native_log = os.path.join(tempfile.gettempdir(), f"edge-kd-native-{os.getpid()}.log")
-    if quiet_native:
-        _send_native_logs_to(native_log)
-    keep_log = False
-    try:
+
+    def body(native_log):
         recipe, spec = load(args)
         from pipelines.runner import Interrupted
         from pipelines.search import report, space
@@ -144,21 +139,8 @@ def main(argv=None, quiet_native: bool = False) -> int:
               f"{ch['size_bytes']:,} bytes, {ch['latency_ms']:.3f} ms; bundle: {search.root / 'bundle'}; recipe: "
               f"{search.root / 'recipe.yaml'}", flush=True)
         return 0
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished runs and stages are kept: rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    except BaseException:
-        keep_log = quiet_native
-        if keep_log:
-            print(f"{PROG}: failed; TensorFlow's own log is in {native_log}", file=sys.stderr)
-        raise
-    finally:
-        if quiet_native and not keep_log and os.path.exists(native_log):
-            os.unlink(native_log)
+
+    return run_command(PROG, body, quiet_native, kept="finished runs and stages")
 
 
 if __name__ == "__main__":
