@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from edge_kd.errors import UserError
-from pipelines.search.space import Candidate
+from pipelines.search.space import TRAINING_STAGES, Candidate
 from pipelines.search.spec import SearchSpec
 
 KB = 1024
@@ -245,7 +245,7 @@ class Search:
 
         raw = c.rung_recipe(factor, rung)
         r = recipe_mod.from_dict(raw)
-        epochs = {n: raw["stages"][n]["epochs"] for n in ("distill", "prune", "cluster", "qat") if n in raw["stages"]}
+        epochs = {n: raw["stages"][n]["epochs"] for n in TRAINING_STAGES if n in raw["stages"]}
         print(f"[{where}] {c.label} ({', '.join(f'{n} {e}' for n, e in epochs.items())} epochs) ...", end="",
               file=self.stream, flush=True)
         log = self.root / "logs" / f"{r.run_name()}.log"
