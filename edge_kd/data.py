@@ -74,6 +74,9 @@ class DataInfo:
     class_names: tuple[str, ...]
     input_scale: float = 1.0 / 255.0
     input_offset: float = 0.0
+    #: (H, W) of the images as the source holds them, before ``image_size`` resizes them (the median by area when
+    #: an image folder's differ; None when unknown): what rules such as BiT-HyperRule's resolution go by
+    source_size: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -271,13 +274,12 @@ class ImageStore:
         return np.stack([got[int(i)] for i in indices])
 
     def _finish(self, image):
-        """Resizes a decoded image (H, W, C) to ``size`` (bicubic, antialiased) and fixes its shape."""
+        """Resizes a decoded image (H, W, C) to ``size`` (``resize_uint8``) and fixes its shape."""
         from edge_kd.keras import tf
 
         image.set_shape([None, None, self.shape[-1]])
         if self.size is not None:
-            image = tf.image.resize(image, self.size, method="bicubic", antialias=True)
-            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+            image = resize_uint8(image, self.size)
         return tf.ensure_shape(image, self.shape[1:])
 
 
@@ -377,7 +379,7 @@ def load(source: str = "fashion_mnist", *, val_fraction: float = 0.1, seed: int 
 
     ``val_fraction`` of the training images (stratified, by ``seed``) are held out for validation.
     ``limit_train``/``limit_test`` keep the first N (after a seeded shuffle) for quick runs.
-    ``image_size`` (H, W) resizes image-folder and tfds images; ``test_fraction`` splits an image folder
+    ``image_size`` (H, W) resizes the images of any source (``resize_uint8``); ``test_fraction`` splits an image folder
     that has no ``test/`` subfolder. The settings are checked by ``DataConfig``.
     """
     cfg = DataConfig(source=str(source), val_fraction=val_fraction, limit_train=limit_train, limit_test=limit_test,
@@ -393,19 +395,22 @@ def load_config(cfg: DataConfig, seed: int = 0) -> DataBundle:
         x_tr, y_tr, x_te, y_te, class_names = _load_npz(BUILTIN[source])
         class_names = class_names or BUILTIN_CLASSES.get(source)
         digest = sha256_file(BUILTIN[source])
+        source_size = tuple(x_tr.shape[1:3])
     elif source.startswith("tfds:"):
         name = source[5:]
-        x_tr, y_tr, x_te, y_te, class_names, version = _load_tfds(name, image_size)
+        x_tr, y_tr, x_te, y_te, class_names, version, source_size = _load_tfds(name, image_size)
         digest = hashlib.sha256(f"tfds:{name}:{version}".encode()).hexdigest()
     else:
         path = Path(source)
         name = path.stem or path.name
         if path.is_dir():
-            x_tr, y_tr, x_te, y_te, class_names = _load_folder(path, image_size, cfg.test_fraction, seed)
+            x_tr, y_tr, x_te, y_te, class_names, source_size = _load_folder(path, image_size, cfg.test_fraction,
+                                                                             seed)
             digest = _listing_digest(path)
         elif path.is_file() and path.suffix.lower() == ".npz":
             x_tr, y_tr, x_te, y_te, class_names = _load_npz(path)
             digest = sha256_file(path)
+            source_size = tuple(x_tr.shape[1:3])
         elif path.exists():
             raise UserError(f"data '{source}' is neither an .npz file nor a folder of class subfolders")
         else:
@@ -429,15 +434,35 @@ def load_config(cfg: DataConfig, seed: int = 0) -> DataBundle:
     if cfg.limit_test is not None:
         keep = np.sort(np.random.default_rng(seed + 1).permutation(len(x_te))[: cfg.limit_test])
         x_te, y_te = x_te[keep], y_te[keep]
+    if image_size is not None and isinstance(x_tr, np.ndarray) and tuple(x_tr.shape[1:3]) != tuple(image_size):
+        x_tr, x_te = _resized(x_tr, image_size), _resized(x_te, image_size)
     val_idx = _stratified_holdout(y_tr, cfg.val_fraction, rng)
     train_mask = np.ones(len(y_tr), bool)
     train_mask[val_idx] = False
     if not train_mask.any():
         raise UserError(f"data '{source}': val_fraction {cfg.val_fraction:g} leaves no training image")
     info = DataInfo(name=name, num_classes=num_classes, input_shape=tuple(int(d) for d in x_tr.shape[1:]),
-                    class_names=tuple(class_names))
+                    class_names=tuple(class_names),
+                    source_size=None if source_size is None else (int(source_size[0]), int(source_size[1])))
     return DataBundle(info, x_tr[train_mask], y_tr[train_mask], x_tr[val_idx], y_tr[val_idx], x_te, y_te,
                       source_digest=digest)
+
+
+def resize_uint8(images, size):
+    """Returns uint8 image(s) (H, W, C or N, H, W, C) resized to ``size`` (H, W): bicubic, antialiased, rounded
+    and clipped back to uint8; how every source's images are resized (``image_size``)."""
+    from edge_kd.keras import tf
+
+    out = tf.image.resize(images, size, method="bicubic", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+
+def _resized(x: np.ndarray, size, chunk: int = 512) -> np.ndarray:
+    """Returns in-memory uint8 images ``x`` resized to ``size``, a chunk at a time."""
+    out = np.empty((len(x), int(size[0]), int(size[1]), x.shape[-1]), np.uint8)
+    for i in range(0, len(x), chunk):
+        out[i:i + chunk] = resize_uint8(x[i:i + chunk], size).numpy()
+    return out
 
 
 def _listing_digest(root: Path) -> str:
@@ -558,6 +583,12 @@ def _image_shape(sizes, modes, size, differ: str) -> tuple[int, int, int]:
     return int(h), int(w), 3 if "RGB" in modes else 1
 
 
+def _median_size(sizes) -> tuple[int, int]:
+    """Returns the (H, W) of median area among the distinct image sizes ``sizes``."""
+    ordered = sorted(sizes, key=lambda s: (s[0] * s[1], s))
+    return ordered[len(ordered) // 2]
+
+
 def _load_folder(root: Path, size, test_fraction, seed):
     """Returns the folder's train and test images as ``ImageFiles`` stores (nothing decoded yet) and labels."""
     splits = {s: root / s for s in ("train", "test") if (root / s).is_dir()}
@@ -571,7 +602,7 @@ def _load_folder(root: Path, size, test_fraction, seed):
         shape = _image_shape(tr_sizes | te_sizes, tr_modes | te_modes, size,
                              f"image folder {root}: train/ and test/ images differ in size")
         return (ImageFiles(tr_files[0], shape, size, tr_files[1]), y_tr, ImageFiles(te_files[0], shape, size, te_files[1]),
-                y_te, tuple(classes))
+                y_te, tuple(classes), _median_size(tr_sizes | te_sizes))
     classes, (paths, by_pil), y, sizes, modes = _read_class_folders(root, str(root))
     x = ImageFiles(paths, _image_shape(sizes, modes, size, "images differ in size"), size, by_pil)
     test_idx = _stratified_holdout(y, test_fraction, np.random.default_rng(seed + 7))
@@ -579,7 +610,7 @@ def _load_folder(root: Path, size, test_fraction, seed):
         raise UserError(f"image folder {root}: too few images to hold out a test split")
     mask = np.ones(len(y), bool)
     mask[test_idx] = False
-    return x[mask], y[mask], x[test_idx], y[test_idx], tuple(classes)
+    return x[mask], y[mask], x[test_idx], y[test_idx], tuple(classes), _median_size(sizes)
 
 
 def _tfds_records(name: str, data_dir, split: str):
@@ -638,4 +669,4 @@ def _load_tfds(name: str, size):
     except Exception as e:  # no network, a failed download, a broken cache
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot get tfds dataset '{name}' (download or preparation failed): {msg}") from None
-    return out[0], out[1], out[2], out[3], names, str(builder.info.version)
+    return out[0], out[1], out[2], out[3], names, str(builder.info.version), (None if h is None or w is None else (h, w))

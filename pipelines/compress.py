@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(uint8 pixels), a folder with one subfolder of images per class (optionally under train/ and "
                    "test/), or tfds:<name> (tensorflow-datasets; downloads once)")
     g.add_argument("--image-size", type=lambda t: _pair(int, 2, t), metavar="H,W",
-                   help="[data.image_size] resize image-folder and tfds images to H,W")
+                   help="[data.image_size] resize the images to H,W (any source)")
     g.add_argument("--val-fraction", type=float, help="[data.val_fraction] training images held out for validation")
     g.add_argument("--limit-train", type=int, metavar="N", help="[data.limit_train] use only N training images")
     g.add_argument("--limit-test", type=int, metavar="N", help="[data.limit_test] use only N test images")
