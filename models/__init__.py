@@ -228,10 +228,11 @@ def resnet50_v2(input_shape, num_classes, dropout: float = 0.0):
     return _application("resnet50_v2", input_shape, num_classes, dropout)
 
 
-def load_weights(model, path, where: str) -> None:
-    """Loads a user's weights file (.h5, by layer name, so a backbone's file fills the backbone of a model with a
-    new head) into ``model``; a file that is missing, unreadable, of other layers or other shapes is a UserError
-    naming ``where`` (``student.weights``)."""
+def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:
+    """Loads a user's weights file (.h5, from ``save_weights`` or ``save``) into ``model`` by layer name, so a
+    backbone's file fills the backbone of a model with a new head; layers named in ``skip`` are left as they are.
+    A file that is missing, unreadable, of other layers or other shapes is a UserError naming ``where``
+    (``student.weights``)."""
     from pathlib import Path
 
     import h5py
@@ -241,20 +242,32 @@ def load_weights(model, path, where: str) -> None:
         raise UserError(f"{where}: file not found: {path}")
     if path.suffix.lower() not in (".h5", ".hdf5"):
         raise UserError(f"{where}: expected a Keras weights file in HDF5 (.h5, from model.save_weights), got {path.name}")
+    ours = {layer.name: layer for layer in model.layers if layer.weights and layer.name not in skip}
     try:
         with h5py.File(path, "r") as f:
             group = f["model_weights"] if "model_weights" in f else f
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("layer_names", [])]
+            names = [_text(n) for n in group.attrs.get("layer_names", [])]
+            stored = {}
+            for name in names:
+                if name in ours:
+                    g = group[name]
+                    stored[name] = [g[_text(w)][()] for w in g.attrs.get("weight_names", [])]
     except (OSError, KeyError) as e:
         raise UserError(f"{where}: cannot read {path.name} as a Keras weights file: {e}") from None
-    ours = {layer.name for layer in model.layers if layer.weights}
-    stored = [n for n in names if n in ours]
     if not stored:
         raise UserError(f"{where}: {path.name} holds no weights of a layer of '{model.name}' (its layers: "
                         f"{', '.join(names[:4]) or 'none'}{' ...' if len(names) > 4 else ''}); is it for another "
                         f"architecture?")
-    try:
-        model.load_weights(str(path), by_name=True, skip_mismatch=False)
-    except ValueError as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{where}: {path.name} does not match '{model.name}': {text}") from None
+    for name, arrays in stored.items():
+        layer = ours[name]
+        variables = layer.trainable_weights + layer.non_trainable_weights  # the order the file keeps
+        shapes = [tuple(v.shape) for v in variables]
+        if [a.shape for a in arrays] != shapes:
+            raise UserError(f"{where}: {path.name} does not match '{model.name}': layer {name!r} holds weights of "
+                            f"shapes {[a.shape for a in arrays]}, the model's are {shapes}")
+        for v, a in zip(variables, arrays):
+            v.assign(a)
+
+
+def _text(name) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)

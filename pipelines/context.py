@@ -86,17 +86,30 @@ class Context:
             models.load_weights(model, spec.weights, "student.weights")
         return model
 
-    def build_teacher(self):
-        """Returns a fresh teacher of the recipe's architecture (what the teacher stage trains)."""
+    def build_teacher(self, input_shape=None):
+        """Returns a fresh teacher of the recipe's architecture (what the teacher stage trains), for the data's
+        input shape or ``input_shape``; with ``teacher.finetune`` its head (``logits``) is new and zero."""
         import models
         from edge_kd.keras import keras
 
         t, info = self.recipe.teacher, self.bundle.info
         keras.utils.set_random_seed(self.recipe.seed)
-        model = models.build(t.arch, info.input_shape, info.num_classes, **t.options)
+        model = models.build(t.architecture(), input_shape or info.input_shape, info.num_classes, **t.options)
         if t.weights is not None:
-            models.load_weights(model, t.weights, "teacher.weights")
+            models.load_weights(model, t.weights, "teacher.weights", skip=("logits",) if t.finetune else ())
+        if t.finetune:
+            from edge_kd import bit
+
+            bit.zero_head(model)
         return model
+
+    def bit_rule(self):
+        """Returns the BiT-HyperRule of this run's data (``teacher.finetune: bit``)."""
+        from edge_kd import bit
+
+        t, info = self.recipe.teacher, self.bundle.info
+        return bit.rule(self.bundle.count("train"), info.source_size or info.input_shape[:2],
+                        self.recipe.training.batch_size, t.bit_scale, t.bit_resolution)
 
     def teacher(self):
         """Returns the frozen teacher taking the student's input and giving logits."""

@@ -79,6 +79,38 @@ class TeacherSpec(OptimizerConfig):
     learning_rate: LearningRate = None
     #: label smoothing of the teacher's own training: off, as smoothed teachers distil worse (Müller et al. 2019)
     label_smoothing: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    #: bit: the teacher stage fine-tunes ``backbone`` from ``weights`` by BiT-HyperRule (edge_kd.bit), which then
+    #: sets the optimizer, schedule, MixUp and resolution (epochs, learning_rate and the optimizer keys are unused)
+    finetune: Optional[Literal["bit"]] = None
+    #: finetune: a keras.applications name of the registry (resnet50_v2, efficientnet_b0, mobilenet_v2, ...)
+    backbone: Optional[Str] = None
+    #: finetune: the rule's step counts times this (a compute budget; 1 is the rule)
+    bit_scale: Annotated[Float, Field(gt=0, le=1)] = 1.0
+    #: finetune: [resize, crop] in place of the rule's resolution (a compute budget; null is the rule)
+    bit_resolution: Optional[Annotated[list[Annotated[Int, Field(gt=0)]], Field(min_length=2, max_length=2)]] = None
+
+    @model_validator(mode="after")
+    def _finetune(self):
+        if self.finetune is None:
+            for key in ("backbone", "bit_resolution"):
+                if getattr(self, key) is not None:
+                    raise Invalid(key, "is read only with teacher.finetune: bit")
+            return self
+        if self.path is not None:
+            raise Invalid("finetune", "fine-tunes a backbone in the teacher stage, so teacher.path must be null")
+        if self.backbone is None:
+            raise Invalid("backbone", "must name the keras.applications backbone to fine-tune (resnet50_v2, "
+                                      "efficientnet_b0, mobilenet_v2, ...)")
+        if self.weights is None:
+            raise Invalid("weights", "must be your pretrained backbone's weights (.h5): BiT-HyperRule fine-tunes "
+                                     "pretrained weights")
+        if self.bit_resolution is not None and not self.bit_resolution[0] >= self.bit_resolution[1]:
+            raise Invalid("bit_resolution", f"must be [resize, crop] with resize >= crop, got {self.bit_resolution}")
+        return self
+
+    def architecture(self) -> str:
+        """Returns the architecture the teacher stage builds: the backbone when fine-tuning, else ``arch``."""
+        return self.backbone if self.finetune else self.arch
 
 
 class StudentSpec(Config):
@@ -382,7 +414,10 @@ def _check(r: Recipe):
     models.check_options(r.student.arch, r.student.options, "student")
     if r.teacher is not None:
         if r.teacher.path is None:
-            models.check_options(r.teacher.arch, r.teacher.options, "teacher")
+            if r.teacher.finetune and r.teacher.backbone not in models.APPLICATIONS:
+                raise UserError(f"teacher.backbone '{r.teacher.backbone}' is not a keras.applications backbone; "
+                                f"available: {', '.join(models.APPLICATIONS)}")
+            models.check_options(r.teacher.architecture(), r.teacher.options, "teacher")
             if "teacher" not in names:
                 raise UserError("teacher.path is null, so stages.teacher must train one (or set teacher: null for "
                                 "no teacher)")

@@ -13,7 +13,10 @@ class Teacher(Stage):
     keras_row = ("teacher", "teacher")
 
     def title(self, recipe):
-        return f"train teacher '{recipe.teacher.arch}' ({recipe.teacher.epochs} epochs)"
+        t = recipe.teacher
+        if t.finetune:
+            return f"fine-tune teacher '{t.backbone}' from {t.weights} by BiT-HyperRule"
+        return f"train teacher '{t.arch}' ({t.epochs} epochs)"
 
     def resolve(self, settings, recipe):
         return resolve_augment(settings, recipe)
@@ -26,7 +29,7 @@ class Teacher(Stage):
                 "weights": None if t.weights is None else ctx.file_key(t.weights, "teacher.weights")}
 
     def check(self, ctx):
-        ctx.build_teacher()  # the architecture and its options build for this data
+        ctx.build_teacher()  # the architecture and its options build for this data, its weights file loads
 
     def run(self, ctx, out):
         from edge_kd.distill import Distiller
@@ -34,9 +37,42 @@ class Teacher(Stage):
         from pipelines.stages.common import save_model
 
         t = ctx.recipe.teacher
+        if t.finetune:
+            return self._finetune(ctx, out)
         model = ctx.build_teacher()
         distiller = Distiller(model, augment=ctx.augmenter(self.name), label_smoothing=t.label_smoothing)
         history = ctx.fit(distiller, t.epochs, t.learning_rate, optimizer=t)
         save_model(model, out / self.model_file)
         write_json(out / "history.json", history)
         return {"val_accuracy": history["val_accuracy"][-1]}
+
+    def _finetune(self, ctx, out):
+        """BiT-HyperRule: the backbone at the rule's crop resolution with a zero head, trained through a random
+        resize-and-crop (and MixUp where the rule has it) by the rule's SGD schedule; the saved teacher takes
+        crop×crop images, and the adapter resizes the student's input to it."""
+        from edge_kd import bit
+        from edge_kd.augment import AugmentConfig, Augmenter
+        from edge_kd.distill import Distiller
+        from edge_kd.fileio import write_json
+        from pipelines.stages.common import save_model
+
+        t, info = ctx.recipe.teacher, ctx.bundle.info
+        rule = ctx.bit_rule()
+        described = rule.describe()
+        steps_per_epoch = ctx.steps_per_epoch()
+        epochs = bit.epochs_for(rule.steps, steps_per_epoch)
+        described["trained_steps"] = epochs * steps_per_epoch
+        write_json(out / "bit_rule.json", described)
+        print(f"  teacher: BiT-HyperRule, branch {rule.branch}: " + "; ".join(rule.why.values()), flush=True)
+        print(f"  teacher: {epochs} epochs of {steps_per_epoch} steps ({described['trained_steps']} steps; the rule's "
+              f"{rule.steps})", flush=True)
+        crop = rule.resolution[1]
+        net = ctx.build_teacher((crop, crop, info.input_shape[-1]))
+        model = bit.training_model(net, info.input_shape, rule, seed=ctx.recipe.seed)
+        augment = (Augmenter(AugmentConfig(mixup=rule.mixup), seed=ctx.recipe.seed, fill_value=info.input_offset)
+                   if rule.mixup else None)
+        distiller = Distiller(model, augment=augment, label_smoothing=t.label_smoothing)
+        history = ctx.fit(distiller, epochs, rule.learning_rate, optimizer=bit.Optimizer(rule))
+        save_model(net, out / self.model_file)
+        write_json(out / "history.json", history)
+        return {"val_accuracy": history["val_accuracy"][-1], "bit_rule": described}
