@@ -4,6 +4,8 @@ import pytest
 
 import models
 from edge_kd.bench.litert import TFLiteModel
+from edge_kd.compress import prune, qat
+from edge_kd.compress.config import PruneConfig, QATConfig
 from edge_kd.errors import UserError
 from edge_kd.export.tflite import convert
 from edge_kd.keras import keras
@@ -84,6 +86,13 @@ def test_unknown_model_or_option_is_a_user_error(name, kw, words):
 #: each keras.applications model at its smallest options, for the tests that convert it
 APPS = {"mobilenet_v2": {"alpha": 0.35}, "mobilenet_v3_small": {"alpha": 0.75, "minimalistic": True},
         "mobilenet_v3_large": {"alpha": 0.75}, "efficientnet_b0": {}, "resnet50_v2": {}}
+#: the layer classes tfmot 0.8.1's sparsity-preserving 8-bit scheme cannot quantize in each (the input's Rescaling
+#: in all; hard-swish and squeeze-excite as TFOpLambda and Multiply; EfficientNet's Normalization; ResNet50V2's
+#: pre-activation BatchNormalization, which follows no convolution)
+NOT_QUANTIZABLE = {"mobilenet_v2": {"Rescaling"}, "mobilenet_v3_small": {"Rescaling"},
+                   "mobilenet_v3_large": {"Multiply", "Rescaling", "TFOpLambda"},
+                   "efficientnet_b0": {"Multiply", "Normalization", "Rescaling"},
+                   "resnet50_v2": {"BatchNormalization", "Rescaling"}}
 
 
 def test_the_keras_applications_are_registered_under_their_names():
@@ -101,6 +110,13 @@ def test_a_keras_application_builds_untrained_converts_to_int8_with_builtin_ops_
     assert model.output_shape == (None, 5) and model.layers[-1].name == "logits"
     assert model.get_layer("preprocess").get_config()["scale"] == models.APPLICATIONS[name][1][0]
     assert len([layer for layer in model.layers if isinstance(layer, keras.Model)]) == 0  # one flat graph
+    # prunable: every Conv2D and Dense; each DepthwiseConv2D listed with why it stays dense
+    plan = prune.plan(model, PruneConfig(target_sparsity=0.5), total_steps=10)
+    depthwise = {layer.name for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)}
+    assert "logits" in plan.pruned and {n for n, _ in plan.skipped} == depthwise
+    # PQAT: the layers tfmot cannot take, by name (qat.unsupported: float leaves exactly these in float)
+    bad = qat.unsupported_layers(model, QATConfig(preserve_sparsity=True))
+    assert {cls for _, cls in bad} == NOT_QUANTIZABLE[name] and ("preprocess", "Rescaling") in bad
     x = np.random.default_rng(0).random((4, 32, 32, 3)).astype(np.float32)
     flat = convert(model, "int8", representative=x)
     (tmp_path / "m.tflite").write_bytes(flat)
@@ -128,3 +144,20 @@ def test_a_weights_file_of_another_architecture_is_a_one_line_error(tmp_path):
             models.load_weights(target, tmp_path / file, "student.weights")
         assert str(e.value).startswith("student.weights: ") and words in str(e.value) and "\n" not in str(e.value)
 
+
+
+def test_hints_and_attention_tap_keras_application_layers_by_name():
+    from edge_kd.distill import Distiller, adapt_teacher, losses
+
+    keras.utils.set_random_seed(0)
+    teacher = models.build("mobilenet_v3_small", (48, 48, 3), 4, alpha=0.75, minimalistic=True)
+    adapted, _ = adapt_teacher(teacher, (32, 32, 3), 4, 1 / 255, 0.0)  # a larger teacher, behind the adapter
+    student = models.build("mobilenet_v2", (32, 32, 3), 4, alpha=0.35)
+    terms = [losses.get("fitnet", student_layer="block_6_expand_relu", teacher_layer="expanded_conv_2/project",
+                        weight=0.5),
+             losses.get("at", pairs=[["block_3_expand_relu", "expanded_conv_1/expand"]], weight=0.5)]
+    d = Distiller(student, [adapted], terms=terms)
+    d.compile(optimizer="adam")
+    x = np.random.default_rng(0).random((16, 32, 32, 3)).astype(np.float32)
+    logs = d.fit(x, np.arange(16) % 4, batch_size=8, epochs=1, verbose=0).history
+    assert np.isfinite(logs["loss"][-1]) and logs["fitnet"][-1] > 0 and logs["at"][-1] > 0

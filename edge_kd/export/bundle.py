@@ -417,13 +417,37 @@ def _readme(m: dict) -> str:
         kt_out = [f"    val output = Array(1) {{ FloatArray({k}) }}",
                   "    interpreter.run(input, output)",
                   "    val scores = output[0]"]
-    kt_pixels = ("one grey value per pixel" if c == 1 else
-                 "R, G, B per pixel (of a Bitmap pixel p: p shr 16 and 0xFF, p shr 8 and 0xFF, p and 0xFF)")
+    kt_pixels = "one grey value per pixel" if c == 1 else "R, G, B per pixel, in that order"
+    kt_take = (["        val r = (p shr 16) and 0xFF",
+                "        val g = (p shr 8) and 0xFF",
+                "        val b = p and 0xFF",
+                "        pixels[i] = (299 * r + 587 * g + 114 * b + 500) / 1000  // grey as ITU-R 601 luma"]
+               if c == 1 else
+               ["        pixels[3 * i] = (p shr 16) and 0xFF      // R",
+                "        pixels[3 * i + 1] = (p shr 8) and 0xFF   // G",
+                "        pixels[3 * i + 2] = p and 0xFF           // B  (the Bitmap's alpha is dropped)"])
+    kt_photo = [
+        f"// A photo of any size: scaled to {w}×{h} (the size the model was trained at), then {kt_pixels}.",
+        "// edge-kd resized the training images bicubic with antialiasing; createScaledBitmap with filter = true",
+        "// is bilinear: close, not bit-identical (the golden images are already at the model's size).",
+        "fun pixelsOf(photo: Bitmap): IntArray {",
+        f"    val scaled = Bitmap.createScaledBitmap(photo, {w}, {h}, true)",
+        f"    val argb = IntArray({w * h})",
+        f"    scaled.getPixels(argb, 0, {w}, 0, 0, {w}, {h})  // row by row from the top, ARGB_8888",
+        f"    val pixels = IntArray({h * w * c})",
+        "    for (i in argb.indices) {",
+        "        val p = argb[i]",
+        *kt_take,
+        "    }",
+        "    return pixels",
+        "}",
+    ]
     kotlin = [
         "```kotlin",
         "// build.gradle: implementation(\"com.google.ai.edge.litert:litert:1.0.1\")  (or org.tensorflow:tensorflow-lite)",
         "// Put the model and labels.txt in src/main/assets; keep the model uncompressed: androidResources { noCompress += \"tflite\" }",
         "import android.content.Context",
+        "import android.graphics.Bitmap",
         "import org.tensorflow.lite.Interpreter",
         "import java.io.FileInputStream",
         "import java.nio.ByteBuffer",
@@ -439,6 +463,8 @@ def _readme(m: dict) -> str:
         "    }",
         "    return Interpreter(model, Interpreter.Options().setNumThreads(1))",
         "}",
+        "",
+        *kt_photo,
         "",
         f"// pixels: {h * w * c} raw values 0..255, row by row, {kt_pixels}",
         "fun classify(interpreter: Interpreter, pixels: IntArray): Int {",
@@ -466,9 +492,39 @@ def _readme(m: dict) -> str:
                   "    let scores = q.map { (Float($0) - outZeroPoint) * outScale }"]
     else:
         sw_out = ["    let scores = output.data.withUnsafeBytes { Array($0.bindMemory(to: Float32.self)) }"]
+    sw_pixels = "one grey value per pixel" if c == 1 else "R, G, B per pixel, in that order"
+    if c == 1:
+        sw_context = [f"    var grey = [UInt8](repeating: 0, count: {w * h})",
+                      f"    let context = CGContext(data: &grey, width: {w}, height: {h}, bitsPerComponent: 8, "
+                      f"bytesPerRow: {w},",
+                      "                            space: CGColorSpaceCreateDeviceGray(),",
+                      "                            bitmapInfo: CGImageAlphaInfo.none.rawValue)!"]
+        sw_take = ["    return grey  // the device grey space: close to, not exactly, ITU-R 601 luma"]
+    else:
+        sw_context = [f"    var rgba = [UInt8](repeating: 0, count: {w * h * 4})",
+                      f"    let context = CGContext(data: &rgba, width: {w}, height: {h}, bitsPerComponent: 8, "
+                      f"bytesPerRow: {w * 4},",
+                      "                            space: CGColorSpaceCreateDeviceRGB(),",
+                      "                            bitmapInfo: CGImageAlphaInfo.noneSkipLast.rawValue)!"]
+        sw_take = [f"    var pixels = [UInt8](); pixels.reserveCapacity({h * w * 3})",
+                   f"    for i in 0..<{w * h} {{ pixels += [rgba[4 * i], rgba[4 * i + 1], rgba[4 * i + 2]] }}  "
+                   "// R, G, B; the fourth byte dropped",
+                   "    return pixels"]
+    sw_photo = [
+        f"// A photo of any size: drawn into a {w}×{h} bitmap (the size the model was trained at; high-quality",
+        "// interpolation, close to but not bit-identical with edge-kd's antialiased bicubic), rows from the top,",
+        f"// then {sw_pixels}.",
+        "func pixels(of photo: CGImage) -> [UInt8] {",
+        *sw_context,
+        "    context.interpolationQuality = .high",
+        f"    context.draw(photo, in: CGRect(x: 0, y: 0, width: {w}, height: {h}))",
+        *sw_take,
+        "}",
+    ]
     swift = [
         "```swift",
         "// Podfile: pod 'TensorFlowLiteSwift'. Add the model and labels.txt to the app target.",
+        "import CoreGraphics",
         "import Foundation",
         "import TensorFlowLite",
         "",
@@ -479,6 +535,8 @@ def _readme(m: dict) -> str:
         "options.threadCount = 1",
         "let interpreter = try Interpreter(modelPath: modelPath, options: options)",
         "try interpreter.allocateTensors()",
+        "",
+        *sw_photo,
         "",
         f"// pixels: {h * w * c} raw values 0...255, row by row, {'one grey value per pixel' if c == 1 else 'R, G, B per pixel'}",
         "func classify(_ pixels: [UInt8]) throws -> Int {",

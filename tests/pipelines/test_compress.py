@@ -272,40 +272,6 @@ def test_an_image_whose_pixels_do_not_decode_is_a_one_line_error_naming_it(tmp_p
 
 
 @pytest.mark.slow
-def test_cli_streams_an_image_folder_through_every_stage(tmp_path):
-    from PIL import Image
-
-    from edge_kd import data
-    from edge_kd.bench import litert
-
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "photos"
-    for label, cls in enumerate(("dark", "mid", "light")):
-        (folder / cls).mkdir(parents=True)
-        for i in range(40):
-            a = np.clip(70 * label + 40 + rng.normal(0, 25, (12, 12)), 0, 255).astype(np.uint8)
-            Image.fromarray(a, "L").save(folder / cls / f"{i:03d}.{'jpg' if i % 2 else 'png'}")
-    out = tmp_path / "out"
-    proc = _compress_ok("--data", str(folder), "--teacher", str(_teacher(tmp_path / "t.h5")), "--student", "mlp",
-                        "--epochs", "1", "--threads", "1", "--out", str(out), "--run-name", "folder",
-                        "--set", "prune=false", "--set", "qat=false", "--set", "export.variants=[fp32,int8]",
-                        "--set", "distillation.consistent=false", "--set", "distillation.teacher_cache=true",
-                        "--set", "benchmark.min_seconds=0.2", "--set", "benchmark.warmup_seconds=0.1", timeout=600)
-    assert "teacher cache: logits of" in proc.stdout
-    run = out / "folder"
-    results = json.loads((run / "results.json").read_text())
-    b = data.load(str(folder), val_fraction=0.1, seed=0)  # the run's own split, read again
-    assert b.streamed and results["data"]["test_size"] == b.count("test") == 24
-    x_test, y_test = b.arrays("test")
-    for m in results["models"]:
-        if m["format"] == "tflite":  # the streamed test split gave the same accuracy a direct LiteRT run gives
-            assert litert.accuracy(run / m["path"], x_test, y_test) == pytest.approx(m["accuracy"])
-    from pipelines import verify
-
-    assert verify.main([str(run / "bundle")]) == 0  # golden vectors drawn from the stream, reproduced by LiteRT
-
-
-@pytest.mark.slow
 def test_cli_with_a_users_softmax_h5_teacher_of_another_input_size_and_range(tmp_path):
     data = _npz(tmp_path / "d.npz", n_train=120, n_test=40)
     # the user's teacher: 16×16 inputs on [-1, 1], softmax head, saved as .h5
