@@ -177,15 +177,25 @@ APPLICATIONS = {
 }
 
 
-def _application(name, input_shape, num_classes, dropout, **options):
+def _application(name, input_shape, num_classes, dropout, bn_momentum=None, **options):
     """Returns keras.applications ``name`` without its top, built untrained (nothing is downloaded) into one flat
     Functional model: the preprocessing it expects as a ``preprocess`` Rescaling layer, the backbone's own layers
     under their keras.applications names (so taps and weight files find them), then global average pooling,
-    dropout and a ``logits`` Dense layer."""
+    dropout and a ``logits`` Dense layer.
+
+    ``bn_momentum`` replaces the momentum of every BatchNormalization's moving statistics (None: the backbone's
+    own, 0.999 in the MobileNets, made for ImageNet's 5,000 steps an epoch: trained from scratch on a few
+    thousand images, their inference statistics lag the weights by about 1,000 steps)."""
     cls_name, (scale, offset) = APPLICATIONS[name]
     inp = keras.Input(input_shape, name="image")
     x = layers.Rescaling(scale, offset, name="preprocess")(inp)
     base = getattr(keras.applications, cls_name)(include_top=False, weights=None, input_tensor=x, **options)
+    if bn_momentum is not None:
+        if not 0.0 <= float(bn_momentum) < 1.0:
+            raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum!r}")
+        for layer in base.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = float(bn_momentum)
     x = layers.GlobalAveragePooling2D(name="gap")(base.output)
     if dropout:
         x = layers.Dropout(dropout, name="drop")(x)
@@ -194,38 +204,38 @@ def _application(name, input_shape, num_classes, dropout, **options):
 
 
 @register("mobilenet_v2")
-def mobilenet_v2(input_shape, num_classes, alpha: float = 1.0, dropout: float = 0.2):
+def mobilenet_v2(input_shape, num_classes, alpha: float = 1.0, dropout: float = 0.2, bn_momentum: float | None = None):
     """keras.applications MobileNetV2 (Sandler et al. 2018), width multiplier ``alpha``."""
-    return _application("mobilenet_v2", input_shape, num_classes, dropout, alpha=alpha)
+    return _application("mobilenet_v2", input_shape, num_classes, dropout, bn_momentum, alpha=alpha)
 
 
 @register("mobilenet_v3_small")
 def mobilenet_v3_small(input_shape, num_classes, alpha: float = 1.0, minimalistic: bool = False,
-                       dropout: float = 0.2):
+                       dropout: float = 0.2, bn_momentum: float | None = None):
     """keras.applications MobileNetV3Small (Howard et al. 2019); ``minimalistic`` drops squeeze-excite and
     hard-swish."""
-    return _application("mobilenet_v3_small", input_shape, num_classes, dropout, alpha=alpha,
+    return _application("mobilenet_v3_small", input_shape, num_classes, dropout, bn_momentum, alpha=alpha,
                         minimalistic=minimalistic, include_preprocessing=False)
 
 
 @register("mobilenet_v3_large")
 def mobilenet_v3_large(input_shape, num_classes, alpha: float = 1.0, minimalistic: bool = False,
-                       dropout: float = 0.2):
+                       dropout: float = 0.2, bn_momentum: float | None = None):
     """keras.applications MobileNetV3Large; ``minimalistic`` drops squeeze-excite and hard-swish."""
-    return _application("mobilenet_v3_large", input_shape, num_classes, dropout, alpha=alpha,
+    return _application("mobilenet_v3_large", input_shape, num_classes, dropout, bn_momentum, alpha=alpha,
                         minimalistic=minimalistic, include_preprocessing=False)
 
 
 @register("efficientnet_b0")
-def efficientnet_b0(input_shape, num_classes, dropout: float = 0.2):
+def efficientnet_b0(input_shape, num_classes, dropout: float = 0.2, bn_momentum: float | None = None):
     """keras.applications EfficientNetB0 (Tan and Le 2019)."""
-    return _application("efficientnet_b0", input_shape, num_classes, dropout)
+    return _application("efficientnet_b0", input_shape, num_classes, dropout, bn_momentum)
 
 
 @register("resnet50_v2")
-def resnet50_v2(input_shape, num_classes, dropout: float = 0.0):
+def resnet50_v2(input_shape, num_classes, dropout: float = 0.0, bn_momentum: float | None = None):
     """keras.applications ResNet50V2 (He et al. 2016, pre-activation)."""
-    return _application("resnet50_v2", input_shape, num_classes, dropout)
+    return _application("resnet50_v2", input_shape, num_classes, dropout, bn_momentum)
 
 
 def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:

@@ -97,7 +97,9 @@ NOT_QUANTIZABLE = {"mobilenet_v2": {"Rescaling"}, "mobilenet_v3_small": {"Rescal
 
 def test_the_keras_applications_are_registered_under_their_names():
     assert set(APPS) == set(models.APPLICATIONS) <= set(models.available())
-    assert models.options_of("mobilenet_v3_small") == ["alpha", "minimalistic", "dropout"]
+    assert models.options_of("mobilenet_v3_small") == ["alpha", "minimalistic", "dropout", "bn_momentum"]
+    m = models.build("mobilenet_v2", (32, 32, 3), 3, alpha=0.35, bn_momentum=0.99)
+    assert {layer.momentum for layer in m.layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.99}
 
 
 @pytest.mark.parametrize("name", list(APPS))
