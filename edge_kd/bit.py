@@ -12,12 +12,14 @@ own size, so nothing is tuned per dataset:
 - images smaller than 96×96 in area are resized to 160 and randomly cropped to 128 for training, larger
   ones to 512 and 480; the test resolution is the crop; training also flips at random.
 
-Two adaptations, each stated in what ``rule`` returns:
+The rule's steps are batches of 512. At another batch size edge-kd keeps what the rule trains on, each
+adaptation stated in what ``rule`` returns:
 
-- the learning rate is scaled linearly with the batch, 0.003 · batch / 512 (the paper trains at 512);
-- ``schedule_scale`` < 1 shortens every step count in proportion (a CPU budget; 1 is the rule).
+- the step counts are scaled by 512 / batch (the same images seen, the same epochs) and the learning rate by
+  batch / 512 (the linear scaling rule of Goyal et al. 2017);
+- ``schedule_scale`` < 1 shortens every step count in proportion (a compute budget; 1 is the rule).
 
->>> r = rule(train_images=5000, image_size=(32, 32), batch_size=512)
+>>> r = rule(train_images=5000, image_size=(32, 32), batch_size=512)   # the paper's batch: the rule as written
 >>> r.branch, r.supports, r.resolution, r.mixup
 ('under 20k', (100, 200, 300, 400, 500), (160, 128), 0.0)
 >>> [round(float(StepSchedule(r.learning_rate, r.supports)(s)), 6) for s in (50, 150, 250, 450)]
@@ -81,25 +83,37 @@ def mixup(train_images: int) -> float:
     return 0.0 if train_images < SMALL else MIXUP
 
 
-def rule(train_images: int, image_size: Sequence[int], batch_size: int, schedule_scale: float = 1.0,
-         resolution_override: Sequence[int] | None = None) -> Rule:
-    """Returns the Rule for ``train_images`` images of ``image_size`` (H, W, as the data holds them before any
-    resize) trained at ``batch_size``; ``schedule_scale`` shortens the schedule, ``resolution_override``
-    ((resize, crop)) replaces the rule's resolution. Each departure from the rule is said in ``why``."""
+def rule(train_images: int, image_size: Sequence[int] | None, batch_size: int = BASE_BATCH,
+         schedule_scale: float = 1.0, resolution_override: Sequence[int] | None = None,
+         seen_at: Sequence[int] | None = None) -> Rule:
+    """Returns the Rule for ``train_images`` images of ``image_size`` (H, W, as the source holds them before any
+    resize; None: unknown, ``seen_at`` stands in) trained at ``batch_size``; ``seen_at`` is the (H, W) the
+    training images are read at (``data.image_size``); ``schedule_scale`` shortens the schedule,
+    ``resolution_override`` ((resize, crop)) replaces the rule's resolution. Each departure from the rule is
+    said in ``why``."""
     name = branch(train_images)
     edge = ("< 20,000" if name == "under 20k" else "< 500,000" if name == "20k to 500k" else ">= 500,000")
     supports = SCHEDULES[name]
-    why = {"schedule": f"{train_images:,} training images {edge}: steps {list(supports)}"}
-    if schedule_scale != 1.0:
-        scaled = tuple(max(1, int(round(s * schedule_scale))) for s in supports)
+    why = {"schedule": f"{train_images:,} training images {edge}: steps {list(supports)} of batch {BASE_BATCH}"}
+    factor = BASE_BATCH / batch_size * schedule_scale
+    if factor != 1.0:
+        scaled = tuple(max(1, int(round(s * factor))) for s in supports)
         for i in range(1, len(scaled)):  # keep the points strictly increasing
             scaled = scaled[:i] + (max(scaled[i], scaled[i - 1] + 1),) + scaled[i + 1:]
-        why["schedule"] += f", scaled by {schedule_scale:g} (teacher.bit_scale) to {list(scaled)}"
+        if batch_size != BASE_BATCH:
+            why["schedule"] += f", × {BASE_BATCH}/{batch_size} for batch {batch_size} (the same images seen)"
+        if schedule_scale != 1.0:
+            why["schedule"] += f", × {schedule_scale:g} (teacher.bit_scale)"
+        why["schedule"] += f": steps {list(scaled)}"
         supports = scaled
-    h, w = (int(d) for d in image_size)
+    known = image_size is not None
+    h, w = (int(d) for d in (image_size if known else seen_at))
     res = resolution((h, w))
     area = "<" if h * w < SMALL_IMAGE_AREA else ">="
-    why["resolution"] = f"images {h}×{w}, area {h * w:,} {area} 96×96: resize {res[0]}, crop {res[1]}"
+    what = "images" if known else "source size unknown, data.image_size"
+    why["resolution"] = f"{what} {h}×{w}, area {h * w:,} {area} 96×96: resize {res[0]}, crop {res[1]}"
+    if known and seen_at is not None and tuple(int(d) for d in seen_at) != (h, w):
+        why["resolution"] += f" (from the {seen_at[0]}×{seen_at[1]} copies data.image_size made)"
     if resolution_override is not None:
         res = (int(resolution_override[0]), int(resolution_override[1]))
         why["resolution"] += f"; replaced by teacher.bit_resolution: resize {res[0]}, crop {res[1]}"

@@ -556,7 +556,7 @@ def _read_class_folders(root: Path, where: str):
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise UserError(f"image folder {where} needs one subfolder per class (at least 2), found {len(classes)}")
-    paths, labels, sizes, modes, by_pil = [], [], set(), set(), []
+    paths, labels, sizes, modes, by_pil = [], [], [], set(), []  # sizes: one (H, W) per image
     for label, cls in enumerate(classes):
         files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
@@ -564,7 +564,7 @@ def _read_class_folders(root: Path, where: str):
         for f in files:
             try:
                 with Image.open(f) as im:  # reads the header: size and mode, not the pixels
-                    sizes.add((im.height, im.width))
+                    sizes.append((im.height, im.width))
                     modes.add("L" if im.mode in ("L", "1", "I;16", "I", "F") else "RGB")
                     by_pil.append(im.format not in ("PNG", "JPEG") or im.mode == "CMYK")
             except (UnidentifiedImageError, OSError) as e:
@@ -576,15 +576,16 @@ def _read_class_folders(root: Path, where: str):
 
 def _image_shape(sizes, modes, size, differ: str) -> tuple[int, int, int]:
     """Returns the (H, W, C) the images become: ``size`` or their one size; RGB if any image is in colour."""
-    if size is None and len(sizes) > 1:
-        raise UserError(f"{differ} ({', '.join(str(s) for s in sorted(sizes)[:3])}...); pass --image-size H,W to "
+    distinct = set(sizes)
+    if size is None and len(distinct) > 1:
+        raise UserError(f"{differ} ({', '.join(str(s) for s in sorted(distinct)[:3])}...); pass --image-size H,W to "
                         "resize them")
-    h, w = size if size is not None else next(iter(sizes))
+    h, w = size if size is not None else next(iter(distinct))
     return int(h), int(w), 3 if "RGB" in modes else 1
 
 
 def _median_size(sizes) -> tuple[int, int]:
-    """Returns the (H, W) of median area among the distinct image sizes ``sizes``."""
+    """Returns the (H, W) of median area over the images, whose sizes are ``sizes`` (one per image)."""
     ordered = sorted(sizes, key=lambda s: (s[0] * s[1], s))
     return ordered[len(ordered) // 2]
 
@@ -599,10 +600,10 @@ def _load_folder(root: Path, size, test_fraction, seed):
             raise UserError(f"image folder {root}: train/ classes {classes} differ from test/ classes {te_classes}")
         _image_shape(tr_sizes, tr_modes, size, "images differ in size")
         _image_shape(te_sizes, te_modes, size, "images differ in size")
-        shape = _image_shape(tr_sizes | te_sizes, tr_modes | te_modes, size,
+        shape = _image_shape(tr_sizes + te_sizes, tr_modes | te_modes, size,
                              f"image folder {root}: train/ and test/ images differ in size")
         return (ImageFiles(tr_files[0], shape, size, tr_files[1]), y_tr, ImageFiles(te_files[0], shape, size, te_files[1]),
-                y_te, tuple(classes), _median_size(tr_sizes | te_sizes))
+                y_te, tuple(classes), _median_size(tr_sizes + te_sizes))
     classes, (paths, by_pil), y, sizes, modes = _read_class_folders(root, str(root))
     x = ImageFiles(paths, _image_shape(sizes, modes, size, "images differ in size"), size, by_pil)
     test_idx = _stratified_holdout(y, test_fraction, np.random.default_rng(seed + 7))

@@ -53,8 +53,9 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 def fit(model, train, epochs: int, learning_rate: float, validation=None, callbacks=(), verbose=None,
         optimizer: OptimizerConfig | None = None) -> dict:
-    """Compiles ``model`` with ``optimizer`` (default: Adam, cosine decay over the whole fit), trains it;
-    returns the history as lists.
+    """Compiles ``model`` with ``optimizer`` (default: Adam, cosine decay over the whole fit; anything with
+    ``OptimizerConfig.build``'s signature, such as ``edge_kd.bit.Optimizer``), trains it; returns the history as
+    lists.
 
     ``train`` is a batched tf.data dataset of known length; a non-finite loss raises ``Diverged``.
     """

@@ -190,6 +190,11 @@ def _application(name, input_shape, num_classes, dropout, bn_momentum=None, **op
     inp = keras.Input(input_shape, name="image")
     x = layers.Rescaling(scale, offset, name="preprocess")(inp)
     base = getattr(keras.applications, cls_name)(include_top=False, weights=None, input_tensor=x, **options)
+    for layer in base.layers:
+        if isinstance(layer, layers.Normalization) and layer.name.startswith("normalization"):
+            # EfficientNet makes its Normalization unnamed, so its name counts the ones made before in the process
+            # (normalization_3); a weights file, loaded by name, holds it as "normalization"
+            layer._name = "normalization"
     if bn_momentum is not None:
         if not 0.0 <= float(bn_momentum) < 1.0:
             raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum!r}")
@@ -241,6 +246,8 @@ def resnet50_v2(input_shape, num_classes, dropout: float = 0.0, bn_momentum: flo
 def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:
     """Loads a user's weights file (.h5, from ``save_weights`` or ``save``) into ``model`` by layer name, so a
     backbone's file fills the backbone of a model with a new head; layers named in ``skip`` are left as they are.
+    Every other layer with weights must be in the file, but for the head (``logits``), which a backbone's file
+    lacks.
     A file that is missing, unreadable, of other layers or other shapes is a UserError naming ``where``
     (``student.weights``)."""
     from pathlib import Path
@@ -256,6 +263,9 @@ def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:
     try:
         with h5py.File(path, "r") as f:
             group = f["model_weights"] if "model_weights" in f else f
+            if "layer_names" not in group.attrs and ("layers" in group or "vars" in group):
+                raise UserError(f"{where}: {path.name} is a Keras 3 weights file; edge-kd reads tf_keras (Keras 2) "
+                                "files: save the weights with tf_keras, model.save_weights('name.h5')")
             names = [_text(n) for n in group.attrs.get("layer_names", [])]
             stored = {}
             for name in names:
@@ -269,13 +279,18 @@ def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:
                         f"{', '.join(names[:4]) or 'none'}{' ...' if len(names) > 4 else ''}); is it for another "
                         f"architecture?")
     for name, arrays in stored.items():
-        layer = ours[name]
-        variables = layer.trainable_weights + layer.non_trainable_weights  # the order the file keeps
+        variables = ours[name].trainable_weights + ours[name].non_trainable_weights  # the order the file keeps
         shapes = [tuple(v.shape) for v in variables]
         if [a.shape for a in arrays] != shapes:
             raise UserError(f"{where}: {path.name} does not match '{model.name}': layer {name!r} holds weights of "
                             f"shapes {[a.shape for a in arrays]}, the model's are {shapes}")
-        for v, a in zip(variables, arrays):
+    missing = [n for n in ours if n not in stored and n != "logits"]  # a backbone's file has no head: that stays new
+    if missing:
+        raise UserError(f"{where}: {path.name} lacks {len(missing)} of the layers with weights of '{model.name}' "
+                        f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}); is it for another "
+                        f"architecture or other options?")
+    for name, arrays in stored.items():
+        for v, a in zip(ours[name].trainable_weights + ours[name].non_trainable_weights, arrays):
             v.assign(a)
 
 

@@ -108,8 +108,8 @@ class Context:
         from edge_kd import bit
 
         t, info = self.recipe.teacher, self.bundle.info
-        return bit.rule(self.bundle.count("train"), info.source_size or info.input_shape[:2],
-                        self.recipe.training.batch_size, t.bit_scale, t.bit_resolution)
+        return bit.rule(self.bundle.count("train"), info.source_size, self.recipe.training.batch_size, t.bit_scale,
+                        t.bit_resolution, seen_at=info.input_shape[:2])
 
     def teacher(self):
         """Returns the frozen teacher taking the student's input and giving logits."""
@@ -286,7 +286,8 @@ class Context:
     def fit(self, model, epochs: int, learning_rate: float, callbacks=(), optimizer=None) -> dict:
         """Trains ``model`` (a Distiller) on the run's data; returns the history as plain lists.
 
-        ``optimizer`` (an ``OptimizerConfig``) defaults to the recipe's ``training``.
+        ``optimizer`` (an ``OptimizerConfig``, or what ``train.fit`` takes in its place) defaults to the recipe's
+        ``training``.
 
         With ``distillation.teacher_cache`` and a Distiller that can use it, each batch carries the
         teachers' cached logits and no teacher runs during training.

@@ -80,20 +80,21 @@ class TeacherSpec(OptimizerConfig):
     #: label smoothing of the teacher's own training: off, as smoothed teachers distil worse (Müller et al. 2019)
     label_smoothing: Annotated[Float, Field(ge=0, le=1)] = 0.0
     #: bit: the teacher stage fine-tunes ``backbone`` from ``weights`` by BiT-HyperRule (edge_kd.bit), which then
-    #: sets the optimizer, schedule, MixUp and resolution (epochs, learning_rate and the optimizer keys are unused)
+    #: sets the optimizer, schedule, MixUp, resolution and augmentation (arch, epochs, learning_rate, the optimizer
+    #: keys and stages.teacher.augment are unused)
     finetune: Optional[Literal["bit"]] = None
     #: finetune: a keras.applications name of the registry (resnet50_v2, efficientnet_b0, mobilenet_v2, ...)
     backbone: Optional[Str] = None
     #: finetune: the rule's step counts times this (a compute budget; 1 is the rule)
     bit_scale: Annotated[Float, Field(gt=0, le=1)] = 1.0
     #: finetune: [resize, crop] in place of the rule's resolution (a compute budget; null is the rule)
-    bit_resolution: Optional[Annotated[list[Annotated[Int, Field(gt=0)]], Field(min_length=2, max_length=2)]] = None
+    bit_resolution: Optional[Annotated[list[Annotated[Int, Field(ge=32)]], Field(min_length=2, max_length=2)]] = None
 
     @model_validator(mode="after")
     def _finetune(self):
         if self.finetune is None:
-            for key in ("backbone", "bit_resolution"):
-                if getattr(self, key) is not None:
+            for key in ("backbone", "bit_resolution", "bit_scale"):
+                if key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].default:
                     raise Invalid(key, "is read only with teacher.finetune: bit")
             return self
         if self.path is not None:

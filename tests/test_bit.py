@@ -26,13 +26,18 @@ def test_the_resolution_branch_on_each_side_of_96_squared(size, resolution):
     assert r.resolution == resolution and f"crop {resolution[1]}" in r.why["resolution"]
 
 
-def test_the_learning_rate_scales_with_the_batch_and_overrides_are_said():
-    r = bit.rule(5000, (32, 32), batch_size=64, schedule_scale=0.1, resolution_override=(112, 96))
+def test_another_batch_sees_the_rules_images_at_a_linearly_scaled_rate_and_overrides_are_said():
+    r = bit.rule(5000, (32, 32), batch_size=64)
     assert r.learning_rate == pytest.approx(0.003 * 64 / 512)
-    assert r.supports == (10, 20, 30, 40, 50) and "scaled by 0.1" in r.why["schedule"]
+    assert r.supports == (800, 1600, 2400, 3200, 4000) and "× 512/64" in r.why["schedule"]  # 500 × 512 images
+    r = bit.rule(5000, (32, 32), batch_size=64, schedule_scale=0.1, resolution_override=(112, 96), seen_at=(96, 96))
+    assert r.supports == (80, 160, 240, 320, 400) and "× 0.1 (teacher.bit_scale)" in r.why["schedule"]
     assert r.resolution == (112, 96) and "teacher.bit_resolution" in r.why["resolution"]
-    tiny = bit.rule(100, (32, 32), batch_size=8, schedule_scale=0.001)
+    assert "from the 96×96 copies" in r.why["resolution"]
+    tiny = bit.rule(100, (32, 32), batch_size=512, schedule_scale=0.001)
     assert tiny.supports == (1, 2, 3, 4, 5)  # strictly increasing even when scaled below one step each
+    unknown = bit.rule(100, None, seen_at=(200, 200))
+    assert unknown.resolution == (512, 480) and "source size unknown" in unknown.why["resolution"]
 
 
 def test_the_step_schedule_warms_up_linearly_then_divides_by_ten_after_each_decay_point():
@@ -90,6 +95,9 @@ def test_the_teacher_stage_builds_the_backbone_at_the_crop_with_its_weights_and_
     (["teacher.finetune=bit", "teacher.backbone=resnet50_v2", "teacher.weights=w.h5", "teacher.bit_resolution=[96,128]"],
      "resize >= crop"),
     (["teacher.backbone=resnet50_v2"], "only with teacher.finetune: bit"),
+    (["teacher.bit_scale=0.5"], "only with teacher.finetune: bit"),
+    (["teacher.finetune=bit", "teacher.backbone=resnet50_v2", "teacher.weights=w.h5", "teacher.bit_resolution=[16,8]"],
+     "teacher.bit_resolution"),
     (["teacher.finetune=bit", "teacher.path=builtin:fashion_mnist", "teacher.backbone=resnet50_v2",
       "teacher.weights=w.h5"], "teacher.path must be null"),
 ])

@@ -431,7 +431,9 @@ def _readme(m: dict) -> str:
         "// edge-kd resized the training images bicubic with antialiasing; createScaledBitmap with filter = true",
         "// is bilinear: close, not bit-identical (the golden images are already at the model's size).",
         "fun pixelsOf(photo: Bitmap): IntArray {",
-        f"    val scaled = Bitmap.createScaledBitmap(photo, {w}, {h}, true)",
+        "    // getPixels cannot read a HARDWARE bitmap (ImageDecoder's default): copy it to ARGB_8888 first",
+        "    val readable = if (photo.config == Bitmap.Config.HARDWARE) photo.copy(Bitmap.Config.ARGB_8888, false) else photo",
+        f"    val scaled = Bitmap.createScaledBitmap(readable, {w}, {h}, true)",
         f"    val argb = IntArray({w * h})",
         f"    scaled.getPixels(argb, 0, {w}, 0, 0, {w}, {h})  // row by row from the top, ARGB_8888",
         f"    val pixels = IntArray({h * w * c})",
@@ -493,20 +495,22 @@ def _readme(m: dict) -> str:
     else:
         sw_out = ["    let scores = output.data.withUnsafeBytes { Array($0.bindMemory(to: Float32.self)) }"]
     sw_pixels = "one grey value per pixel" if c == 1 else "R, G, B per pixel, in that order"
+    # data: nil lets the context own its pixel memory (a Swift array's pointer would not outlive the call)
     if c == 1:
-        sw_context = [f"    var grey = [UInt8](repeating: 0, count: {w * h})",
-                      f"    let context = CGContext(data: &grey, width: {w}, height: {h}, bitsPerComponent: 8, "
+        sw_context = [f"    let context = CGContext(data: nil, width: {w}, height: {h}, bitsPerComponent: 8, "
                       f"bytesPerRow: {w},",
                       "                            space: CGColorSpaceCreateDeviceGray(),",
                       "                            bitmapInfo: CGImageAlphaInfo.none.rawValue)!"]
-        sw_take = ["    return grey  // the device grey space: close to, not exactly, ITU-R 601 luma"]
+        sw_take = [f"    let grey = context.data!.bindMemory(to: UInt8.self, capacity: {w * h})",
+                   f"    return Array(UnsafeBufferPointer(start: grey, count: {w * h}))  "
+                   "// the device grey space: close to, not exactly, ITU-R 601 luma"]
     else:
-        sw_context = [f"    var rgba = [UInt8](repeating: 0, count: {w * h * 4})",
-                      f"    let context = CGContext(data: &rgba, width: {w}, height: {h}, bitsPerComponent: 8, "
+        sw_context = [f"    let context = CGContext(data: nil, width: {w}, height: {h}, bitsPerComponent: 8, "
                       f"bytesPerRow: {w * 4},",
                       "                            space: CGColorSpaceCreateDeviceRGB(),",
                       "                            bitmapInfo: CGImageAlphaInfo.noneSkipLast.rawValue)!"]
-        sw_take = [f"    var pixels = [UInt8](); pixels.reserveCapacity({h * w * 3})",
+        sw_take = [f"    let rgba = context.data!.bindMemory(to: UInt8.self, capacity: {w * h * 4})",
+                   f"    var pixels = [UInt8](); pixels.reserveCapacity({h * w * 3})",
                    f"    for i in 0..<{w * h} {{ pixels += [rgba[4 * i], rgba[4 * i + 1], rgba[4 * i + 2]] }}  "
                    "// R, G, B; the fourth byte dropped",
                    "    return pixels"]

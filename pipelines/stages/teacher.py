@@ -24,12 +24,20 @@ class Teacher(Stage):
     def key(self, ctx):
         tr = ctx.recipe.training
         t = ctx.recipe.teacher
+        # fine-tuning reads none of the keys the rule replaces, so changing them does not rerun it
+        spec = (t.model_dump(include={"finetune", "backbone", "options", "bit_scale", "bit_resolution",
+                                      "label_smoothing"}) if t.finetune else t.model_dump())
         return {**ctx.data_key(), "batch_size": tr.batch_size, "strategy": tr.strategy,
-                "mixed_precision": tr.mixed_precision, "teacher": t.model_dump(),
+                "mixed_precision": tr.mixed_precision, "teacher": spec,
                 "weights": None if t.weights is None else ctx.file_key(t.weights, "teacher.weights")}
 
     def check(self, ctx):
-        ctx.build_teacher()  # the architecture and its options build for this data, its weights file loads
+        # the architecture and its options build for this data (at the rule's crop), its weights file loads
+        if ctx.recipe.teacher.finetune:
+            crop = ctx.bit_rule().resolution[1]
+            ctx.build_teacher((crop, crop, ctx.bundle.info.input_shape[-1]))
+        else:
+            ctx.build_teacher()
 
     def run(self, ctx, out):
         from edge_kd.distill import Distiller

@@ -15,7 +15,7 @@ RECIPE = "recipes/photos_mobilenetv2.yaml"
 
 
 def _photos(folder, per_class=16, rng=None):
-    """Writes JPEG photos of 100×120 (of three sizes around it), whose class is the colour that dominates."""
+    """Writes photos (JPEG, every fourth PNG) of three sizes about 104×120, whose class is the colour that dominates."""
     from PIL import Image
 
     rng = rng or np.random.default_rng(0)
@@ -25,7 +25,11 @@ def _photos(folder, per_class=16, rng=None):
             h, w = 100 + 4 * (i % 3), 120
             a = rng.normal(90, 30, (h, w, 3))
             a[..., label] += 90
-            Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB").save(folder / cls / f"{i:03d}.jpg", quality=85)
+            image = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
+            if i % 4 == 3:
+                image.save(folder / cls / f"{i:03d}.png")
+            else:
+                image.save(folder / cls / f"{i:03d}.jpg", quality=85)
     return folder
 
 
@@ -38,7 +42,7 @@ def test_a_jpeg_folder_at_96_px_runs_the_photos_recipe_with_a_bit_teacher_and_it
     proc = _compress_ok(
         "--recipe", RECIPE, "--data", photos, "--out", out, "--run-name", "photos",
         "--set", "teacher.finetune=bit", "--set", "teacher.backbone=mobilenet_v2", "--set", "teacher.options={alpha: 0.35}",
-        "--set", f"teacher.weights={tmp_path / 'backbone.h5'}", "--set", "teacher.bit_scale=0.01",
+        "--set", f"teacher.weights={tmp_path / 'backbone.h5'}", "--set", "teacher.bit_scale=0.0025",
         "--set", "teacher.bit_resolution=[112,104]", "--set", "distill.epochs=1", "--set", "baseline=false",
         "--set", "prune.epochs=1", "--set", "prune.frequency=1", "--set", "qat=false",
         "--set", "export.variants=[int8]", "--set", "export.models=final", "--set", "export.representative_samples=16",
@@ -50,7 +54,8 @@ def test_a_jpeg_folder_at_96_px_runs_the_photos_recipe_with_a_bit_teacher_and_it
     assert (rule["branch"], rule["resize"], rule["crop"], rule["mixup"]) == ("under 20k", 112, 104, 0.0)
     # the rule on the median source size, then the override
     assert "images 104×120, area 12,480 >= 96×96: resize 512, crop 480" in rule["why"]["resolution"]
-    assert rule["supports"] == [1, 2, 3, 4, 5] and rule["learning_rate"] == pytest.approx(0.003 * 64 / 512)
+    # 500 steps of 512 images = 4,000 of 64, times 0.0025
+    assert rule["supports"] == [2, 4, 6, 8, 10] and rule["learning_rate"] == pytest.approx(0.003 * 64 / 512)
     results = json.loads((run / "results.json").read_text())
     assert results["teacher"]["input_shape"] == [104, 104, 3] and results["teacher"]["resized"] is True
     from edge_kd import data
@@ -68,7 +73,7 @@ def test_a_jpeg_folder_at_96_px_runs_the_photos_recipe_with_a_bit_teacher_and_it
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["input_shape"] == [1, 96, 96, 3] and manifest["channel_order"] == "RGB"
     readme = (bundle / "README.md").read_text()
-    assert "Bitmap.createScaledBitmap(photo, 96, 96, true)" in readme and "// R" in readme
+    assert "Bitmap.createScaledBitmap(readable, 96, 96, true)" in readme and "// R" in readme
     assert "context.draw(photo, in: CGRect(x: 0, y: 0, width: 96, height: 96))" in readme
     from pipelines import verify
 
