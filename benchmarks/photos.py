@@ -95,16 +95,15 @@ def one(seed: int, out: Path, data_path: Path, teacher: list[str], extra: list[s
     val = {s: json.loads((run_dir / "manifests" / f"{s}.json").read_text()).get("summary", {}).get("val_accuracy")
            for s in ("distill", "baseline")}
     final = m["qat-int8"]
-    raw = next(x for x in results["models"] if x["name"] == "qat-int8")
-    lat = (raw.get("latency") or {}).get("1", {}) or {}
+    lat = (final.latency or {}).get("1", {}) or {}
     row = {"seed": seed, "seconds": round(seconds, 1), "teacher": m["teacher"].accuracy,
            "distilled": m["student"].accuracy, "baseline": m["baseline"].accuracy,
            "distilled_val": val["distill"], "baseline_val": val["baseline"],
            "gain_pp": 100 * (m["student"].accuracy - m["baseline"].accuracy),
            "gain_val_pp": 100 * (val["distill"] - val["baseline"]),
            "final_int8": final.accuracy, "final_int8_bytes": final.size_bytes, "final_int8_gzip": final.gzip_bytes,
-           "final_int8_latency_ms": lat.get("median_ms"), "final_sparsity": raw.get("sparsity"),
-           "xnnpack_fallback": (raw.get("ops") or {}).get("xnnpack_fallback"),
+           "final_int8_latency_ms": lat.get("median_ms"), "final_sparsity": final.sparsity,
+           "xnnpack_fallback": (final.ops or {}).get("xnnpack_fallback"),
            "float_layers": json.loads((run_dir / "manifests" / "qat.json").read_text())["summary"].get("float_layers"),
            "run": str(run_dir)}
     return row, run_dir

@@ -97,9 +97,10 @@ def rule(train_images: int, image_size: Sequence[int] | None, batch_size: int = 
     why = {"schedule": f"{train_images:,} training images {edge}: steps {list(supports)} of batch {BASE_BATCH}"}
     factor = BASE_BATCH / batch_size * schedule_scale
     if factor != 1.0:
-        scaled = tuple(max(1, int(round(s * factor))) for s in supports)
-        for i in range(1, len(scaled)):  # keep the points strictly increasing
-            scaled = scaled[:i] + (max(scaled[i], scaled[i - 1] + 1),) + scaled[i + 1:]
+        scaled = []
+        for s in supports:  # at least one step each, the points kept strictly increasing
+            scaled.append(max(1, int(round(s * factor)), scaled[-1] + 1 if scaled else 1))
+        scaled = tuple(scaled)
         if batch_size != BASE_BATCH:
             why["schedule"] += f", × {BASE_BATCH}/{batch_size} for batch {batch_size} (the same images seen)"
         if schedule_scale != 1.0:

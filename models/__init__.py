@@ -278,8 +278,10 @@ def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:
         raise UserError(f"{where}: {path.name} holds no weights of a layer of '{model.name}' (its layers: "
                         f"{', '.join(names[:4]) or 'none'}{' ...' if len(names) > 4 else ''}); is it for another "
                         f"architecture?")
+    pairs = []
     for name, arrays in stored.items():
         variables = ours[name].trainable_weights + ours[name].non_trainable_weights  # the order the file keeps
+        pairs += zip(variables, arrays)
         shapes = [tuple(v.shape) for v in variables]
         if [a.shape for a in arrays] != shapes:
             raise UserError(f"{where}: {path.name} does not match '{model.name}': layer {name!r} holds weights of "
@@ -289,9 +291,8 @@ def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:
         raise UserError(f"{where}: {path.name} lacks {len(missing)} of the layers with weights of '{model.name}' "
                         f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}); is it for another "
                         f"architecture or other options?")
-    for name, arrays in stored.items():
-        for v, a in zip(ours[name].trainable_weights + ours[name].non_trainable_weights, arrays):
-            v.assign(a)
+    for v, a in pairs:
+        v.assign(a)
 
 
 def _text(name) -> str:
