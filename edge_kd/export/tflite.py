@@ -29,7 +29,7 @@ import warnings
 
 import numpy as np
 
-from edge_kd.keras import keras, tf
+from edge_kd.keras import tf
 
 VARIANTS = ("fp32", "fp16", "dynamic", "dynamic_compat", "int8", "int8_mixed", "int16x8")
 CALIBRATED = ("int8", "int8_mixed", "int16x8")  # the variants that need representative data
@@ -54,7 +54,37 @@ def convert(model, variant: str, representative=None, int8_io: bool = True, floa
     if variant == "int8_mixed" and not float_tensors:
         raise ValueError("variant 'int8_mixed' needs float_tensors: the op outputs to keep in float")
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(_with_dynamic_batch(model))
+    with _quiet(), tempfile.TemporaryDirectory(prefix="edge-kd-export-") as saved:
+        converter = _converter(model, saved)
+        return _convert(converter, variant, representative, int8_io, float_tensors)
+
+
+def _converter(model, folder: str):
+    """Returns a TFLiteConverter of ``model``'s inference function, saved in ``folder`` as a SavedModel of that one
+    function and the model's variables (signature ``serving_default``: the Keras input's name in, the output layer's
+    name out, a free batch dimension).
+
+    ``TFLiteConverter.from_keras_model`` converts the same graph, but first saves the whole Keras model, every
+    layer's functions traced for serialization: 3x slower for a small CNN, 3x for EfficientNetB0 (34 s against
+    11 s on 2 cores), for the same ops, tensor names and outputs.
+    """
+    if len(model.inputs or []) != 1 or len(model.outputs or []) != 1:
+        raise ValueError(f"only models with one input and one output convert, {model.name} has "
+                         f"{len(model.inputs or [])} and {len(model.outputs or [])}")
+    inp, name_in, name_out = model.inputs[0], model.input_names[0], model.output_names[0]
+
+    def serve(x):
+        return {name_out: model(x, training=False)}
+
+    fn = tf.function(serve, input_signature=[tf.TensorSpec([None, *inp.shape[1:]], inp.dtype, name=name_in)])
+    holder = tf.Module()
+    holder.model_variables = list(model.variables)  # what the function reads, saved with it
+    tf.saved_model.save(holder, folder, signatures={"serving_default": fn.get_concrete_function()})
+    return tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=["serving_default"])
+
+
+def _convert(converter, variant, representative, int8_io, float_tensors) -> bytes:
+    """Returns what ``converter`` makes of its model as ``variant`` (``convert``'s arguments, checked)."""
     if variant != "fp32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "fp16":
@@ -71,10 +101,9 @@ def convert(model, variant: str, representative=None, int8_io: bool = True, floa
         if int8_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
-    with _quiet():
-        if variant == "int8_mixed":
-            return _selective(converter, list(float_tensors), int8_io)
-        return bytes(converter.convert())
+    if variant == "int8_mixed":
+        return _selective(converter, list(float_tensors), int8_io)
+    return bytes(converter.convert())
 
 
 def _selective(converter, float_tensors: list[str], int8_io: bool) -> bytes:
@@ -97,17 +126,6 @@ def _representative_dataset(samples: np.ndarray):
             yield [sample[None, ...]]
 
     return gen
-
-
-def _with_dynamic_batch(model):
-    """Returns ``model`` itself, or a wrapper with a free batch dimension when its input fixes one."""
-    inputs = model.inputs or []
-    if all(t.shape.rank is None or t.shape[0] is None for t in inputs):
-        return model
-    # A fixed batch in the signature would freeze the TFLite input to it; accuracy needs batches.
-    new_inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype) for t in inputs]
-    outputs = model(new_inputs if len(new_inputs) > 1 else new_inputs[0])
-    return keras.Model(new_inputs, outputs, name=model.name)
 
 
 @contextlib.contextmanager
