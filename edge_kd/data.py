@@ -156,46 +156,59 @@ class DataBundle:
             yield self.normalise(x[start:start + batch_size]), y[start:start + batch_size]
 
     def dataset(self, split: str, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
-                teacher_logits: np.ndarray | None = None, drop_remainder: bool = False):
-        """Returns a batched tf.data pipeline of ``(normalised images, labels)`` for ``split``.
+                teacher_logits: np.ndarray | None = None, drop_remainder: bool = False, epochs: range | None = None):
+        """Returns a batched tf.data pipeline of ``(normalised images, labels)`` for ``split``: one pass, or with
+        ``epochs`` the passes of those epochs of a fit, one after another.
 
-        With ``teacher_logits`` (one row per image of the split, a teacher cache), the inputs are
-        ``{"image": images, "teacher_logits": rows}``: each image travels with its teachers' logits.
-        A streamed split shuffles its images' addresses (every one, for files; within a buffer of
+        One pass is in order, or with ``shuffle`` reshuffled each time it is iterated. ``epochs`` (a range, e.g.
+        ``range(3, 10)``) always shuffles: each epoch's order is a function of the seed and the epoch's number, so
+        a fit resumed at epoch 3 in a new process sees exactly the batches an uninterrupted fit would (the orders
+        before it are drawn again, of the images' positions only, and skipped). With ``teacher_logits`` (one row per image of the split, a teacher cache), the inputs are
+        ``{"image": images, "teacher_logits": rows}``: each image travels with its teachers' logits. A streamed
+        split shuffles its images' addresses (every one, for files; within a buffer of
         ``TfdsImages.SHUFFLE_BUFFER`` records, for tfds) and reads and decodes them after.
         """
         from edge_kd.keras import tf
 
         x, y = self._split(split)
-        scale, offset = np.float32(self.info.input_scale), np.float32(self.info.input_offset)
         if teacher_logits is not None and len(teacher_logits) != len(y):
             raise ValueError(f"teacher_logits has {len(teacher_logits)} rows for the {len(y)} images of {split}")
-        if isinstance(x, ImageStore):
-            ds = x.addressed()
-            if shuffle:
-                ds = ds.shuffle(x.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-            labels = tf.constant(y)
-            rows = None if teacher_logits is None else tf.constant(np.asarray(teacher_logits, np.float32))
+        labels = tf.constant(y)
+        rows = None if teacher_logits is None else tf.constant(np.asarray(teacher_logits, np.float32))
+        scale, offset = np.float32(self.info.input_scale), np.float32(self.info.input_offset)
+        streamed = isinstance(x, ImageStore)
+        if streamed:
+            ds, buffer = x.addressed(), x.shuffle_buffer  # (position, address)
+        else:
+            ds, buffer = tf.data.Dataset.range(len(x)), min(len(x), 60000)  # positions
+        if shuffle or epochs is not None:
+            ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        if epochs is not None:
+            if len(epochs) == 0 or epochs.step != 1 or epochs.start < 0:
+                raise ValueError(f"epochs must be a non-empty range of consecutive epochs, got {epochs}")
+            steps = len(y) // batch_size if drop_remainder else -(-len(y) // batch_size)
+            # Each repetition draws a new order. Epoch e takes the (e+2)-th: Keras fit, given a one-pass pipeline,
+            # opened it once before its first epoch and once per epoch (tf_keras' DataHandler), so epoch e of every
+            # run before this option existed saw that order; keeping it keeps their figures.
+            ds = ds.repeat(epochs.stop + 1).skip((epochs.start + 1) * steps)
+
+        def inputs(pos, images):
+            images = tf.cast(images, tf.float32) * scale + offset
+            return images if rows is None else {"image": images, "teacher_logits": tf.gather(rows, pos)}
+
+        if streamed:
+            shape = tf.TensorSpec(x.shape[1:], tf.uint8)
 
             def read(pos, address):
-                image = x.decode(address)
-                inputs = image if rows is None else {"image": image, "teacher_logits": tf.gather(rows, pos)}
-                return inputs, tf.gather(labels, pos)
-
-            ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+                return inputs(pos, tf.map_fn(x.decode, address, fn_output_signature=shape)), tf.gather(labels, pos)
         else:
-            inputs = x if teacher_logits is None else {"image": x, "teacher_logits": teacher_logits}
-            ds = tf.data.Dataset.from_tensor_slices((inputs, y))
-            if shuffle:
-                ds = ds.shuffle(min(len(x), 60000), seed=seed, reshuffle_each_iteration=True)
+            images = tf.constant(x)
 
-        def normalise(a, b):
-            if isinstance(a, dict):
-                return {**a, "image": tf.cast(a["image"], tf.float32) * scale + offset}, b
-            return tf.cast(a, tf.float32) * scale + offset, b
+            def read(pos):
+                return inputs(pos, tf.gather(images, pos)), tf.gather(labels, pos)
 
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(normalise, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
     def _split(self, split):
         if split not in ("train", "val", "test"):
@@ -624,6 +637,28 @@ def _tfds_records(name: str, data_dir, split: str):
     return ds.map(lambda ex: (ex[image], ex[label]))
 
 
+def _check_reachable(name: str, builder) -> None:
+    """Raises a UserError at once when a host that tfds would download ``name`` from cannot be reached (no network),
+    instead of after tfds' retries (minutes). The request goes as tfds' would (the same proxies), once, 10 s at most;
+    any HTTP answer counts as reachable."""
+    import urllib.parse
+
+    import requests
+
+    hosts = {}
+    for url in (getattr(builder, "url_infos", None) or {}):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme in ("http", "https"):
+            hosts.setdefault(parts.netloc, url)
+    for host, url in hosts.items():
+        try:
+            requests.head(url, timeout=10, allow_redirects=False)
+        except requests.RequestException as e:
+            why = type(e).__name__
+            raise UserError(f"cannot download tfds dataset '{name}': {host} cannot be reached ({why}; no network?); "
+                            f"prepare it on a machine with network and point TFDS_DATA_DIR at its folder") from None
+
+
 def _load_tfds(name: str, size):
     """Returns a prepared tfds dataset's train and test images as ``TfdsImages`` stores and their labels.
 
@@ -639,6 +674,10 @@ def _load_tfds(name: str, size):
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"unknown tfds dataset '{name}': {msg}") from None
     try:
+        if not builder.is_prepared():
+            _check_reachable(name, builder)
+            tfds.disable_progress_bar()  # its bars and retries are not the user's business; say what happens instead
+            print(f"  tfds: downloading and preparing '{name}' into {builder.data_dir} (once) ...", flush=True)
         builder.download_and_prepare()
         splits = builder.info.splits
         if "train" not in splits or "test" not in splits:

@@ -1,11 +1,14 @@
-"""Atomic writes: an artefact is either absent or complete, never half-written.
+"""Atomic writes: an artefact is either absent or complete, never half-written; and one writer per folder.
 
 Files are written beside their destination and renamed onto it (``atomic_path``). A folder is built in
 ``staging_dir(dest)`` and swapped onto ``dest`` by ``swap_dir``; ``clean_leftovers`` removes (or puts
-back) whatever a process killed in the middle of either left behind.
+back) whatever a process killed in the middle of either left behind. ``exclusive(folder)`` holds a
+folder for one process at a time (a run folder, a search folder).
 """
 import contextlib
 import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -154,3 +157,65 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+# -- one writer per folder ------------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+class FolderBusy(Exception):
+    """Another process holds the folder ``exclusive`` was asked for."""
+
+    def __init__(self, folder: Path, holder: str):
+        super().__init__(f"{folder} is in use by {holder}")
+        self.folder, self.holder = folder, holder
+
+
+@contextlib.contextmanager
+def exclusive(folder, note: str = ""):
+    """Holds ``folder`` (created if missing) for this process alone while the block runs.
+
+    The hold is an ``flock`` on ``folder/.lock``, which the kernel releases when the process ends, however it
+    ends, so a killed holder never blocks the next. The file names the holder (its pid and ``note``, e.g. the
+    command); a folder another process holds raises ``FolderBusy`` at once, naming it. Yields whether this
+    call created the folder (and so may remove it if what it was for fails before writing anything).
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise FolderBusy(folder, _holder(path)) from None
+        try:  # the file may have been removed (with its folder) by the holder we waited behind: lock the new one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n{' '.join(note.split())[:200]}\n".encode())
+        yield created
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with the next locker)
+
+
+def _holder(path: Path) -> str:
+    """Returns who holds the lock at ``path``, as its file says: "process 1234 (python -m ...)"."""
+    try:
+        pid, _, note = path.read_text().partition("\n")
+    except OSError:
+        return "another process"
+    pid, note = pid.strip(), note.strip()
+    if not pid.isdigit():
+        return "another process"
+    return f"process {pid}" + (f" ({note[:120]})" if note else "")

@@ -1,4 +1,5 @@
-"""The one fit loop: the optimizer and schedule of an ``OptimizerConfig``, progress per epoch, a stop on a non-finite loss.
+"""The one fit loop: the optimizer and schedule of an ``OptimizerConfig``, progress per epoch, a stop on a non-finite
+loss, Ctrl-C honoured after every batch, and (with ``resume``) a fit that continues at the epoch it had reached.
 
 The optimizer and its schedule are ``edge_kd.optim.OptimizerConfig``'s.
 
@@ -7,7 +8,7 @@ The optimizer and its schedule are ``edge_kd.optim.OptimizerConfig``'s.
 >>> import models
 >>> b = data.load("mnist", limit_train=600, limit_test=100)
 >>> student = models.build("mlp", b.info.input_shape, b.info.num_classes, hidden=(32,))
->>> history = train.fit(Distiller(student), b.dataset("train", 64, shuffle=True), epochs=1,
+>>> history = train.fit(Distiller(student), lambda epochs: b.dataset("train", 64, seed=0, epochs=epochs), epochs=1,
 ...                     learning_rate=2e-3, validation=b.dataset("val"), verbose=0)
 >>> sorted(history)[:2]
 ['accuracy', 'loss']
@@ -15,11 +16,16 @@ The optimizer and its schedule are ``edge_kd.optim.OptimizerConfig``'s.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import shutil
 import sys
+from pathlib import Path
 
+from edge_kd import interrupt
 from edge_kd.errors import UserError
-from edge_kd.keras import keras
+from edge_kd.fileio import staging_dir, swap_dir, write_json
+from edge_kd.keras import keras, tf
 from edge_kd.optim import OptimizerConfig
 
 
@@ -51,20 +57,117 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             raise Diverged(epoch + 1, (self.params or {}).get("epochs"), float(loss))
 
 
+class EpochCheckpoints:
+    """The state of one fit after each finished epoch, kept in ``folder`` so that a fit stopped at any moment (killed,
+    interrupted) continues at the epoch it had reached, in a new process, exactly as if it had not stopped.
+
+    The state is the model's (``checkpoint_objects()`` of a Distiller: the student with the random-number state of
+    its layers, peers, the terms' variables, a mean teacher; else the whole model), the optimizer's (its step,
+    which drives the learning-rate schedule and the augmentation draws, and its slots) and the history so far.
+    The data order of the epochs to come is a function of the seed and the epoch (``DataBundle.dataset``), so it
+    needs no saving. Each save is built aside and swapped into place: a kill mid-save leaves the last one whole.
+    ``key`` names what the state belongs to (a stage's fingerprint); a state of another key is never resumed.
+    """
+
+    STATE = "state.json"
+    CHECKPOINT = "variables"
+
+    def __init__(self, folder, key: str = ""):
+        self.folder, self.key = Path(folder), str(key)
+
+    @staticmethod
+    def _trackables(model) -> dict:
+        objects = model.checkpoint_objects() if hasattr(model, "checkpoint_objects") else {"model": model}
+        return {**objects, "optimizer": model.optimizer}
+
+    def load(self, model) -> tuple[int, dict]:
+        """Restores the saved state into compiled ``model``; returns (epochs done, history), or (0, {}) if none."""
+        try:
+            state = json.loads((self.folder / self.STATE).read_text())
+        except (OSError, ValueError):
+            return 0, {}
+        if state.get("key") != self.key:
+            return 0, {}
+        trained = model.trained_variables() if hasattr(model, "trained_variables") else model.trainable_variables
+        model.optimizer.build(trained)  # its slots exist before they are restored, in the order training builds them
+        status = tf.train.Checkpoint(**self._trackables(model)).read(str(self.folder / self.CHECKPOINT))
+        status.assert_existing_objects_matched()
+        return int(state["epochs"]), {k: list(v) for k, v in state["history"].items()}
+
+    def save(self, model, epochs: int, history: dict) -> None:
+        """Saves ``model``'s state after ``epochs`` finished epochs, with their ``history``."""
+        work = staging_dir(self.folder)
+        try:
+            tf.train.Checkpoint(**self._trackables(model)).write(str(work / self.CHECKPOINT))
+            write_json(work / self.STATE, {"key": self.key, "epochs": int(epochs), "history": history})
+            swap_dir(work, self.folder)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def epochs_done(self) -> int:
+        """Returns the epochs the saved state holds (0 when there is none of this key)."""
+        try:
+            state = json.loads((self.folder / self.STATE).read_text())
+        except (OSError, ValueError):
+            return 0
+        return int(state["epochs"]) if state.get("key") == self.key else 0
+
+    def clear(self) -> None:
+        """Removes the saved state (the fit it belongs to is finished and kept)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _SaveEachEpoch(keras.callbacks.Callback):
+    """Continues a fit at epoch ``start`` (the step counter that the augmentation draws from follows), and saves
+    its state after every epoch."""
+
+    def __init__(self, checkpoints: EpochCheckpoints, start: int, history: dict):
+        super().__init__()
+        self.checkpoints, self.start, self.history = checkpoints, start, history
+
+    def on_train_begin(self, logs=None):
+        steps = int((self.params or {}).get("steps") or 0)
+        self.model._train_counter.assign(self.start * steps)  # fit set it to 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        for k, v in (logs or {}).items():
+            self.history.setdefault(k, []).append(float(v))
+        self.checkpoints.save(self.model, epoch + 1, self.history)
+
+
 def fit(model, train, epochs: int, learning_rate: float, validation=None, callbacks=(), verbose=None,
-        optimizer: OptimizerConfig | None = None) -> dict:
+        optimizer: OptimizerConfig | None = None, resume: EpochCheckpoints | None = None) -> dict:
     """Compiles ``model`` with ``optimizer`` (default: Adam, cosine decay over the whole fit; anything with
     ``OptimizerConfig.build``'s signature, such as ``edge_kd.bit.Optimizer``), trains it; returns the history as
-    lists.
+    lists, one value per epoch.
 
-    ``train`` is a batched tf.data dataset of known length; a non-finite loss raises ``Diverged``.
+    ``train`` gives the training batches: a function of a range of epochs returning their batches, one epoch
+    after another, every epoch of the same length (``lambda epochs: bundle.dataset("train", 128, seed=0,
+    epochs=epochs)``), or a batched tf.data dataset of one epoch, iterated anew each epoch. With ``resume``
+    (which needs the function), the state after each epoch is saved there, and a fit that finds a state of its
+    key continues after its last finished epoch. A non-finite loss raises ``Diverged``; a Ctrl-C swallowed where
+    it arrived (``edge_kd.interrupt``) is honoured at the end of the batch.
     """
-    per_epoch = max(1, len(train))
+    by_epoch = callable(train) and not isinstance(train, tf.data.Dataset)
+    if resume is not None and not by_epoch:
+        raise ValueError("resume needs train as a function of the epochs (DataBundle.dataset(..., epochs=...))")
+    per_epoch = max(1, len(train(range(1)) if by_epoch else train))
     steps = max(1, epochs * per_epoch)
     model.compile(optimizer=(optimizer or OptimizerConfig()).build(learning_rate, steps, per_epoch))
-    history = model.fit(train, validation_data=validation, epochs=epochs,
+    start, done = resume.load(model) if resume is not None else (0, {})
+    extra = [_SaveEachEpoch(resume, start, done)] if resume is not None else []
+    if start >= epochs:
+        return done
+    # An endless stream, so that Keras opens it once: it reopens a pipeline of one epoch's length before every
+    # epoch, and one opened twice would draw its shuffled orders twice, so that no epoch sees its own.
+    batches = train(range(start, epochs)).repeat() if by_epoch else train
+    history = model.fit(batches, validation_data=validation,
+                        epochs=epochs, initial_epoch=start, steps_per_epoch=per_epoch if by_epoch else None,
                         verbose=verbosity() if verbose is None else verbose,
-                        callbacks=[StopOnNonFiniteLoss(), *callbacks])
+                        callbacks=[StopOnNonFiniteLoss(), interrupt.callback(), *callbacks, *extra])
+    if resume is not None:
+        return done
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 

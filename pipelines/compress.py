@@ -158,8 +158,13 @@ def load_recipe(args):
 
 
 def _send_native_logs_to(path):
-    """Points file descriptor 2 (TensorFlow's C++ logging) at ``path``; Python's own stderr stays on the terminal."""
+    """Points file descriptor 2 (TensorFlow's C++ logging) and Python's log records (absl, tfds, urllib3) at
+    ``path``; Python's own stderr, where edge-kd writes its errors, stays on the terminal."""
+    import logging
     import warnings
+
+    # before any library configures logging: their later basicConfig calls find this handler and add none
+    logging.basicConfig(handlers=[logging.FileHandler(path)], level=logging.INFO, force=True)
 
     saved = os.dup(2)
     log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -183,42 +188,52 @@ def main(argv=None, quiet_native: bool = False) -> int:
     def body(native_log):
         recipe = load_recipe(args)
         from pipelines.run import run
-        from pipelines.runner import Interrupted
 
-        try:
-            run_dir = run(recipe, out=args.out, command=command)
-        except Interrupted as e:
-            print(f"{PROG}: interrupted during stage '{e.stage}'; finished stages are kept: rerun the same command "
-                  f"to resume at '{e.stage}'", file=sys.stderr)
-            return 130
+        run_dir = run(recipe, out=args.out, command=command)
         if quiet_native:
             shutil.copyfile(native_log, run_dir / "native.log")
         return 0
 
-    return run_command(PROG, body, quiet_native, kept="finished stages")
+    return run_command(PROG, body, quiet_native, kept="finished stages and epochs")
 
 
 def run_command(prog: str, body, quiet_native: bool, kept: str) -> int:
     """Runs ``body(native_log)``, a command's work, and returns its exit status: body's, or 2 for a UserError (one
-    line), 130 for Ctrl-C (saying that ``kept`` are kept and a rerun resumes).
+    line), 130 for Ctrl-C (one line saying where it stopped, that ``kept`` are kept and a rerun resumes).
 
-    With ``quiet_native``, TensorFlow's C++ log lines go to ``native_log``, a temporary file, set up before body
-    runs (and so before TensorFlow is first imported); it is removed afterwards, unless the command failed with
-    a traceback, whose message then names it.
+    Ctrl-C is made reliable for the whole body (``edge_kd.interrupt``): a second one, or a first one not acted on
+    within a few seconds, ends the process at once with the same line. With ``quiet_native``, TensorFlow's C++
+    log lines and other libraries' Python log records go to ``native_log``, a temporary file, set up before
+    body runs (and so before TensorFlow is first imported); it is removed afterwards, unless the command failed
+    with a traceback, whose message then names it.
     """
+    from edge_kd import interrupt
+
     native_log = os.path.join(tempfile.gettempdir(), f"edge-kd-native-{os.getpid()}.log")
     if quiet_native:
         _send_native_logs_to(native_log)
+
+    def interrupted(where=None, resume_at=None):
+        where = where or interrupt.where()
+        during = f" during {where}" if where else ""
+        return (f"{prog}: interrupted{during}; {kept} are kept: rerun the same command to resume"
+                + (f" at {resume_at}" if resume_at else ""))
+
     keep_log = False
     try:
-        return body(native_log)
-    except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; {kept} are kept: rerun the same command to resume", file=sys.stderr)
-        return 130
-    except BaseException:
+        with interrupt.handling(interrupted):
+            code = body(native_log)
+        if interrupt.requested():  # a Ctrl-C swallowed where it was raised, after the last check
+            raise KeyboardInterrupt
+        return code
+    except BaseException as e:
+        # a Ctrl-C, or whatever error a library made of one where it arrived
+        if isinstance(e, KeyboardInterrupt) or interrupt.requested():
+            print(interrupted(getattr(e, "where", None), getattr(e, "resume_at", None)), file=sys.stderr)
+            return interrupt.EXIT_STATUS
+        if isinstance(e, UserError):
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return e.exit_code
         keep_log = quiet_native
         if keep_log:
             print(f"{prog}: failed; TensorFlow's own log is in {native_log}", file=sys.stderr)

@@ -35,6 +35,22 @@ class Context:
         self._file_keys: dict[str, str] = {}
         self.teacher_info: dict = {}
         self.manifests: dict[str, dict] = {}
+        self._resume = None  # the epoch checkpoints of the stage running now
+
+    def resume_root(self) -> Path:
+        """Returns the folder of the running stages' epoch checkpoints (``.resume`` in the run folder)."""
+        return self.run_dir / ".resume"
+
+    def epoch_checkpoints(self, name: str, fingerprint: str):
+        """Returns the ``EpochCheckpoints`` of stage ``name`` with ``fingerprint``."""
+        from edge_kd.train import EpochCheckpoints
+
+        return EpochCheckpoints(self.resume_root() / name, key=fingerprint)
+
+    def begin_stage(self, name: str, fingerprint: str):
+        """Makes stage ``name``'s fit save (and resume from) its epochs; returns its ``EpochCheckpoints``."""
+        self._resume = self.epoch_checkpoints(name, fingerprint)
+        return self._resume
 
     # -- where things are --------------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
@@ -127,7 +143,7 @@ class Context:
                     from edge_kd.distill import load_teacher
 
                     model = load_teacher(t.path, trust=t.trust)
-                self._teachers[key], adapted = self.adapt(model, t.input_range)
+                self._teachers[key], adapted = self.adapt(model, t.input_range, t.path)
             from edge_kd import builtin_teachers
 
             shipped = None if t.path is None else builtin_teachers.name_of(t.path)
@@ -145,7 +161,7 @@ class Context:
             from edge_kd.distill import load_teacher
 
             with train.precision("float32"):  # as teacher()
-                self._extra_teachers[key] = [self.adapt(load_teacher(t.path, trust=t.trust), t.input_range)[0]
+                self._extra_teachers[key] = [self.adapt(load_teacher(t.path, trust=t.trust), t.input_range, t.path)[0]
                                              for t in self.recipe.distillation.extra_teachers]
         return self._extra_teachers[key]
 
@@ -186,8 +202,11 @@ class Context:
 
         return id(tf.distribute.get_strategy())
 
-    def adapt(self, model, input_range):
-        """Returns ``adapt_teacher`` of ``model`` for this run's data: (frozen logits model, description)."""
+    def adapt(self, model, input_range, source=None):
+        """Returns ``adapt_teacher`` of ``model`` for this run's data: (frozen logits model, description).
+
+        ``source`` (the teacher's file) prefixes its errors, such as outputs that are not finite.
+        """
         from edge_kd.distill import adapt_teacher
 
         info = self.bundle.info
@@ -195,8 +214,13 @@ class Context:
         if input_range is not None:
             lo, hi = input_range
             scale, offset = (hi - lo) / 255.0, float(lo)
-        return adapt_teacher(model, info.input_shape, info.num_classes, info.input_scale, info.input_offset,
-                             teacher_scale=scale, teacher_offset=offset, sample=self.bundle.first("val", 32)[0])
+        try:
+            return adapt_teacher(model, info.input_shape, info.num_classes, info.input_scale, info.input_offset,
+                                 teacher_scale=scale, teacher_offset=offset, sample=self.bundle.first("train", 8)[0])
+        except UserError as e:
+            if source is None:
+                raise
+            raise UserError(f"{Path(source).name}: {e}") from None
 
     def teacher_file(self) -> Path:
         t = self.recipe.teacher
@@ -290,7 +314,8 @@ class Context:
         ``training``.
 
         With ``distillation.teacher_cache`` and a Distiller that can use it, each batch carries the
-        teachers' cached logits and no teacher runs during training.
+        teachers' cached logits and no teacher runs during training. Inside a stage of the runner, the fit saves
+        each epoch and resumes where a stopped run of the same stage left off (``begin_stage``).
         """
         from edge_kd import train
 
@@ -301,11 +326,14 @@ class Context:
         replicated = model.distribute_strategy.num_replicas_in_sync > 1
         from edge_kd.keras import tf
 
+        def batches(epochs):  # each epoch's order from the seed and its number: a resumed fit sees the same
+            return b.dataset("train", tr.batch_size, seed=self.recipe.seed, teacher_logits=cache["train"],
+                             drop_remainder=replicated, epochs=epochs)
+
         try:
-            return train.fit(model, b.dataset("train", tr.batch_size, shuffle=True, seed=self.recipe.seed,
-                                              teacher_logits=cache["train"], drop_remainder=replicated),
-                             epochs, learning_rate, validation=b.dataset("val", 512, teacher_logits=cache["val"]),
-                             callbacks=callbacks, optimizer=optimizer or tr)
+            return train.fit(model, batches, epochs, learning_rate,
+                             validation=b.dataset("val", 512, teacher_logits=cache["val"]), callbacks=callbacks,
+                             optimizer=optimizer or tr, resume=self._resume)
         except tf.errors.OpError as e:  # a streamed image whose header read but whose pixels do not decode
             if not b.streamed or "Decode" not in str(e) and "PIL" not in str(e):
                 raise

@@ -1,6 +1,7 @@
-"""One run of a recipe: check every input before anything trains, then run the stages into <out>/<run>/."""
+"""One run of a recipe: hold its folder, check every input before anything trains, then run the stages into <out>/<run>/."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from edge_kd.errors import UserError
-from edge_kd.fileio import write_text
+from edge_kd.fileio import LOCK_NAME, FolderBusy, exclusive, write_text
 from pipelines.context import Context
 from pipelines.recipe import Recipe
 from pipelines.runner import run_stages
@@ -27,11 +28,61 @@ def check_out_folder(run_dir: Path, option: str = "--out") -> None:
             return
 
 
-def preflight(ctx: Context) -> None:
-    """Makes every mistake fail now, before the first stage trains: the output folder, the data, the teachers,
-    and each enabled stage's own check (layer names, what can be pruned, clustered or quantized, the bundle's pick).
+def first_missing(folder: Path) -> Path | None:
+    """Returns the outermost folder of ``folder``'s path (itself included) that does not exist yet, or None."""
+    missing = None
+    for p in (Path(folder), *Path(folder).parents):
+        if p.exists():
+            return missing
+        missing = p
+    return missing
+
+
+@contextlib.contextmanager
+def holding(folder: Path, command: str, option: str = "--out", instead: str = "another --out or --run-name"):
+    """Holds ``folder`` for this process alone while the block runs (``edge_kd.fileio.exclusive``).
+
+    A folder another process holds is a one-line UserError at once (suggesting ``instead``); when the block fails before it wrote
+    anything (an exception other than Ctrl-C out of a block that created the folder), the folders this call
+    created are removed again, so a refused run leaves no trace.
     """
-    check_out_folder(ctx.run_dir)
+    check_out_folder(folder, option)
+    created = first_missing(folder)
+    try:
+        with exclusive(folder, command):
+            try:
+                yield
+            except Exception:
+                if created is not None:
+                    _remove_if_empty(folder, created)
+                raise
+    except FolderBusy as e:
+        raise UserError(f"{e.folder} is in use by {e.holder}; wait for it to finish, or give {instead}") from None
+
+
+def _remove_if_empty(folder: Path, up_to: Path) -> None:
+    """Removes ``folder`` if it holds nothing but its lock, then each parent up to ``up_to`` while it is empty
+    (another run may have made its own folder beside it meanwhile)."""
+    folder = Path(folder)
+    if {p.name for p in folder.iterdir()} - {LOCK_NAME}:
+        return
+    (folder / LOCK_NAME).unlink(missing_ok=True)
+    p = folder
+    while True:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == Path(up_to):
+            return
+        p = p.parent
+
+
+def preflight(ctx: Context) -> None:
+    """Makes every mistake fail now, before the first stage trains: the data, the teachers (their outputs on a
+    few training images must be finite), and each enabled stage's own check (layer names, what can be pruned,
+    clustered or quantized, the bundle's pick).
+    """
     ctx.bundle
     if ctx.recipe.teacher is not None and ctx.recipe.teacher.path is not None:
         ctx.teacher()
@@ -51,11 +102,11 @@ def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.co
 
     stream = stream or sys.stdout
     ctx = Context(recipe, Path(out) / recipe.run_name(), command, data=data)
-    preflight(ctx)
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(ctx.run_dir / "recipe.yaml",
-               f"# resolved recipe of: {command}\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    done = run_stages(ctx, stream=stream, store=store)
+    with holding(ctx.run_dir, command):
+        preflight(ctx)
+        write_text(ctx.run_dir / "recipe.yaml",
+                   f"# resolved recipe of: {command}\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        done = run_stages(ctx, stream=stream, store=store)
     if records is not None:
         records.extend(done)
     print(f"report: {ctx.run_dir / 'report.md'}  (results: {ctx.run_dir / 'results.json'})", file=stream, flush=True)

@@ -8,6 +8,10 @@ whose manifest matches and whose files still hash as recorded; anything else (a 
 input or source file, a missing or altered file, a stage killed at any moment) reruns that stage
 and every stage that reads from it. Whatever a killed run left behind is cleaned at the next start.
 
+A stage that trains saves its state after each epoch in ``.resume/<stage>/`` (``edge_kd.train.EpochCheckpoints``,
+keyed by the stage's fingerprint): a stage killed or interrupted mid-training reruns from the epoch it had
+reached, not from its start, and gives what an uninterrupted run would have. A finished stage removes it.
+
 Runs that share a ``store`` folder (the candidates of ``pipelines.search``) share their stages: a stage
 one run finished is copied into the store under its fingerprint, and another run whose stage has that
 very fingerprint (the same settings, recipe parts, inputs and code) takes it from there instead of
@@ -15,6 +19,7 @@ running it. Stages whose result names its run (``Stage.shareable`` false) are ne
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,19 +28,12 @@ import sys
 import time
 from pathlib import Path
 
+from edge_kd import interrupt
 from edge_kd.errors import UserError
 from edge_kd.fileio import clean_leftovers, sha256_file, staging_dir, swap_dir, write_json
 from pipelines import codehash
 from pipelines.context import Context
 from pipelines.recipe import fingerprint
-
-
-class Interrupted(Exception):
-    """Ctrl-C during a stage: carries the stage's name for the resume message."""
-
-    def __init__(self, stage: str):
-        super().__init__(stage)
-        self.stage = stage
 
 
 @dataclasses.dataclass
@@ -152,6 +150,7 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
         if manifest is not None:
             print(f"{label}: finished earlier with the same settings, inputs and code, skipped", file=stream,
                   flush=True)
+            ctx.epoch_checkpoints(name, fp).clear()  # a run killed after the manifest, before its epochs went
             ctx.manifests[name] = manifest
             if store is not None and stage.shareable:  # a run killed between its manifest and the store
                 put_in_store(store, name, folder, manifest)
@@ -165,21 +164,29 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
                 ctx.manifests[name] = manifest
                 records.append(StageRecord(name, skipped=True, shared=True))
                 continue
-        print(f"{label}: {stage.title(ctx.recipe)} ...", file=stream, flush=True)
+        resume = ctx.begin_stage(name, fp)
+        done = resume.epochs_done()
+        print(f"{label}: {stage.title(ctx.recipe)}{f' (resumed after epoch {done})' if done else ''} ...",
+              file=stream, flush=True)
+        interrupt.at(f"stage '{name}'")
         work = staging_dir(folder)
         start = time.perf_counter()
         try:
             with ctx.training_scope(stage):  # training.strategy's scope, for the stages that train
                 summary = stage.run(ctx, work)
-        except KeyboardInterrupt:
+            interrupt.check()  # a Ctrl-C swallowed during the stage: its result is not recorded
+        except BaseException as e:
             shutil.rmtree(work, ignore_errors=True)
-            raise Interrupted(name) from None
-        except UserError as e:
-            shutil.rmtree(work, ignore_errors=True)
-            raise UserError(f"stage '{name}': {e}") from None
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            # a Ctrl-C, or whatever error a library made of it where it arrived
+            if isinstance(e, KeyboardInterrupt) or interrupt.requested():
+                saved = resume.epochs_done()
+                raise interrupt.Interrupted(f"stage '{name}'", f"'{name}'" + (f", after its epoch {saved}" if saved
+                                                                             else "")) from None
+            if isinstance(e, UserError):
+                raise UserError(f"stage '{name}': {e}") from None
             raise
+        finally:
+            interrupt.at(None)
         seconds = time.perf_counter() - start
         files = {p.relative_to(work).as_posix(): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
         manifest = {"stage": name, "fingerprint": fp, "seconds": round(seconds, 2), "summary": summary,
@@ -187,11 +194,14 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
         swap_dir(work, folder)
         # Written last: a kill before this leaves no manifest, or an older one whose hashes no longer match.
         write_json(ctx.manifest_path(name), manifest)
+        resume.clear()  # the finished stage replaces its epochs
         ctx.manifests[name] = manifest
         if store is not None and stage.shareable:
             put_in_store(store, name, folder, manifest)
         records.append(StageRecord(name, skipped=False, seconds=seconds))
         print(f"{label}: done in {seconds:.1f} s", file=stream, flush=True)
+    with contextlib.suppress(OSError):
+        ctx.resume_root().rmdir()  # when empty: every stage finished
     for name in names:
         ctx.stages[name].publish(ctx)
     return records

@@ -440,15 +440,46 @@ def test_unknown_source_is_a_user_error(tmp_path):
     assert "tfds:" in msg
 
 
-def test_tfds_without_network_is_a_one_line_user_error(monkeypatch):
+def _no_network(monkeypatch, tmp_path):
+    """Every HTTP(S) request goes through a proxy on a closed local port: no network, whatever the machine has."""
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # nothing prepared there
+
+
+def test_tfds_without_network_is_a_one_line_user_error_at_once(monkeypatch, tmp_path):
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder("mnist")  # a real builder: the name is known, but its download cannot reach the network
+    _no_network(monkeypatch, tmp_path)
+    called = []
+    real = tfds.builder
+
+    def builder(name, **kw):
+        b = real(name, **kw)
+        monkeypatch.setattr(b, "download_and_prepare", lambda *a, **k: called.append(1))
+        return b
+
+    monkeypatch.setattr(tfds, "builder", builder)
+    with pytest.raises(UserError) as exc:
+        data.load("tfds:mnist")  # a real builder: its download hosts are known, and none answers
+    message = str(exc.value)
+    assert "\n" not in message and not called  # refused before tfds' own retries (minutes) begin
+    assert "cannot download tfds dataset 'mnist'" in message and "storage.googleapis.com cannot be reached" in message
+    assert "TFDS_DATA_DIR" in message
+
+
+def test_a_tfds_download_that_fails_midway_is_a_one_line_user_error(monkeypatch):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("mnist")
 
     def no_network(*args, **kwargs):
         raise ConnectionError("Failed to establish a new connection: [Errno 101] Network is unreachable")
 
     monkeypatch.setattr(builder, "download_and_prepare", no_network)
+    monkeypatch.setattr(builder, "is_prepared", lambda: True)  # the hosts answered; the transfer itself failed
     monkeypatch.setattr(tfds, "builder", lambda name, **kw: builder)
     with pytest.raises(UserError) as exc:
         data.load("tfds:mnist")

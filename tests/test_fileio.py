@@ -72,3 +72,23 @@ def test_leftovers_of_a_killed_process_are_removed_or_put_back(tmp_path):
     assert len(cleaned) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", f".prune.partial-{alive}-abc", "bundle", "qat"]
     assert _tree(tmp_path / "bundle") == {"manifest.json": "{}"}
+
+
+# -- one writer per folder -------------------------------------------------------------------------------------
+def test_a_second_process_is_refused_a_held_folder_and_a_killed_holder_blocks_no_one(tmp_path):
+    from tests.holder import hold
+
+    folder = tmp_path / "run"
+    holder = hold(folder)
+    try:
+        with pytest.raises(fileio.FolderBusy) as busy:
+            with fileio.exclusive(folder, "second"):
+                pass
+        assert f"process {holder.pid} (python -m pipelines.compress --run-name r)" == busy.value.holder
+        with fileio.exclusive(tmp_path / "other", "another folder"):  # other folders are not held
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with fileio.exclusive(folder, "after"):  # the kernel released the killed holder's lock
+        assert (folder / fileio.LOCK_NAME).read_text().startswith(f"{os.getpid()}\n")

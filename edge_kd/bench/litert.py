@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from edge_kd import interrupt
+
 
 class TFLiteModel:
     """A LiteRT interpreter around one single-input, single-output TFLite model.
@@ -166,6 +168,7 @@ def latency_rounds(paths: dict, sample, threads, rounds: int = 10, round_seconds
     per_round = {key: [] for key in order}
     runs = dict.fromkeys(order, 0)
     for _ in range(rounds):
+        interrupt.check()
         for key in order:
             fn, times, spent = invoke[key], [], 0.0
             while len(times) < min_runs_per_round or spent < round_seconds:

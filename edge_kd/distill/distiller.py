@@ -383,6 +383,16 @@ class Distiller(keras.Model):
             tracked += self.compiled_metrics.metrics
         return tracked
 
+    def checkpoint_objects(self) -> dict:
+        """Returns what a fit's state holds beside the optimizer (``edge_kd.train``'s epoch checkpoints): the
+        student and the peers as whole objects (random-number state of their layers included), the terms'
+        variables and a mean teacher; never a frozen teacher, which training does not change."""
+        objects = {"student": self.student, "peers": list(self.peers),
+                   "terms": [v for t in self.terms for v in t.variables()]}
+        if self.ema_decay is not None:
+            objects["mean_teacher"] = self.teachers[0]
+        return objects
+
     def trained_variables(self) -> list:
         """The variables one step updates: the student's, the peers' and the terms' own (never the teachers')."""
         found = list(self.student.trainable_variables)

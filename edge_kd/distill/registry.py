@@ -110,6 +110,10 @@ class LossTerm:
         """The variables that train with the student (adapters, projection heads); never exported."""
         return [v for layer in self._layers for v in layer.trainable_variables]
 
+    def variables(self) -> list:
+        """Returns every variable the term owns, trained or state (a memory bank): what a fit's checkpoint keeps."""
+        return [v for layer in self._layers for v in layer.weights]
+
     def after_train_step(self, student: dict, teacher: dict | None, y) -> None:
         """Updates state after an optimisation step (e.g. a memory bank); only ``train_step`` calls it."""
 

@@ -221,6 +221,10 @@ class CRD(_EmbeddingTerm):
             self.student_bank = tf.Variable(banks[1], trainable=False, name="crd_student_bank")
             self.pointer = tf.Variable(0, dtype=tf.int64, trainable=False, name="crd_bank_pointer")
 
+    def variables(self):
+        banks = [self.teacher_bank, self.student_bank, self.pointer] if self.pointer is not None else []
+        return super().variables() + banks
+
     def project(self, student, teacher):
         """Returns the unit-norm projections (z_s, z_t), each (batch, dim)."""
         if self.student_head is None:

@@ -80,6 +80,15 @@ def _h5_lambda_layers(path) -> list[str]:
     return found
 
 
+def check_finite(teacher: keras.Model, sample) -> None:
+    """Raises a UserError unless ``teacher``'s outputs on ``sample`` are all finite numbers."""
+    out = np.asarray(teacher(sample, training=False))
+    if not np.all(np.isfinite(out)):
+        bad = int(np.sum(~np.all(np.isfinite(out.reshape(len(out), -1)), axis=1)))
+        raise UserError(f"teacher gives outputs that are not finite (NaN or infinity) on {bad} of {len(out)} training "
+                        f"images, so its weights are broken; re-export it from a model that predicts well")
+
+
 def _is_softmax(fn) -> bool:
     return fn is keras.activations.softmax or getattr(fn, "__name__", "") == "softmax"
 
@@ -128,7 +137,8 @@ def adapt_teacher(model: keras.Model, input_shape: Sequence[int], num_classes: i
 
     ``data_scale``/``data_offset`` map raw pixels to the student's input, ``teacher_scale``/
     ``teacher_offset`` to the teacher's (default: the same). The teacher side resizes bilinearly to
-    the teacher's own height and width.
+    the teacher's own height and width. A teacher whose logits on ``sample`` (student inputs, when given)
+    are not all finite (broken weights) is a UserError.
     """
     if model.inputs is None or model.outputs is None:
         raise UserError(f"teacher must be a Functional or Sequential Keras model with a known input, got "
@@ -146,6 +156,7 @@ def adapt_teacher(model: keras.Model, input_shape: Sequence[int], num_classes: i
         raise UserError(f"teacher predicts {out_classes} classes but the data has {num_classes}")
     teacher_scale = data_scale if teacher_scale is None else teacher_scale
     teacher_offset = data_offset if teacher_offset is None else teacher_offset
+    student_sample = sample
     if sample is not None:
         sample = tf.image.resize(sample, t_shape[:2]) if t_shape[:2] != (h, w) and None not in t_shape[:2] else sample
         sample = (np.asarray(sample) - data_offset) / data_scale * teacher_scale + teacher_offset
@@ -165,6 +176,8 @@ def adapt_teacher(model: keras.Model, input_shape: Sequence[int], num_classes: i
     out = logits(x, training=False)
     adapted = keras.Model(inp, out, name="teacher")
     adapted.trainable = False
+    if student_sample is not None:
+        check_finite(adapted, student_sample)
     info = {"head": head, "input_shape": list(t_shape), "scale": float(teacher_scale), "offset": float(teacher_offset),
             "resized": (th, tw) != (h, w)}
     return adapted, info

@@ -96,51 +96,53 @@ def main(argv=None, quiet_native: bool = False) -> int:
 
     def body(native_log):
         recipe, spec = load(args)
-        from pipelines.runner import Interrupted
-        from pipelines.search import report, space
+        from pipelines.run import holding
         from pipelines.search.strategy import Search
 
-        cands = space.candidates(recipe, spec)
         search = Search(recipe, spec, args.out, command, sys.stdout)
-        todo, excluded, not_tried = search.prepare(cands)
-        print(f"{len(cands)} candidates; {len(excluded)} excluded by the constraints before training, "
-              f"{len(not_tried)} beyond max_candidates; training up to {len(todo)} by {spec.objective}, cheapest "
-              f"first, in {spec.rungs} rung(s)", flush=True)
-        try:
-            outcome = search.run(todo) if todo else None
-        except Interrupted as e:
-            print(f"{PROG}: interrupted in stage '{e.stage}' of a candidate; finished runs and stages are kept: "
-                  "rerun the same command to resume", file=sys.stderr)
-            return 130
-        if outcome is None:
-            from pipelines.search.strategy import Outcome
+        with holding(search.root, command, instead="another --out"):  # one search per folder; its candidate runs each hold their own
+            return _search(search, spec)
 
-            outcome = Outcome(None, spec.target_accuracy, None)
-        results = report.write(search, cands, outcome)
-        print(f"search: {search.root / 'search.md'}  (results: {search.root / 'search.json'})", flush=True)
-        if not todo:
-            print(f"{PROG}: no candidate met the target: every candidate breaks a constraint before training:",
-                  file=sys.stderr)
-            for c, reason in excluded[:5]:
-                print(f"  {c.label}: {reason}", file=sys.stderr)
-            return 1
-        if outcome.chosen is None:
-            why = f"; stopped: {outcome.budget_stop}" if outcome.budget_stop else ""
-            target = ("the target (no run finished to measure the teacher)" if outcome.target is None
-                      else f"validation accuracy >= {outcome.target:.2%}")
-            near = report.closest(results)
-            print(f"{PROG}: no candidate met {target} within the constraints{why}. "
-                  + ("The closest:" if near else "No candidate run finished."), file=sys.stderr)
-            for c in near:
-                print(f"  {report.describe(c)}", file=sys.stderr)
-            return 1
-        ch = results["chosen"]
-        print(f"chosen: {ch['label']}: val {ch['val_accuracy']:.2%}, test {ch['test_accuracy']:.2%}, "
-              f"{ch['size_bytes']:,} bytes, {ch['latency_ms']:.3f} ms; bundle: {search.root / 'bundle'}; recipe: "
-              f"{search.root / 'recipe.yaml'}", flush=True)
-        return 0
+    return run_command(PROG, body, quiet_native, kept="finished runs, stages and epochs")
 
-    return run_command(PROG, body, quiet_native, kept="finished runs and stages")
+
+def _search(search, spec) -> int:
+    """Runs ``search`` to its end; returns the command's exit status."""
+    from pipelines.search import report, space
+
+    cands = space.candidates(search.recipe, spec)
+    todo, excluded, not_tried = search.prepare(cands)
+    print(f"{len(cands)} candidates; {len(excluded)} excluded by the constraints before training, "
+          f"{len(not_tried)} beyond max_candidates; training up to {len(todo)} by {spec.objective}, cheapest "
+          f"first, in {spec.rungs} rung(s)", flush=True)
+    outcome = search.run(todo) if todo else None
+    if outcome is None:
+        from pipelines.search.strategy import Outcome
+
+        outcome = Outcome(None, spec.target_accuracy, None)
+    results = report.write(search, cands, outcome)
+    print(f"search: {search.root / 'search.md'}  (results: {search.root / 'search.json'})", flush=True)
+    if not todo:
+        print(f"{PROG}: no candidate met the target: every candidate breaks a constraint before training:",
+              file=sys.stderr)
+        for c, reason in excluded[:5]:
+            print(f"  {c.label}: {reason}", file=sys.stderr)
+        return 1
+    if outcome.chosen is None:
+        why = f"; stopped: {outcome.budget_stop}" if outcome.budget_stop else ""
+        target = ("the target (no run finished to measure the teacher)" if outcome.target is None
+                  else f"validation accuracy >= {outcome.target:.2%}")
+        near = report.closest(results)
+        print(f"{PROG}: no candidate met {target} within the constraints{why}. "
+              + ("The closest:" if near else "No candidate run finished."), file=sys.stderr)
+        for c in near:
+            print(f"  {report.describe(c)}", file=sys.stderr)
+        return 1
+    ch = results["chosen"]
+    print(f"chosen: {ch['label']}: val {ch['val_accuracy']:.2%}, test {ch['test_accuracy']:.2%}, "
+          f"{ch['size_bytes']:,} bytes, {ch['latency_ms']:.3f} ms; bundle: {search.root / 'bundle'}; recipe: "
+          f"{search.root / 'recipe.yaml'}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import math
 import time
 from pathlib import Path
 
+from edge_kd import interrupt
 from edge_kd.errors import UserError
 from pipelines.search.space import TRAINING_STAGES, Candidate
 from pipelines.search.spec import SearchSpec
@@ -259,6 +260,9 @@ class Search:
             print(f" failed: {e} (its log: {log})", file=self.stream, flush=True)
             self.status[c.key] = f"failed in rung {rung + 1}: {e}"
             return None
+        except interrupt.Interrupted as e:
+            print(f" stopped (its log: {log})", file=self.stream, flush=True)
+            raise interrupt.Interrupted(f"{e.where} of candidate {c.label}") from None
         except BaseException:
             print(f" stopped (its log: {log})", file=self.stream, flush=True)
             raise

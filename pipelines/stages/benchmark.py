@@ -46,6 +46,7 @@ class Benchmark(Stage):
 
         import numpy as np
 
+        from edge_kd import interrupt
         from edge_kd.bench import compat, layer_error, litert, parity, stats
         from edge_kd.bench.results import ModelRow
         from edge_kd.export import tflite
@@ -83,6 +84,7 @@ class Benchmark(Stage):
         def outputs_of(split):
             outputs = {k: [] for k in [*stages, *files]}
             for x, _ in data.batches(split, data.chunk(most=2048)):
+                interrupt.check()
                 for stage in stages:
                     outputs[stage].append(source_model(stage).predict(x, batch_size=lite_batch, verbose=0))
                 for name in files:
@@ -110,6 +112,7 @@ class Benchmark(Stage):
                                           round_seconds=b.min_seconds / b.rounds, warmup_seconds=b.warmup_seconds)
         floats = {}
         for item in plan:
+            interrupt.check()
             file = files[item["name"]]
             sparsity = stats.tflite_weight_sparsity(file)
             found = compat.runtime(file)

@@ -101,6 +101,7 @@ class Export(Stage):
     def run(self, ctx, out):
         import numpy as np
 
+        from edge_kd import interrupt
         from edge_kd.export import tflite
         from edge_kd.fileio import write_bytes, write_json
 
@@ -111,6 +112,7 @@ class Export(Stage):
         plan = self.plan(ctx)
         # int8_mixed is made from the stage's int8 and fp32 files, so those come first
         for item in sorted(plan, key=lambda i: i["variant"] == "int8_mixed"):
+            interrupt.check()
             stage, variant = item["stage"], item["variant"]
             if stage not in loaded:
                 loaded[stage] = ctx.teacher() if stage == "teacher" else ctx.load_student(stage)

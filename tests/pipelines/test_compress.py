@@ -156,18 +156,40 @@ def test_a_diverging_stage_stops_with_one_line_exit_2_and_is_not_recorded(tmp_pa
     _assert_one_line_error(code, err, "stage 'teacher'", "loss became nan in epoch 1 of 3", "learning rate")
     run = out / "nan"
     assert not (run / "manifests").exists() and not (run / "teacher").exists()
-    assert [p.name for p in run.iterdir()] == ["recipe.yaml"]  # no partial folder left behind
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "recipe.yaml"]  # no partial folder left behind
 
 
-def test_bad_input_from_a_real_process_prints_no_traceback(tmp_path):
-    _npz(tmp_path / "ok.npz")
-    proc = subprocess.run([sys.executable, "-m", "pipelines.compress", "--data", str(tmp_path / "ok.npz"),
-                           "--student", "nope", "--out", str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_tfds_without_network_in_a_real_process_is_one_line_on_stderr_and_nothing_else(tmp_path):
+    """No traceback and none of tfds', urllib3's or absl's own output (their log records go to the native log)."""
+    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.compress", "--data", "tfds:mnist", "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert "student.arch 'nope' is unknown" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "cannot download tfds dataset 'mnist'" in proc.stderr and "no network?" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_or_search_into_a_folder_another_process_holds_exits_2_at_once_and_writes_nothing(tmp_path):
+    from tests.holder import hold
+
+    out = tmp_path / "out"
+    for folder, cmd, instead in ((out / "r", ["pipelines.compress", "--run-name", "r"], "another --out or --run-name"),
+                                 (out / "search", ["pipelines.search", "--target-accuracy", "0.5"], "another --out")):
+        holder = hold(folder, note=f"python -m {cmd[0]}")
+        try:
+            before = sorted(p.name for p in folder.iterdir())
+            proc = subprocess.run([sys.executable, "-m", *cmd, "--out", str(out)], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=300)
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.strip() == (f"python -m {cmd[0]}: error: {folder} is in use by process {holder.pid} "
+                                           f"(python -m {cmd[0]}); wait for it to finish, or give {instead}")
+            assert sorted(p.name for p in folder.iterdir()) == before
+        finally:
+            holder.stdin.close()
+            holder.wait()
 
 
 def test_help_documents_every_option():
