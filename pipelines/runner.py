@@ -127,6 +127,13 @@ def _link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
 
 
+def _forget_epochs(ctx: Context, resume) -> None:
+    """Removes a finished stage's saved epochs, and ``.resume`` itself once no stage is part-way."""
+    resume.clear()
+    with contextlib.suppress(OSError):
+        ctx.resume_root().rmdir()
+
+
 def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[StageRecord]:
     """Runs (or skips, when finished and unchanged) every enabled stage; returns one record per stage.
 
@@ -150,7 +157,7 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
         if manifest is not None:
             print(f"{label}: finished earlier with the same settings, inputs and code, skipped", file=stream,
                   flush=True)
-            ctx.epoch_checkpoints(name, fp).clear()  # a run killed after the manifest, before its epochs went
+            _forget_epochs(ctx, ctx.epoch_checkpoints(name, fp))  # a run killed after the manifest, before they went
             ctx.manifests[name] = manifest
             if store is not None and stage.shareable:  # a run killed between its manifest and the store
                 put_in_store(store, name, folder, manifest)
@@ -194,14 +201,12 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
         swap_dir(work, folder)
         # Written last: a kill before this leaves no manifest, or an older one whose hashes no longer match.
         write_json(ctx.manifest_path(name), manifest)
-        resume.clear()  # the finished stage replaces its epochs
+        _forget_epochs(ctx, resume)  # the finished stage replaces them
         ctx.manifests[name] = manifest
         if store is not None and stage.shareable:
             put_in_store(store, name, folder, manifest)
         records.append(StageRecord(name, skipped=False, seconds=seconds))
         print(f"{label}: done in {seconds:.1f} s", file=stream, flush=True)
-    with contextlib.suppress(OSError):
-        ctx.resume_root().rmdir()  # when empty: every stage finished
     for name in names:
         ctx.stages[name].publish(ctx)
     return records
