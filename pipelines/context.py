@@ -137,12 +137,7 @@ class Context:
             t = self.recipe.teacher
             # float32 even inside a mixed-precision stage: the adapter's log-probabilities need its range
             with train.precision("float32"):
-                if t.path is None:
-                    model = keras.models.load_model(self.stage_dir("teacher") / "teacher.keras", compile=False)
-                else:
-                    from edge_kd.distill import load_teacher
-
-                    model = load_teacher(t.path, trust=t.trust)
+                model = loaded_teacher(self.teacher_file(), t.trust)
                 self._teachers[key], adapted = self.adapt(model, t.input_range, t.path)
             from edge_kd import builtin_teachers
 
@@ -158,10 +153,9 @@ class Context:
         key = self._strategy_key()
         if key not in self._extra_teachers:
             from edge_kd import train
-            from edge_kd.distill import load_teacher
 
             with train.precision("float32"):  # as teacher()
-                self._extra_teachers[key] = [self.adapt(load_teacher(t.path, trust=t.trust), t.input_range, t.path)[0]
+                self._extra_teachers[key] = [self.adapt(loaded_teacher(t.path, t.trust), t.input_range, t.path)[0]
                                              for t in self.recipe.distillation.extra_teachers]
         return self._extra_teachers[key]
 
@@ -383,6 +377,31 @@ class Context:
                 raise UserError(f"{what} not found: {path}")
             self._file_keys[path] = sha256_file(path)
         return self._file_keys[path]
+
+
+#: teacher models loaded in this process, by file (path, size, modification time), trust and tf.distribute strategy
+_LOADED: dict[tuple, object] = {}
+
+
+def loaded_teacher(path, trust: bool):
+    """Returns the teacher model saved at ``path`` (a user's file, builtin:<name>, or one the teacher stage trained),
+    loaded once per process for the strategy in scope: the runs of a search share it, as every check of a run does.
+
+    A file replaced since (a retrained teacher) is loaded anew. The model is only read from: each run adapts it.
+    """
+    from edge_kd import builtin_teachers
+    from edge_kd.distill import load_teacher
+    from edge_kd.keras import tf
+
+    resolved = Path(builtin_teachers.resolve(str(path))).resolve()
+    try:
+        st = resolved.stat()
+    except OSError:
+        return load_teacher(resolved, trust=trust)  # its own error says what is wrong with the file
+    key = (str(resolved), st.st_size, st.st_mtime_ns, bool(trust), id(tf.distribute.get_strategy()))
+    if key not in _LOADED:
+        _LOADED[key] = load_teacher(resolved, trust=trust)
+    return _LOADED[key]
 
 
 def _predict(fn, bundle, split: str) -> np.ndarray:
