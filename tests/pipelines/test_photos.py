@@ -9,7 +9,7 @@ import pytest
 
 import models
 from edge_kd.keras import keras
-from tests.pipelines.test_compress import _compress_ok
+from tests.pipelines.test_compress import _main_ok
 
 RECIPE = "recipes/photos_mobilenetv2.yaml"
 
@@ -34,21 +34,21 @@ def _photos(folder, per_class=16, rng=None):
 
 
 @pytest.mark.slow
-def test_a_jpeg_folder_at_96_px_runs_the_photos_recipe_with_a_bit_teacher_and_its_bundle_verifies(tmp_path):
+def test_a_jpeg_folder_at_96_px_runs_the_photos_recipe_with_a_bit_teacher_and_its_bundle_verifies(tmp_path, capsys):
     photos = _photos(tmp_path / "photos")
     keras.utils.set_random_seed(0)
     models.build("mobilenet_v2", (64, 64, 3), 7, alpha=0.35).save_weights(tmp_path / "backbone.h5")  # the "pretrained"
     out = tmp_path / "out"
-    proc = _compress_ok(
-        "--recipe", RECIPE, "--data", photos, "--out", out, "--run-name", "photos",
+    stdout = _main_ok(
+        capsys, "--recipe", RECIPE, "--data", photos, "--out", out, "--run-name", "photos",
         "--set", "teacher.finetune=bit", "--set", "teacher.backbone=mobilenet_v2", "--set", "teacher.options={alpha: 0.35}",
         "--set", f"teacher.weights={tmp_path / 'backbone.h5'}", "--set", "teacher.bit_scale=0.0025",
         "--set", "teacher.bit_resolution=[112,104]", "--set", "distill.epochs=1", "--set", "baseline=false",
         "--set", "prune.epochs=1", "--set", "prune.frequency=1", "--set", "qat=false",
         "--set", "export.variants=[int8]", "--set", "export.models=final", "--set", "export.representative_samples=16",
         "--set", "benchmark.threads=[1]", "--set", "benchmark.min_seconds=0", "--set", "benchmark.rounds=3",
-        "--set", "benchmark.warmup_seconds=0", "--set", "benchmark.layer_error_samples=4", timeout=900)
-    assert "BiT-HyperRule, branch under 20k" in proc.stdout and "teacher cache: logits of" in proc.stdout
+        "--set", "benchmark.warmup_seconds=0", "--set", "benchmark.layer_error_samples=4")
+    assert "BiT-HyperRule, branch under 20k" in stdout and "teacher cache: logits of" in stdout
     run = out / "photos"
     rule = json.loads((run / "teacher" / "bit_rule.json").read_text())
     assert (rule["branch"], rule["resize"], rule["crop"], rule["mixup"]) == ("under 20k", 112, 104, 0.0)
