@@ -244,11 +244,10 @@ def resnet50_v2(input_shape, num_classes, dropout: float = 0.0, bn_momentum: flo
 
 
 def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:
-    """Loads a user's weights file (.h5, from ``save_weights`` or ``save``) into ``model`` by layer name, so a
-    backbone's file fills the backbone of a model with a new head; layers named in ``skip`` are left as they are.
-    Every other layer with weights must be in the file, but for the head (``logits``), which a backbone's file
-    lacks.
-    A file that is missing, unreadable, of other layers or other shapes is a UserError naming ``where``
+    """Loads a user's weights file (.h5 from tf_keras' ``save_weights`` or ``save``, or Keras 3's ``.weights.h5``)
+    into ``model`` by layer name, so a backbone's file fills the backbone of a model with a new head; layers named
+    in ``skip`` are left as they are. Every other layer with weights must be in the file, but for the head
+    (``logits``), which a backbone's file lacks. A file that is missing, unreadable, of other layers or other shapes is a UserError naming ``where``
     (``student.weights``)."""
     from pathlib import Path
 
@@ -263,15 +262,17 @@ def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:
     try:
         with h5py.File(path, "r") as f:
             group = f["model_weights"] if "model_weights" in f else f
-            if "layer_names" not in group.attrs and ("layers" in group or "vars" in group):
-                raise UserError(f"{where}: {path.name} is a Keras 3 weights file; edge-kd reads tf_keras (Keras 2) "
-                                "files: save the weights with tf_keras, model.save_weights('name.h5')")
-            names = [_text(n) for n in group.attrs.get("layer_names", [])]
-            stored = {}
-            for name in names:
-                if name in ours:
-                    g = group[name]
-                    stored[name] = [g[_text(w)][()] for w in g.attrs.get("weight_names", [])]
+            if "layer_names" not in group.attrs and "layers" in group:  # Keras 3 (model.save_weights("x.weights.h5"))
+                found = _keras3_weights(group)
+                names = list(found)
+                stored = {name: arrays for name, arrays in found.items() if name in ours}
+            else:
+                names = [_text(n) for n in group.attrs.get("layer_names", [])]
+                stored = {}
+                for name in names:
+                    if name in ours:
+                        g = group[name]
+                        stored[name] = [g[_text(w)][()] for w in g.attrs.get("weight_names", [])]
     except (OSError, KeyError) as e:
         raise UserError(f"{where}: cannot read {path.name} as a Keras weights file: {e}") from None
     if not stored:
@@ -293,6 +294,20 @@ def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:
                         f"architecture or other options?")
     for v, a in pairs:
         v.assign(a)
+
+
+def _keras3_weights(group) -> dict:
+    """Returns {layer name: its arrays} of a Keras 3 weights file's ``layers`` group. Keras 3 files each layer under
+    a path made from its class (``layers/dense``) and keeps its name in ``vars``' attributes; a nested model's layers
+    are under its own ``layers`` group."""
+    found = {}
+    for g in group["layers"].values():
+        v = g.get("vars")
+        if v is not None and len(v):
+            found[_text(v.attrs.get("name", g.name.rsplit("/", 1)[-1]))] = [v[str(i)][()] for i in range(len(v))]
+        if "layers" in g:
+            found.update(_keras3_weights(g))
+    return found
 
 
 def _text(name) -> str:

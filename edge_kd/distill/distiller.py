@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from edge_kd import augment as augment_mod
+from edge_kd import keras3
 from edge_kd.distill import losses
 from edge_kd.distill import taps as taps_mod
 from edge_kd.distill.registry import LossTerm, check_range
@@ -106,6 +107,8 @@ class Distiller(keras.Model):
         if len(set(names)) != len(names):
             raise ValueError(f"each loss term may appear once, got {names}")
         teachers = list(teacher) if isinstance(teacher, (list, tuple)) else ([] if teacher is None else [teacher])
+        # a Keras 3 teacher (``import keras``) is rebuilt as its tf_keras twin, checked to give the same outputs
+        teachers = [keras3.to_tf_keras(t, f"teacher '{t.name}'") if keras3.is_keras3_model(t) else t for t in teachers]
         peers = list(peers)
         sources = sum([bool(teachers), ema_decay is not None, bool(peers)])
         if sources > 1:

@@ -20,7 +20,10 @@ layers = keras.layers
 
 def load_teacher(path, trust: bool = False) -> keras.Model:
     """Returns the Keras model saved at ``path`` (.keras or .h5, or ``builtin:<name>``), loaded with safe mode
-    unless ``trust``."""
+    unless ``trust``, as a tf_keras model: a file Keras 3 wrote is rebuilt by ``edge_kd.keras3``. Every error is
+    one line of at most ``keras3.MAX_ERROR`` characters."""
+    from edge_kd import keras3
+
     path = Path(builtin_teachers.resolve(str(path)))
     if not path.is_file():
         raise UserError(f"teacher file not found: {path}")
@@ -31,20 +34,30 @@ def load_teacher(path, trust: bool = False) -> keras.Model:
         # Keras' safe_mode only guards the .keras format; an .h5 Lambda layer would run marshalled code.
         lambdas = _h5_lambda_layers(path)
         if lambdas:
-            raise UserError(f"teacher {path.name} holds Lambda layer(s) {', '.join(lambdas)} whose code would run on "
-                            "loading; pass --trust-teacher if you trust its source")
+            raise UserError(keras3.short(f"teacher {path.name} holds Lambda layer(s) {', '.join(lambdas)} whose code "
+                                         "would run on loading; pass --trust-teacher if you trust its source"))
+    if keras3.is_keras3_file(path):
+        return keras3.to_tf_keras(keras3.load(path, trust, "teacher"), f"teacher {path.name}")
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=not trust)
     except ValueError as e:
         if "unsafe" in str(e).lower() or "lambda" in str(e).lower():
             raise UserError(f"teacher {path.name} needs unsafe deserialization (a Lambda layer with code); "
                             "pass --trust-teacher if you trust its source") from None
-        raise UserError(f"cannot load teacher {path.name}: {_first_line(e)}") from None
+        raise UserError(keras3.short(f"cannot load teacher {path.name}{_written_by(path)}: {_first_line(e)}")) from None
     except Exception as e:  # a corrupt zip/h5 surfaces as many different exception types
-        raise UserError(f"cannot load teacher {path.name}: {_first_line(e) or type(e).__name__}") from None
+        raise UserError(keras3.short(f"cannot load teacher {path.name}{_written_by(path)}: "
+                                     f"{_first_line(e) or type(e).__name__}")) from None
     if not isinstance(model, keras.Model):
         raise UserError(f"teacher {path.name} is not a Keras model")
     return model
+
+
+def _written_by(path) -> str:
+    from edge_kd import keras3
+
+    version = keras3.writer(path)
+    return f" (written by Keras {version})" if version else ""
 
 
 def _first_line(e) -> str:

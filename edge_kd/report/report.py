@@ -115,6 +115,9 @@ def report_markdown(results: dict) -> str:
                 f"On {_int(sample.get('samples'))} test images. Method: {sample.get('method')}. The float reference is "
                 "the float TFLite graph of the same Keras model (for QAT models, that model's own graph with its "
                 "fake quantization). [layer_error.png](layer_error.png)", "", errors]
+    k3 = keras3_lines(results)
+    if k3:
+        out += ["## Keras 3 copies of the float students", "", *k3, ""]
     out += ["## Latency in detail (ms, batch 1)", "", latency_table(results)]
     ties = latency_ties(results)
     if ties:
@@ -163,6 +166,20 @@ def _distillation_lines(results: dict) -> list:
     return [f"Distillation ({how}): the distilled student scores {_pct(s)} % against {_pct(b)} % for the same "
             f"student trained without distillation (same augmentation, epochs and initial weights): "
             f"{100 * (s - b):+.2f} pp ({'a gain' if s > b else 'a loss' if s < b else 'no difference'}).", ""]
+
+
+def keras3_lines(results: dict) -> list[str]:
+    """One line per stage that kept a float student: its Keras 3 file (which plain Keras 3 opens), or why none."""
+    lines = []
+    for stage, summary in (results.get("stage_summaries") or {}).items():
+        if "keras3_file" not in (summary or {}):
+            continue
+        if summary["keras3_file"]:
+            lines.append(f"- {stage}: `{summary['keras3_file']}` (`keras.saving.load_model` in Keras 3; outputs "
+                         "checked equal to the tf_keras model's within 1e-5)")
+        else:
+            lines.append(f"- {stage}: no Keras 3 copy: {summary.get('keras3_reason')}")
+    return lines
 
 
 def stage_table(results: dict) -> str:

@@ -36,13 +36,13 @@ class Baseline(Stage):
 
     def run(self, ctx, out):
         from edge_kd.fileio import write_json
-        from pipelines.stages.common import save_model
+        from pipelines.stages.common import save_student
 
         r = ctx.recipe
         student = ctx.build_student()  # the same initial weights as the distilled student
         # The distill stage's augmentation, drawn from the same seed: only the teacher differs.
         history = ctx.fit(ctx.distiller(student, "distill", distil=False), r.stages.baseline.epochs,
                           r.stages.distill.learning_rate)
-        save_model(student, out / self.model_file)
+        saved = save_student(student, out / self.model_file, ctx.stage_dir(self.name).name)
         write_json(out / "history.json", history)
-        return {"val_accuracy": history["val_accuracy"][-1]}
+        return {"val_accuracy": history["val_accuracy"][-1], **saved}

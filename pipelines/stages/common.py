@@ -18,6 +18,23 @@ def save_model(model, path: Path, scope=None) -> None:
         float32_copy(model).save(tmp)
 
 
+def save_student(model, path: Path, folder: str) -> dict:
+    """Saves float student ``model`` to ``path`` (tf_keras) and beside it as a Keras 3 file (``<stem>_keras3.keras``,
+    which plain ``keras.saving.load_model`` opens, its outputs checked equal); returns the stage summary's entry:
+    {"keras3_file": its path in the run folder, whose folder ``folder`` is the stage's} or, for a model Keras 3 cannot hold, {"keras3_file": None, "keras3_reason": why}."""
+    from edge_kd import keras3
+    from edge_kd.errors import UserError
+    from edge_kd.train import float32_copy
+
+    save_model(model, path)
+    k3_path = path.with_name(f"{path.stem}_keras3.keras")
+    try:
+        keras3.save_keras3(float32_copy(model), k3_path, f"Keras 3 copy of {path.name}")
+    except UserError as e:
+        return {"keras3_file": None, "keras3_reason": str(e)}
+    return {"keras3_file": f"{folder}/{k3_path.name}"}
+
+
 def keras_sparsity(model) -> float:
     """Returns the share of exact zeros in the kernels of ``model``'s conv, depthwise and dense layers."""
     import numpy as np
@@ -40,9 +57,9 @@ def refine(stage, ctx, out: Path, wrap, strip, callbacks=()) -> dict:
     wrapped = wrap(ctx.load_student(ctx.previous_student(stage.name)))
     history = ctx.fit(ctx.distiller(wrapped, stage.name), spec.epochs, spec.learning_rate, callbacks=callbacks)
     stripped = strip(wrapped)
-    save_model(stripped, out / stage.model_file)
+    saved = save_student(stripped, out / stage.model_file, ctx.stage_dir(stage.name).name)
     write_json(out / "history.json", history)
-    return {"val_accuracy": history["val_accuracy"][-1], "keras_sparsity": keras_sparsity(stripped)}
+    return {"val_accuracy": history["val_accuracy"][-1], "keras_sparsity": keras_sparsity(stripped), **saved}
 
 
 def check_distiller(ctx, student, stage: str) -> None:

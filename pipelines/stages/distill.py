@@ -29,7 +29,7 @@ class Distill(StudentStage):
 
     def run(self, ctx, out):
         from edge_kd.fileio import write_json
-        from pipelines.stages.common import save_model
+        from pipelines.stages.common import save_model, save_student
 
         r = ctx.recipe
         spec = r.stages.distill
@@ -40,9 +40,9 @@ class Distill(StudentStage):
             student = models.pop(r.distillation.export)
             peers = models
         history = ctx.fit(ctx.distiller(student, self.name, peers=peers), spec.epochs, spec.learning_rate)
-        save_model(student, out / self.model_file)
+        saved = save_student(student, out / self.model_file, ctx.stage_dir(self.name).name)
         for i, peer in enumerate(peers or []):
             (out / "peers").mkdir(exist_ok=True)
             save_model(peer, out / "peers" / f"peer_{i}.keras")
         write_json(out / "history.json", history)
-        return {"val_accuracy": history["val_accuracy"][-1], "distilled": r.distils(self.name)}
+        return {"val_accuracy": history["val_accuracy"][-1], "distilled": r.distils(self.name), **saved}

@@ -23,13 +23,16 @@ def _npz(path, n_train=64, n_test=32, classes=3, shape=(12, 12)):
     return path
 
 
-def _teacher(path, input_shape=(12, 12, 1), classes=3, softmax=False, lam=False):
+def _teacher(path, input_shape=(12, 12, 1), classes=3, softmax=False, lam=False, nan=False):
     inp = keras.Input(input_shape)
     x = keras.layers.Flatten()(inp)
     if lam:
         x = keras.layers.Lambda(lambda t: t * 2.0)(x)
     out = keras.layers.Dense(classes, activation="softmax" if softmax else None)(x)
-    keras.Model(inp, out).save(path)
+    model = keras.Model(inp, out)
+    if nan:  # broken weights, as a diverged training saves them
+        model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    model.save(path)
     return path
 
 
@@ -74,6 +77,8 @@ BAD_CASES = {
     "missing teacher": (lambda d: ["--data", d["npz"], "--teacher", d["tmp"] / "no.keras"], ["teacher file not found"]),
     "corrupt teacher": (lambda d: ["--data", d["npz"], "--teacher", d["corrupt_keras"]], ["cannot load teacher"]),
     "lambda teacher": (lambda d: ["--data", d["npz"], "--teacher", d["lambda_keras"]], ["--trust-teacher"]),
+    "teacher with nan weights": (lambda d: ["--data", d["npz"], "--teacher", d["nan_keras"]],
+                                 ["nan.keras", "teacher gives outputs that are not finite"]),
     "unreadable image folder": (lambda d: ["--data", d["bad_folder"]], ["cannot read image"]),
     "temperature <= 0": (lambda d: ["--temperature", "0"], ["--temperature", "> 0"]),
     "alpha > 1": (lambda d: ["--alpha", "1.5"], ["--alpha", "[0, 1]"]),
@@ -119,6 +124,7 @@ def bad_inputs(tmp_path_factory):
     (tmp / "corrupt.keras").write_bytes(os.urandom(512))
     d["corrupt_keras"] = tmp / "corrupt.keras"
     d["lambda_keras"] = _teacher(tmp / "lam.keras", lam=True)
+    d["nan_keras"] = _teacher(tmp / "nan.keras", nan=True)
     for cls in ("a", "b"):
         (tmp / "imgs" / cls).mkdir(parents=True)
     from PIL import Image
