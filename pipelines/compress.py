@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-arch", help="[teacher.arch] architecture of the teacher trained when no --teacher")
     g.add_argument("--teacher-epochs", type=int, help="[teacher.epochs] epochs to train that teacher")
     g = p.add_argument_group("student and distillation")
-    g.add_argument("--student", help="[student.arch] student architecture (with its default options) from the models registry "
-                   "(mlp, cnn, cnn_large, resnet8, mobilenet; keras.applications: mobilenet_v2, mobilenet_v3_small, "
-                   "mobilenet_v3_large, efficientnet_b0, resnet50_v2)")
+    g.add_argument("--student", help="[student.arch or student.path] student architecture (with its default options) from "
+                   "the models registry (mlp, cnn, cnn_large, resnet8, mobilenet; keras.applications: mobilenet_v2, "
+                   "mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, resnet50_v2), or your model file "
+                   "(.keras or .h5, tf_keras or Keras 3, trained or not)")
     g.add_argument("--student-width", type=float, help="[student.options.width] width multiplier (cnn, resnet8, mobilenet)")
     g.add_argument("--epochs", type=int, help="[stages.distill.epochs] epochs of distillation (the baseline follows)")
     g.add_argument("--batch-size", type=int, help="[training.batch_size] training batch size")
@@ -121,9 +122,15 @@ def _shortcut_overrides(args) -> list[str]:
     out = []
     for attr, key in simple.items():
         if getattr(args, attr) is not None:
-            if attr == "student":
-                out.append("student.options={}")  # another architecture starts from its own default options
-            out.append(f"{key}={dump(getattr(args, attr))}")
+            value = getattr(args, attr)
+            if attr == "student":  # the model named replaces the recipe's choice whole: its own defaults, no weights
+                out += ["student.options={}", "student.weights=null", "student.path=null"]
+                if str(value).lower().endswith((".keras", ".h5", ".hdf5")):
+                    out.append(f"student.path={dump(value)}")
+                    continue
+            if attr == "teacher_arch":  # a teacher trained here, of this architecture with its own defaults
+                out += ["teacher.path=null", "teacher.options={}", "teacher.weights=null"]
+            out.append(f"{key}={dump(value)}")
     if args.int8_float_io:
         out.append("stages.export.int8_io=false")
     return out

@@ -97,6 +97,8 @@ class Context:
 
         keras.utils.set_random_seed(self.recipe.seed)
         info, spec = self.bundle.info, self.recipe.student
+        if spec.path is not None:
+            return load_student(spec.path, info.input_shape, info.num_classes)
         model = models.build(spec.arch, info.input_shape, info.num_classes, **spec.options)
         if spec.weights is not None:
             models.load_weights(model, spec.weights, "student.weights")
@@ -351,8 +353,9 @@ class Context:
         """Returns what a trained student depends on: the data, the training settings and the student."""
         r = self.recipe
         weights = None if r.student.weights is None else self.file_key(r.student.weights, "student.weights")
+        path = None if r.student.path is None else self.file_key(r.student.path, "student.path")
         return {**self.data_key(), "training": r.training.model_dump(), "student": r.student.model_dump(),
-                "student_weights": weights}
+                "student_weights": weights, **({"student_file": path} if path else {})}
 
     def distillation_key(self) -> dict:
         """Returns what distilling depends on: the loss, the teacher and the extra teachers' files."""
@@ -377,6 +380,34 @@ class Context:
                 raise UserError(f"{what} not found: {path}")
             self._file_keys[path] = sha256_file(path)
         return self._file_keys[path]
+
+
+def load_student(path, input_shape, num_classes):
+    """Returns the student saved at ``path`` (.keras or .h5; a Keras 3 file rebuilt as its tf_keras twin), freshly
+    loaded, giving logits (a softmax head is cut off: the Distiller and the exported files work on logits); a file
+    of another input shape or class count is a one-line UserError."""
+    from edge_kd import keras3
+    from edge_kd.distill import logits_model
+    from edge_kd.errors import UserError
+    from edge_kd.keras import keras
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"student.path: file not found: {path}")
+    if keras3.is_keras3_file(path):
+        model = keras3.to_tf_keras(keras3.load(path, False, "student"), f"student {path.name}")
+    else:
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(keras3.short(f"cannot load student {path.name}: {first}")) from None
+    if not getattr(model, "_is_graph_network", False) or len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UserError(f"student {path.name}: give a Functional or Sequential model with one input and one output")
+    if tuple(model.input_shape[1:]) != tuple(input_shape) or model.output_shape[-1] != num_classes:
+        raise UserError(f"student {path.name} takes {tuple(model.input_shape[1:])} and predicts {model.output_shape[-1]} "
+                        f"classes; the data has {tuple(input_shape)} and {num_classes}")
+    return logits_model(model)[0]
 
 
 #: teacher models loaded in this process, by file (path, size, modification time), trust and tf.distribute strategy

@@ -120,6 +120,9 @@ class StudentSpec(Config):
     options: dict[str, Any] = {}
     #: a Keras weights file (.h5) the student starts from instead of random weights, loaded by layer name
     weights: Optional[Str] = None
+    #: a model file (.keras or .h5, written by tf_keras or Keras 3, trained or not) that is the student, instead of
+    #: arch and options; a Keras 3 model is rebuilt in tf_keras (edge_kd.keras3), its outputs checked equal
+    path: Optional[Str] = None
 
 
 class TrainingSpec(OptimizerConfig):
@@ -264,7 +267,8 @@ class Recipe(Config):
             return self.name
         src = self.data.source
         stem = Path(src[5:] if src.startswith("tfds:") else src).stem or "data"
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}-{self.student.arch}")
+        student = Path(self.student.path).stem if self.student.path else self.student.arch
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}-{student}")
 
     def distils(self, stage: str) -> bool:
         """Returns whether ``stage`` trains with the recipe's loss terms.
@@ -412,7 +416,11 @@ def _check(r: Recipe):
     if r.data.val_fraction <= 0:
         raise UserError("data.val_fraction must be > 0: every stage reports its validation accuracy, and settings "
                         f"are chosen on the validation split, never the test split; got {r.data.val_fraction:g}")
-    models.check_options(r.student.arch, r.student.options, "student")
+    if r.student.path is None:
+        models.check_options(r.student.arch, r.student.options, "student")
+    elif r.student.weights is not None:
+        raise UserError("student.path is a whole model and student.weights the weights of a registry architecture: "
+                        "give one of them")
     if r.teacher is not None:
         if r.teacher.path is None:
             if r.teacher.finetune and r.teacher.backbone not in models.APPLICATIONS:

@@ -82,24 +82,39 @@ def test_a_keras3_teacher_from_python_goes_into_the_distiller_and_its_layers_are
     assert np.isfinite(history["fitnet"][0]) and history["fitnet"][0] > 0
 
 
-def test_the_command_distils_from_a_keras3_teacher_file_and_scores_it_as_keras3_does(keras3_teacher, tmp_path,
-                                                                                       capsys):
+def test_the_command_distils_a_keras3_student_file_from_a_keras3_teacher_file_through_prune_and_qat(
+        keras3_teacher, tmp_path, capsys):
+    import keras
+
     from edge_kd import data
     from pipelines import compress
 
     model, keras_file, _ = keras3_teacher
-    code = compress.main(["--teacher", str(keras_file), "--data", "mnist", "--limit-train", "600", "--limit-test",
-                          "200", "--epochs", "1", "--threads", "1", "--out", str(tmp_path), "--run-name", "k3",
-                          "--set", "baseline=false", "--set", "prune=false", "--set", "qat=false",
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((28, 28, 1))
+    h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="s_conv")(inp)
+    h = keras.layers.BatchNormalization(name="s_bn")(h)
+    h = keras.layers.ReLU(name="s_relu")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="s_gap")(h)
+    student_k3 = keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="s_probs")(h))
+    student_k3.save(tmp_path / "s.keras")
+
+    code = compress.main(["--teacher", str(keras_file), "--student", str(tmp_path / "s.keras"), "--data", "mnist",
+                          "--limit-train", "600", "--limit-test", "200", "--epochs", "1", "--threads", "1",
+                          "--out", str(tmp_path), "--run-name", "k3", "--set", "baseline=false",
+                          "--set", "prune.epochs=1", "--set", "prune.frequency=2", "--set", "qat.epochs=1",
                           "--set", "export.variants=[int8]", "--set", "benchmark.min_seconds=0.05",
                           "--set", "benchmark.warmup_seconds=0.01", "--set", "benchmark.rounds=3"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
+    assert "distil student 's.keras'" in captured.out
     rows = {m["name"]: m for m in json.loads((tmp_path / "k3" / "results.json").read_text())["models"]}
     x, y = data.load("mnist", limit_train=600, limit_test=200, seed=0).arrays("test")
     theirs = float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y))
     assert rows["teacher"]["accuracy"] == pytest.approx(theirs, abs=1e-9)
     assert rows["teacher-fp32"]["accuracy"] == pytest.approx(theirs, abs=0.006)  # TFLite's float kernels: 1 image
+    assert rows["qat-int8"]["sparsity"] == pytest.approx(0.75, abs=0.01)  # the rebuilt student pruned and QAT'd
+    assert rows["student"]["params"] == student_k3.count_params()
 
     # Keras 3 out: the distilled student also as a Keras 3 file, named in results.json and the report, which a
     # process importing nothing but Keras 3 opens and runs to the tf_keras student's outputs
@@ -118,6 +133,37 @@ def test_the_command_distils_from_a_keras3_teacher_file_and_scores_it_as_keras3_
     assert proc.returncode == 0, proc.stderr[-2000:]
     version, worst, imported = proc.stdout.split()
     assert version.startswith("3.") and float(worst) <= 1e-5 and imported == "False"
+
+
+def test_the_student_file_becomes_the_student_with_its_weights_and_logits(keras3_teacher, mnist, tmp_path):
+    from pipelines import recipe as recipe_mod
+    from pipelines.context import Context
+
+    model, keras_file, _ = keras3_teacher  # a trained Keras 3 model as the student's starting point
+    (x, _), _, _ = mnist
+    r = recipe_mod.apply_overrides(recipe_mod.load(), ["data.source=mnist", "data.limit_train=300",
+                                                       f"student.path={keras_file}"])
+    student = Context(r, tmp_path / "run", "test").build_student()
+    assert isinstance(student, tfk.Model)
+    logits = student.predict(x[:32], verbose=0)  # the softmax head is cut: the Distiller works on logits
+    np.testing.assert_allclose(tfk.activations.softmax(tfk.backend.constant(logits)).numpy(),
+                               model.predict(x[:32], verbose=0), atol=1e-5)
+    with pytest.raises(UserError, match=r"takes \(28, 28, 1\) and predicts 10 classes; the data has \(32, 32, 1\)"):
+        Context(recipe_mod.apply_overrides(r, ["data.image_size=[32, 32]"]), tmp_path / "r2", "test").build_student()
+
+
+def test_naming_a_model_on_the_command_line_replaces_the_recipes_choice_whole():
+    from pipelines import compress
+
+    def recipe(*argv):
+        return compress.load_recipe(compress.build_parser().parse_args(list(argv)))
+
+    r = recipe("--student", "mobilenet_v2", "--set", "student.weights=w.h5")  # a --set after it still applies
+    assert (r.student.arch, r.student.options, r.student.weights, r.student.path) == ("mobilenet_v2", {}, "w.h5", None)
+    r = recipe("--student", "s.keras")
+    assert r.student.path == "s.keras" and r.student.weights is None and r.run_name() == "fashion_mnist-s"
+    r = recipe("--teacher-arch", "resnet50_v2")
+    assert (r.teacher.path, r.teacher.arch, r.teacher.options, r.teacher.weights) == (None, "resnet50_v2", {}, None)
 
 
 def test_a_keras3_weights_file_fills_a_backbone_by_layer_name(tmp_path):

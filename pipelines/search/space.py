@@ -96,6 +96,9 @@ def _students(recipe, spec: SearchSpec) -> list[dict]:
             models.check_options(arch, options, f"search.students.{i}")
             out.append({"arch": arch, "options": dict(options), "weights": s.weights})
         return out
+    if recipe.student.path is not None:
+        raise UserError("the search varies registry students (student.arch and its width); student.path is one fixed "
+                        "model: give search.students, or run python -m pipelines.compress")
     arch, options, weights = recipe.student.arch, dict(recipe.student.options), recipe.student.weights
     known = models.options_of(arch)
     if "width" in known:  # at 1 the recipe's own options, as given: the same fingerprints as its run

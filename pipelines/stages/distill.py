@@ -1,6 +1,8 @@
 """The distill stage: a fresh student trained with the recipe's loss (or, without a teacher, on labels alone)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipelines.stage import StudentStage
 
 
@@ -14,7 +16,8 @@ class Distill(StudentStage):
     keras_row = ("student", "student")
 
     def title(self, recipe):
-        epochs, arch = recipe.stages.distill.epochs, recipe.student.arch
+        epochs = recipe.stages.distill.epochs
+        arch = Path(recipe.student.path).name if recipe.student.path else recipe.student.arch
         if recipe.distils("distill"):
             return f"distil student '{arch}' ({epochs} epochs)"
         return f"train student '{arch}' without a teacher ({epochs} epochs)"
