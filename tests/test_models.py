@@ -119,6 +119,11 @@ def test_a_keras_application_builds_untrained_converts_to_int8_with_builtin_ops_
     # PQAT: the layers tfmot cannot take, by name (qat.unsupported: float leaves exactly these in float)
     bad = qat.unsupported_layers(model, QATConfig(preserve_sparsity=True))
     assert {cls for _, cls in bad} == NOT_QUANTIZABLE[name] and ("preprocess", "Rescaling") in bad
+    if NOT_QUANTIZABLE[name] == {"Rescaling"}:  # edge-kd's own input scaling alone: float with no setting needed
+        assert qat.check(model, QATConfig(preserve_sparsity=True, unsupported="error")) == ["preprocess"]
+    else:
+        with pytest.raises(UserError, match="set qat.unsupported: float"):
+            qat.check(model, QATConfig(preserve_sparsity=True, unsupported="error"))
     x = np.random.default_rng(0).random((4, 32, 32, 3)).astype(np.float32)
     flat = convert(model, "int8", representative=x)
     (tmp_path / "m.tflite").write_bytes(flat)

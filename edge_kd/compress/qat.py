@@ -86,9 +86,12 @@ def check(model, cfg: QATConfig) -> list[str]:
     common.refuse_wrapped(model, "quantization-aware training")
     _refuse_nested(model)
     bad = _unsupported(model, cfg)
-    if bad and cfg.unsupported == "error":
-        names = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in bad)
-        noun = "layers" if len(bad) > 1 else "layer"
+    # edge-kd's own input scaling (models registry: a Rescaling named `preprocess`) stays in float whatever the
+    # setting: the user did not add it, and the int8 converter calibrates it from the representative images
+    refused = [layer for layer in bad if not _own_preprocessing(layer)]
+    if refused and cfg.unsupported == "error":
+        names = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in refused)
+        noun = "layers" if len(refused) > 1 else "layer"
         raise UserError(f"{noun} {names} cannot be quantized by tfmot's {scheme_name(cfg)} scheme; "
                         f"set qat.unsupported: float to leave them in float")
     floats = {layer.name for layer in bad}
@@ -166,6 +169,11 @@ def _refuse_nested(model) -> None:
     if nested:
         raise UserError(f"quantization-aware training needs a flat model (tfmot quantizes no model inside a "
                         f"model); {model.name!r} nests {', '.join(nested)}")
+
+
+def _own_preprocessing(layer) -> bool:
+    """Returns whether ``layer`` is the input scaling the models registry puts in front of a backbone."""
+    return isinstance(layer, keras.layers.Rescaling) and layer.name == "preprocess"
 
 
 def _unsupported(model, cfg: QATConfig) -> list:
