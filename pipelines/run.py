@@ -98,7 +98,7 @@ def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.co
     ``store`` and ``data``: a stage store shared with other runs (``pipelines.runner``) and the recipe's data,
     already loaded; ``records`` (a list) receives the runner's record of each stage (ran, skipped or shared).
     """
-    from edge_kd.report.report import markdown_table
+    from edge_kd.report.report import chance_warnings, markdown_table
 
     stream = stream or sys.stdout
     ctx = Context(recipe, Path(out) / recipe.run_name(), command, data=data)
@@ -110,5 +110,8 @@ def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.co
     if records is not None:
         records.extend(done)
     print(f"report: {ctx.run_dir / 'report.md'}  (results: {ctx.run_dir / 'results.json'})", file=stream, flush=True)
-    print(markdown_table(json.loads((ctx.run_dir / "results.json").read_text())), file=stream, flush=True)
+    results = json.loads((ctx.run_dir / "results.json").read_text())
+    print(markdown_table(results), file=stream, flush=True)
+    for i, line in enumerate(chance_warnings(results)):
+        print(f"warning: {line}" if i == 0 else f"  - {line}", file=stream, flush=True)
     return ctx.run_dir

@@ -88,6 +88,9 @@ def report_markdown(results: dict) -> str:
                f"{', '.join(threads) if threads else 'no'} thread(s).  ")
     if results.get("created"):
         out.append(f"Created: {results['created']}")
+    warnings = chance_warnings(results)
+    if warnings:
+        out += ["", *(f"> **Warning: {line}**" if i == 0 else f"> - {line}" for i, line in enumerate(warnings))]
     out += ["", markdown_table(results)]
     out += _distillation_lines(results)
     stages = stage_table(results)
@@ -179,6 +182,44 @@ def keras3_lines(results: dict) -> list[str]:
                          "checked equal to the tf_keras model's within 1e-5)")
         else:
             lines.append(f"- {stage}: no Keras 3 copy: {summary.get('keras3_reason')}")
+    return lines
+
+
+def chance_warnings(results: dict) -> list[str]:
+    """Returns one line per model group that ends at chance level, with the likeliest causes this run measured.
+
+    Chance is the better of guessing uniformly and always answering the test split's most frequent class
+    (``data.majority_fraction``); a model within two binomial standard deviations of it on the test split is
+    at chance. Causes read from the training histories: the model's stage fitting its training images far
+    better than its validation images (batch-normalization statistics that lag the weights), or not fitting
+    even those (it did not learn); and a teacher at chance, which has nothing to pass on."""
+    data = results.get("data") or {}
+    n, classes = data.get("test_size") or 0, data.get("num_classes") or 0
+    if not n or not classes:
+        return []
+    floor = max(1.0 / classes, float(data.get("majority_fraction") or 0.0))
+    bar = floor + 2.0 * math.sqrt(floor * (1.0 - floor) / n)
+    flagged = [m for m in _rows(results) if m.accuracy is not None and m.accuracy <= bar]
+    if not flagged:
+        return []
+    names = ", ".join(m.name for m in flagged)
+    lines = [f"at chance level: {names} (test accuracy at most {bar:.1%}; chance is {floor:.1%}: "
+             f"{'always the most frequent class' if floor > 1.0 / classes else f'1 of {classes} classes'})"]
+    for stage, h in (results.get("history") or {}).items():
+        train, val = (h.get("accuracy") or [None])[-1], (h.get("val_accuracy") or [None])[-1]
+        if train is None or val is None:
+            continue
+        if val <= bar and train - val >= 0.2:
+            lines.append(f"{stage}: training accuracy {train:.1%} against validation {val:.1%}: the model fits its "
+                         "training batches but not held-out images, the mark of batch-normalization moving "
+                         "statistics that lag the weights (few steps for its momentum: more epochs or steps, or "
+                         "a lower bn_momentum)")
+        elif val <= bar and train <= bar:
+            lines.append(f"{stage}: training accuracy {train:.1%}, validation {val:.1%}: it did not learn (check "
+                         "the learning rate, the epochs and the labels)")
+    if any(m.role == "teacher" for m in flagged):
+        lines.append("the teacher itself is at chance on this data: distillation has nothing to pass on (is it the "
+                     "teacher for these classes and this input range? --teacher-input-range)")
     return lines
 
 

@@ -38,7 +38,8 @@ class Report(Stage):
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "data": {"name": info.name, "num_classes": info.num_classes, "input_shape": list(info.input_shape),
                      "class_names": list(info.class_names), "train_size": b.count("train"),
-                     "val_size": b.count("val"), "test_size": b.count("test")},
+                     "val_size": b.count("val"), "test_size": b.count("test"),
+                     "majority_fraction": majority_fraction(b.labels("test"))},
             "teacher": bench["teacher"],
             "distillation": distillation_summary(r),
             "stages": ctx.enabled(),
@@ -62,6 +63,14 @@ class Report(Stage):
             f, dst = src / name, ctx.run_dir / name
             if f.is_file() and (not dst.is_file() or dst.read_bytes() != f.read_bytes()):
                 write_bytes(dst, f.read_bytes())
+
+
+def majority_fraction(labels) -> float:
+    """Returns the share of ``labels`` that are the most frequent class (what always answering it scores)."""
+    import numpy as np
+
+    labels = np.asarray(labels, np.int64).ravel()
+    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
 
 
 def distillation_summary(r):

@@ -181,3 +181,29 @@ def test_layer_error_table_stars_the_worst_tensor_and_keeps_repeated_labels_apar
     assert "| c2 | 30.0 ★ |" in table and "| c1 | 40.0 |" in table
     assert "| (model output) | 35.0 |" in table and "| (model output) (2) | 29.0 |" in table
     assert "the layers adding the most error: c2, (model output)." in table
+
+
+def test_a_model_at_chance_level_is_flagged_at_the_top_with_the_causes_the_histories_show(tmp_path, results):
+    from edge_kd.report.report import chance_warnings
+
+    assert chance_warnings(results) == []  # every model far above 10 %
+    results["data"]["majority_fraction"] = 0.1
+    results["models"][2] = _model("student-int8", "student", "tflite", "int8", 0.1059, 40_960, None)
+    results["history"] = {"distill": {"accuracy": [0.5, 0.93], "val_accuracy": [0.2, 0.1]},
+                          "baseline": {"accuracy": [0.97], "val_accuracy": [0.97]}}
+    lines = chance_warnings(results)
+    # 10 % chance + 2 binomial standard deviations over 10,000 images = 10.6 %: 10.59 % is at chance
+    assert lines[0] == ("at chance level: student-int8 (test accuracy at most 10.6%; chance is 10.0%: 1 of 10 "
+                        "classes)")
+    assert len(lines) == 2 and lines[1].startswith("distill: training accuracy 93.0% against validation 10.0%")
+    assert "batch-normalization" in lines[1]
+    write_report(tmp_path, results)
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("> **Warning: at chance level: student-int8") < md.index("| model |")
+
+    # a teacher at chance says so; a skewed test split raises the bar to its most frequent class
+    results["data"]["majority_fraction"] = 0.5
+    results["models"][0] = _model("teacher", "teacher", "keras", "fp32", 0.5, 1_500_000, None)
+    lines = chance_warnings(results)
+    assert lines[0].startswith("at chance level: teacher, student-int8 (") and "always the most frequent" in lines[0]
+    assert lines[-1].startswith("the teacher itself is at chance on this data")
