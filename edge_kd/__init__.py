@@ -8,4 +8,8 @@ def __getattr__(name):
         from edge_kd import distill
 
         return getattr(distill, name)
+    if name in ("compress_model", "RunResult"):  # the pipeline's run from Python (pipelines/api.py)
+        from pipelines import api
+
+        return getattr(api, name)
     raise AttributeError(name)
