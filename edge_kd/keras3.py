@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_kd.errors import UserError
+from edge_kd.errors import UserError, first_line
 
 #: the largest difference allowed between a Keras 3 model's outputs and its tf_keras rebuild's (on outputs of
 #: magnitude up to 1; relative above that)
@@ -70,31 +70,31 @@ def writer(path) -> str | None:
         return None
 
 
-def is_keras3_file(path) -> bool:
-    """Returns whether Keras 3 wrote the model file at ``path``."""
-    return (writer(path) or "").startswith("3.")
-
-
 def is_keras3_model(obj) -> bool:
     """Returns whether ``obj`` is a Keras 3 model (without importing Keras 3 when nothing imported it)."""
     k3 = sys.modules.get("keras")
     return k3 is not None and getattr(k3, "__version__", "").startswith("3.") and isinstance(obj, k3.Model)
 
 
-def load(path, trust: bool, what: str):
-    """Returns the Keras 3 model saved at ``path`` (.keras or .h5), loaded in safe mode unless ``trust``; its
-    errors are one line naming ``what`` (e.g. "teacher"), the file and the Keras that wrote it."""
+def load_model(path, trust: bool, what: str, trust_option: str | None = None):
+    """Returns the model saved at ``path`` (.keras or .h5) as a tf_keras model: loaded by the Keras that wrote it
+    (read from the file) in safe mode unless ``trust``, a Keras 3 model then rebuilt (``to_tf_keras``).
+
+    Its errors are one line naming ``what`` (e.g. "teacher"), the file and the Keras that wrote it; a model that
+    needs unsafe deserialization says to pass ``trust_option`` where there is one."""
     path = Path(path)
-    k3 = _keras3()
+    version = writer(path)
+    written = f" (written by Keras {version})" if version else ""
+    from_keras3 = (version or "").startswith("3.")
+    load = _keras3().saving.load_model if from_keras3 else _tf_keras().models.load_model
     try:
-        return k3.saving.load_model(path, compile=False, safe_mode=not trust)
-    except Exception as e:
-        text = str(e)
-        if "unsafe" in text.lower() or "lambda" in text.lower():
-            raise UserError(short(f"{what} {path.name} (Keras {writer(path)}) needs unsafe deserialization (a Lambda "
-                                  f"layer with code); pass --trust-teacher if you trust its source")) from None
-        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        raise UserError(short(f"cannot load {what} {path.name} (written by Keras {writer(path)}): {first}")) from None
+        model = load(path, compile=False, safe_mode=not trust)
+    except Exception as e:  # a corrupt zip/h5 surfaces as many different exception types
+        if trust_option and ("unsafe" in str(e).lower() or "lambda" in str(e).lower()):
+            raise UserError(short(f"{what} {path.name}{written} needs unsafe deserialization (a Lambda layer with "
+                                  f"code); pass {trust_option} if you trust its source")) from None
+        raise UserError(short(f"cannot load {what} {path.name}{written}: {first_line(e)}")) from None
+    return to_tf_keras(model, f"{what} {path.name}") if from_keras3 else model
 
 
 def to_tf_keras(model, where: str, sample=None):
@@ -236,7 +236,7 @@ def _twin(op, where: str, src, dst, from_keras3: bool):
     try:
         return cls.from_config(config)
     except Exception as e:
-        first = str(e).strip().splitlines()[0].split(" using config=")[0] if str(e).strip() else type(e).__name__
+        first = first_line(e).split(" using config=")[0]  # Keras appends the whole config
         raise UserError(short(f"{where}: layer '{op.name}' ({kind}) cannot be rebuilt: {first}")) from None
 
 

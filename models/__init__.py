@@ -247,8 +247,8 @@ def load_weights(model, path, where: str, skip: Sequence[str] = ()) -> None:
     """Loads a user's weights file (.h5 from tf_keras' ``save_weights`` or ``save``, or Keras 3's ``.weights.h5``)
     into ``model`` by layer name, so a backbone's file fills the backbone of a model with a new head; layers named
     in ``skip`` are left as they are. Every other layer with weights must be in the file, but for the head
-    (``logits``), which a backbone's file lacks. A file that is missing, unreadable, of other layers or other shapes is a UserError naming ``where``
-    (``student.weights``)."""
+    (``logits``), which a backbone's file lacks. A file that is missing, unreadable, of other layers or other
+    shapes is a UserError naming ``where`` (``student.weights``)."""
     from pathlib import Path
 
     import h5py

@@ -39,7 +39,7 @@ class RunResult:
 
 
 def compress_model(teacher=None, student=None, data=None, recipe=None, overrides=(), out="tflite_out",
-             name: str | None = None, stream=None) -> RunResult:
+                   name: str | None = None, stream=None) -> RunResult:
     """Runs the pipeline and returns its ``RunResult``.
 
     - ``teacher``: a model file (as ``--teacher``), a tf_keras or Keras 3 model, or None for the recipe's;

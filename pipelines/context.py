@@ -389,24 +389,16 @@ def load_student(path, input_shape, num_classes):
     from edge_kd import keras3
     from edge_kd.distill import logits_model
     from edge_kd.errors import UserError
-    from edge_kd.keras import keras
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"student.path: file not found: {path}")
-    if keras3.is_keras3_file(path):
-        model = keras3.to_tf_keras(keras3.load(path, False, "student"), f"student {path.name}")
-    else:
-        try:
-            model = keras.models.load_model(path, compile=False)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(keras3.short(f"cannot load student {path.name}: {first}")) from None
+    model = keras3.load_model(path, False, "student")
     if not getattr(model, "_is_graph_network", False) or len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UserError(f"student {path.name}: give a Functional or Sequential model with one input and one output")
     if tuple(model.input_shape[1:]) != tuple(input_shape) or model.output_shape[-1] != num_classes:
-        raise UserError(f"student {path.name} takes {tuple(model.input_shape[1:])} and predicts {model.output_shape[-1]} "
-                        f"classes; the data has {tuple(input_shape)} and {num_classes}")
+        raise UserError(f"student {path.name} takes {tuple(model.input_shape[1:])} and predicts "
+                        f"{model.output_shape[-1]} classes; the data has {tuple(input_shape)} and {num_classes}")
     return logits_model(model)[0]
 
 

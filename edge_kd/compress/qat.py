@@ -37,7 +37,7 @@ from pathlib import Path
 
 from edge_kd.compress import common
 from edge_kd.compress.config import QATConfig
-from edge_kd.errors import UserError
+from edge_kd.errors import UserError, first_line
 from edge_kd.keras import keras
 
 import tensorflow_model_optimization as tfmot  # noqa: E402  (after edge_kd.keras: resolves to tf_keras)
@@ -116,7 +116,7 @@ def quantize(model, cfg: QATConfig | None = None) -> keras.Model:
     except (ValueError, RuntimeError) as e:
         # What the layer-type check cannot foresee, e.g. a Dense with an activation tfmot has no quantizer for.
         raise UserError(f"tfmot's {scheme_name(cfg)} scheme cannot quantize model {model.name!r}: "
-                        f"{_first_line(e)}") from None
+                        f"{first_line(e)}") from None
     quantized.qat_float_layers = tuple(sorted(floats))
     return quantized
 
@@ -142,26 +142,21 @@ def load(path, base=None, cfg: QATConfig | None = None, custom_objects: dict | N
         try:
             model.load_weights(str(path))
         except (ValueError, KeyError, OSError) as e:
-            raise UserError(f"cannot load {path.name} into the quantization of {base.name!r}: {_first_line(e)}; "
+            raise UserError(f"cannot load {path.name} into the quantization of {base.name!r}: {first_line(e)}; "
                             "the file must come from quantize() of the same model with the same QATConfig") from None
         return model
     try:
         with scope(custom_objects):
             return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
     except ValueError as e:
-        text = _first_line(e)
+        text = first_line(e)
         if "variables" in text or "weight" in text.lower():
             raise UserError(f"cannot load {path.name}: {text}; tfmot 0.8.1 cannot rebuild a cluster-preserving "
                             "QAT model from its file (its quantizer makes its variables from the kernel values), "
                             "load it with qat.load(path, base=<the clustered model>, cfg=...)") from None
         raise UserError(f"cannot load {path.name}: {text}") from None
     except Exception as e:  # a corrupt zip/h5 surfaces as many different exception types
-        raise UserError(f"cannot load {path.name}: {_first_line(e)}") from None
-
-
-def _first_line(e) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise UserError(f"cannot load {path.name}: {first_line(e)}") from None
 
 
 def _refuse_nested(model) -> None:

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from edge_kd import builtin_teachers
-from edge_kd.errors import UserError
+from edge_kd.errors import UserError, first_line
 from edge_kd.keras import keras, tf
 
 layers = keras.layers
@@ -36,33 +36,10 @@ def load_teacher(path, trust: bool = False) -> keras.Model:
         if lambdas:
             raise UserError(keras3.short(f"teacher {path.name} holds Lambda layer(s) {', '.join(lambdas)} whose code "
                                          "would run on loading; pass --trust-teacher if you trust its source"))
-    if keras3.is_keras3_file(path):
-        return keras3.to_tf_keras(keras3.load(path, trust, "teacher"), f"teacher {path.name}")
-    try:
-        model = keras.models.load_model(path, compile=False, safe_mode=not trust)
-    except ValueError as e:
-        if "unsafe" in str(e).lower() or "lambda" in str(e).lower():
-            raise UserError(f"teacher {path.name} needs unsafe deserialization (a Lambda layer with code); "
-                            "pass --trust-teacher if you trust its source") from None
-        raise UserError(keras3.short(f"cannot load teacher {path.name}{_written_by(path)}: {_first_line(e)}")) from None
-    except Exception as e:  # a corrupt zip/h5 surfaces as many different exception types
-        raise UserError(keras3.short(f"cannot load teacher {path.name}{_written_by(path)}: "
-                                     f"{_first_line(e) or type(e).__name__}")) from None
+    model = keras3.load_model(path, trust, "teacher", trust_option="--trust-teacher")
     if not isinstance(model, keras.Model):
         raise UserError(f"teacher {path.name} is not a Keras model")
     return model
-
-
-def _written_by(path) -> str:
-    from edge_kd import keras3
-
-    version = keras3.writer(path)
-    return f" (written by Keras {version})" if version else ""
-
-
-def _first_line(e) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _h5_lambda_layers(path) -> list[str]:
@@ -72,7 +49,7 @@ def _h5_lambda_layers(path) -> list[str]:
         with h5py.File(path, "r") as f:
             raw = f.attrs.get("model_config")
     except OSError as e:
-        raise UserError(f"cannot read teacher {Path(path).name}: not a valid HDF5 file ({_first_line(e)})") from None
+        raise UserError(f"cannot read teacher {Path(path).name}: not a valid HDF5 file ({first_line(e)})") from None
     if raw is None:
         return []
     if isinstance(raw, bytes):

@@ -21,15 +21,17 @@ def save_model(model, path: Path, scope=None) -> None:
 def save_student(model, path: Path, folder: str) -> dict:
     """Saves float student ``model`` to ``path`` (tf_keras) and beside it as a Keras 3 file (``<stem>_keras3.keras``,
     which plain ``keras.saving.load_model`` opens, its outputs checked equal); returns the stage summary's entry:
-    {"keras3_file": its path in the run folder, whose folder ``folder`` is the stage's} or, for a model Keras 3 cannot hold, {"keras3_file": None, "keras3_reason": why}."""
+    {"keras3_file": its path in the run folder, whose folder ``folder`` is the stage's} or, for a model Keras 3
+    cannot hold, {"keras3_file": None, "keras3_reason": why}."""
     from edge_kd import keras3
     from edge_kd.errors import UserError
     from edge_kd.train import float32_copy
 
+    model = float32_copy(model)  # once, for both files
     save_model(model, path)
     k3_path = path.with_name(f"{path.stem}_keras3.keras")
     try:
-        keras3.save_keras3(float32_copy(model), k3_path, f"Keras 3 copy of {path.name}")
+        keras3.save_keras3(model, k3_path, f"Keras 3 copy of {path.name}")
     except UserError as e:
         return {"keras3_file": None, "keras3_reason": str(e)}
     return {"keras3_file": f"{folder}/{k3_path.name}"}
