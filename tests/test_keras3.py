@@ -96,6 +96,9 @@ def test_the_command_distils_a_keras3_student_file_from_a_keras3_teacher_file_th
     h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="s_conv")(inp)
     h = keras.layers.BatchNormalization(name="s_bn")(h)
     h = keras.layers.ReLU(name="s_relu")(h)
+    # a squeeze-and-excite gate: its Multiply is what tfmot's 8-bit schemes cannot quantize
+    g = keras.layers.GlobalAveragePooling2D(keepdims=True, name="s_squeeze")(h)
+    h = keras.layers.Multiply(name="s_excite")([h, keras.layers.Conv2D(8, 1, activation="sigmoid", name="s_gate")(g)])
     h = keras.layers.GlobalAveragePooling2D(name="s_gap")(h)
     student_k3 = keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="s_probs")(h))
     student_k3.save(tmp_path / "s.keras")
@@ -109,6 +112,11 @@ def test_the_command_distils_a_keras3_student_file_from_a_keras3_teacher_file_th
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     assert "distil student 's.keras'" in captured.out
+    # the gate trains in float with no setting, and the terminal and the report say so
+    note = ("1 of 8 layers train without fake quantization, which tfmot's sparsity-preserving 8-bit scheme cannot "
+            "give them (Multiply: s_excite); the int8 converter quantizes them")
+    assert f"  qat: {note}" in captured.out
+    assert f"Quantization-aware training (qat): {note}" in (tmp_path / "k3" / "report.md").read_text()
     rows = {m["name"]: m for m in json.loads((tmp_path / "k3" / "results.json").read_text())["models"]}
     x, y = data.load("mnist", limit_train=600, limit_test=200, seed=0).arrays("test")
     theirs = float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y))

@@ -119,9 +119,15 @@ def test_a_keras_application_builds_untrained_converts_to_int8_with_builtin_ops_
     # PQAT: the layers tfmot cannot take, by name (qat.unsupported: float leaves exactly these in float)
     bad = qat.unsupported_layers(model, QATConfig(preserve_sparsity=True))
     assert {cls for _, cls in bad} == NOT_QUANTIZABLE[name] and ("preprocess", "Rescaling") in bad
-    if NOT_QUANTIZABLE[name] == {"Rescaling"}:  # edge-kd's own input scaling alone: float with no setting needed
+    # by default they all train in float (the int8 converter quantizes them), named on the terminal unless they are
+    # only edge-kd's own input scaling; qat.unsupported: error refuses the others
+    assert qat.check(model, QATConfig(preserve_sparsity=True)) == sorted(n for n, _ in bad)
+    note = qat.float_note(model, [n for n, _ in bad], QATConfig(preserve_sparsity=True))
+    if NOT_QUANTIZABLE[name] == {"Rescaling"}:
+        assert note is None
         assert qat.check(model, QATConfig(preserve_sparsity=True, unsupported="error")) == ["preprocess"]
     else:
+        assert note.startswith(f"{len(bad)} of ") and all(cls in note for cls in NOT_QUANTIZABLE[name])
         with pytest.raises(UserError, match="set qat.unsupported: float"):
             qat.check(model, QATConfig(preserve_sparsity=True, unsupported="error"))
     x = np.random.default_rng(0).random((4, 32, 32, 3)).astype(np.float32)

@@ -71,4 +71,4 @@ class QATConfig(Config):
     KEY: ClassVar[str] = "qat"
     preserve_sparsity: Bool = True
     preserve_clusters: Bool = False
-    unsupported: Unsupported = "error"
+    unsupported: Unsupported = "float"

@@ -2,8 +2,9 @@
 
 ``quantize`` applies tfmot's default 8-bit scheme, its sparsity-preserving variant (PQAT: pruned
 zeros stay zero while the weights train) or its cluster-preserving one (PCQAT: clusters and zeros
-kept). Layers the scheme cannot quantize are named in a UserError, or left in float with
-``unsupported="float"`` (the int8 converter then calibrates them from the representative data).
+kept). Layers the scheme cannot quantize train in float (``unsupported="float"``, the default: the int8
+converter then quantizes them from the representative data; ``float_note`` says which), or are named in a
+UserError with ``unsupported="error"``.
 Wrapped layers are named ``quant_<name>`` and keep their original name inside the wrapper.
 
 Example (runnable; a real run fine-tunes a pruned student while distilling)::
@@ -98,6 +99,25 @@ def check(model, cfg: QATConfig) -> list[str]:
     if all(layer.name in floats for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)):
         raise UserError(f"no layer of model {model.name!r} can be quantized by tfmot's {scheme_name(cfg)} scheme")
     return sorted(floats)
+
+
+def float_note(model, floats, cfg: QATConfig) -> str | None:
+    """Returns a line naming what of ``model`` QAT leaves in float (``check``'s list), or None when that is only
+    edge-kd's own input scaling (which the user did not add, so there is nothing to tell)."""
+    floats = set(floats)
+    layers = [layer for layer in model.layers if layer.name in floats]
+    shown = [layer for layer in layers if not _own_preprocessing(layer)]
+    if not shown:
+        return None
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
+    kinds = ", ".join(f"{cls} ×{n}" if n > 1 else cls for cls, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    names = ", ".join(layer.name for layer in shown[:3]) + (", ..." if len(shown) > 3 else "")
+    return (f"{len(layers)} of {len(model.layers) - len(model._input_layers)} layers train without fake "
+            f"quantization, which tfmot's {scheme_name(cfg)} scheme cannot give them ({kinds}: {names}); the int8 "
+            f"converter quantizes them from the representative images (qat.unsupported: error refuses such a "
+            f"model instead)")
 
 
 def quantize(model, cfg: QATConfig | None = None) -> keras.Model:

@@ -93,6 +93,9 @@ def report_markdown(results: dict) -> str:
         out += ["", *(f"> **Warning: {line}**" if i == 0 else f"> - {line}" for i, line in enumerate(warnings))]
     out += ["", markdown_table(results)]
     out += _distillation_lines(results)
+    for stage, summary in (results.get("stage_summaries") or {}).items():
+        if (summary or {}).get("float_note"):
+            out += [f"Quantization-aware training ({stage}): {summary['float_note']}.", ""]
     stages = stage_table(results)
     if stages:
         out += ["## Trade-off across stages (each stage's int8 model)", "", stages]

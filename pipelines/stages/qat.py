@@ -9,8 +9,9 @@ from pipelines.stage import Epochs, LearningRate, StudentStage, TrainSettings
 class QATSettings(TrainSettings):
     epochs: Epochs = 2
     learning_rate: LearningRate = 1e-4
-    #: a layer the 8-bit scheme cannot quantize: a one-line error, or left in float
-    unsupported: Unsupported = "error"
+    #: a layer the 8-bit scheme cannot quantize: left in float (named on the terminal and in the report),
+    #: or a one-line error
+    unsupported: Unsupported = "float"
 
 
 class QAT(StudentStage):
@@ -53,9 +54,13 @@ class QAT(StudentStage):
         spec = ctx.settings(self.name)
         source = ctx.previous_student(self.name)
         cfg = ctx.qat_config()
-        quantized = qat.quantize(ctx.load_student(source), cfg)
+        student = ctx.load_student(source)
+        quantized = qat.quantize(student, cfg)
+        note = qat.float_note(student, quantized.qat_float_layers, cfg)
+        if note:
+            print(f"  qat: {note}", flush=True)
         history = ctx.fit(ctx.distiller(quantized, self.name), spec.epochs, spec.learning_rate)
         save_model(quantized, out / self.model_file, scope=qat.scope)
         write_json(out / "history.json", history)
         return {"val_accuracy": history["val_accuracy"][-1], "scheme": qat.scheme_name(cfg), "from": source,
-                "float_layers": list(getattr(quantized, "qat_float_layers", ()))}
+                "float_layers": list(quantized.qat_float_layers), **({"float_note": note} if note else {})}

@@ -114,11 +114,17 @@ def test_unsupported_layers_are_named_or_left_in_float(teacher, mnist, tmp_path)
     assert qat.unsupported_layers(model, qat.QATConfig(preserve_sparsity=False)) == [
         ("to_pm1", "Rescaling"), ("swish", "Swish")]
     with pytest.raises(UserError) as e:
-        qat.quantize(model, qat.QATConfig())
+        qat.quantize(model, qat.QATConfig(unsupported="error"))
     assert str(e.value) == ("layers to_pm1 (Rescaling), swish (Swish) cannot be quantized by tfmot's "
                             "sparsity-preserving 8-bit scheme; set qat.unsupported: float to leave them in float")
+    # by default they train in float, and the note the run prints names them
+    assert qat.check(model, qat.QATConfig()) == ["swish", "to_pm1"]
+    assert qat.float_note(model, ["swish", "to_pm1"], qat.QATConfig()) == (
+        "2 of 7 layers train without fake quantization, which tfmot's sparsity-preserving 8-bit scheme cannot give "
+        "them (Rescaling, Swish: to_pm1, swish); the int8 converter quantizes them from the representative images "
+        "(qat.unsupported: error refuses such a model instead)")
 
-    q = _fit_qat(model, qat.QATConfig(unsupported="float"), teacher, x, y)
+    q = _fit_qat(model, qat.QATConfig(), teacher, x, y)
     assert q.qat_float_layers == ("swish", "to_pm1")
     assert type(taps.find_layer(q, "swish")) is Swish
     assert type(taps.find_layer(q, "to_pm1")) is keras.layers.Rescaling
