@@ -100,6 +100,16 @@ def test_the_keras_applications_are_registered_under_their_names():
     assert models.options_of("mobilenet_v3_small") == ["alpha", "minimalistic", "dropout", "bn_momentum"]
     m = models.build("mobilenet_v2", (32, 32, 3), 3, alpha=0.35, bn_momentum=0.99)
     assert {layer.momentum for layer in m.layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.99}
+    # an input under keras.applications' 32×32 (Fashion-MNIST's 28×28×1) is scaled up to it by edge-kd's own layer,
+    # which QAT leaves in float with no setting and nothing to tell
+    m = models.build("mobilenet_v3_small", (28, 20, 1), 3, alpha=0.75, minimalistic=True)
+    assert m.get_layer("upscale").output_shape == (None, 32, 32, 1) and m.output_shape == (None, 3)
+    assert qat.check(m, QATConfig(unsupported="error")) == ["preprocess", "upscale"]
+    assert qat.float_note(m, ["preprocess", "upscale"], QATConfig()) is None
+    # a model with many such layers: counted by class, three named (the rest would make a line of thousands)
+    with pytest.raises(UserError, match=r"^81 layers \(TFOpLambda ×54, Multiply ×27: [^,]+, [^,]+, [^,]+, \.\.\.\) "
+                                        r"cannot be quantized by tfmot's sparsity-preserving 8-bit scheme; set"):
+        qat.check(models.build("mobilenet_v3_small", (32, 32, 3), 3, alpha=0.75), QATConfig(unsupported="error"))
 
 
 @pytest.mark.parametrize("name", list(APPS))
@@ -116,18 +126,16 @@ def test_a_keras_application_builds_untrained_converts_to_int8_with_builtin_ops_
     plan = prune.plan(model, PruneConfig(target_sparsity=0.5), total_steps=10)
     depthwise = {layer.name for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)}
     assert "logits" in plan.pruned and {n for n, _ in plan.skipped} == depthwise
-    # PQAT: the layers tfmot cannot take, by name (qat.unsupported: float leaves exactly these in float)
-    bad = qat.unsupported_layers(model, QATConfig(preserve_sparsity=True))
-    assert {cls for _, cls in bad} == NOT_QUANTIZABLE[name] and ("preprocess", "Rescaling") in bad
-    # by default they all train in float (the int8 converter quantizes them), named on the terminal unless they are
-    # only edge-kd's own input scaling; qat.unsupported: error refuses the others
-    assert qat.check(model, QATConfig(preserve_sparsity=True)) == sorted(n for n, _ in bad)
-    note = qat.float_note(model, [n for n, _ in bad], QATConfig(preserve_sparsity=True))
+    # PQAT: the layers tfmot cannot take, by name; by default they train in float (the int8 converter quantizes
+    # them), named on the terminal unless they are only edge-kd's own input scaling; qat.unsupported: error refuses
+    floats = qat.check(model, QATConfig(preserve_sparsity=True))
+    assert {type(model.get_layer(n)).__name__ for n in floats} == NOT_QUANTIZABLE[name] and "preprocess" in floats
+    note = qat.float_note(model, floats, QATConfig(preserve_sparsity=True))
     if NOT_QUANTIZABLE[name] == {"Rescaling"}:
         assert note is None
         assert qat.check(model, QATConfig(preserve_sparsity=True, unsupported="error")) == ["preprocess"]
     else:
-        assert note.startswith(f"{len(bad)} of ") and all(cls in note for cls in NOT_QUANTIZABLE[name])
+        assert note.startswith(f"{len(floats)} of ") and all(cls in note for cls in NOT_QUANTIZABLE[name])
         with pytest.raises(UserError, match="set qat.unsupported: float"):
             qat.check(model, QATConfig(preserve_sparsity=True, unsupported="error"))
     x = np.random.default_rng(0).random((4, 32, 32, 3)).astype(np.float32)

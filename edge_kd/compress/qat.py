@@ -87,13 +87,16 @@ def check(model, cfg: QATConfig) -> list[str]:
     common.refuse_wrapped(model, "quantization-aware training")
     _refuse_nested(model)
     bad = _unsupported(model, cfg)
-    # edge-kd's own input scaling (models registry: a Rescaling named `preprocess`) stays in float whatever the
-    # setting: the user did not add it, and the int8 converter calibrates it from the representative images
+    # edge-kd's own input scaling and resizing (models.OWN_INPUT_LAYERS) stay in float whatever the setting: the
+    # user did not add them, and the int8 converter calibrates them from the representative images
     refused = [layer for layer in bad if not _own_preprocessing(layer)]
     if refused and cfg.unsupported == "error":
-        names = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in refused)
-        noun = "layers" if len(refused) > 1 else "layer"
-        raise UserError(f"{noun} {names} cannot be quantized by tfmot's {scheme_name(cfg)} scheme; "
+        if len(refused) <= 3:
+            what = ("layers " if len(refused) > 1 else "layer ") + ", ".join(
+                f"{layer.name} ({type(layer).__name__})" for layer in refused)
+        else:
+            what = f"{len(refused)} layers ({_kinds(refused)}: {_first_names(refused)})"
+        raise UserError(f"{what} cannot be quantized by tfmot's {scheme_name(cfg)} scheme; "
                         f"set qat.unsupported: float to leave them in float")
     floats = {layer.name for layer in bad}
     if all(layer.name in floats for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)):
@@ -109,15 +112,22 @@ def float_note(model, floats, cfg: QATConfig) -> str | None:
     shown = [layer for layer in layers if not _own_preprocessing(layer)]
     if not shown:
         return None
+    return (f"{len(layers)} of {len(model.layers) - len(model._input_layers)} layers train without fake "
+            f"quantization, which tfmot's {scheme_name(cfg)} scheme cannot give them ({_kinds(layers)}: "
+            f"{_first_names(shown)}); the int8 converter quantizes them from the representative images "
+            f"(qat.unsupported: error refuses such a model instead)")
+
+
+def _kinds(layers) -> str:
+    """Returns the classes of ``layers``, most frequent first, with their counts: "TFOpLambda ×38, Multiply ×19"."""
     counts: dict[str, int] = {}
     for layer in layers:
         counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
-    kinds = ", ".join(f"{cls} ×{n}" if n > 1 else cls for cls, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    names = ", ".join(layer.name for layer in shown[:3]) + (", ..." if len(shown) > 3 else "")
-    return (f"{len(layers)} of {len(model.layers) - len(model._input_layers)} layers train without fake "
-            f"quantization, which tfmot's {scheme_name(cfg)} scheme cannot give them ({kinds}: {names}); the int8 "
-            f"converter quantizes them from the representative images (qat.unsupported: error refuses such a "
-            f"model instead)")
+    return ", ".join(f"{cls} ×{n}" if n > 1 else cls for cls, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _first_names(layers, shown: int = 3) -> str:
+    return ", ".join(layer.name for layer in layers[:shown]) + (", ..." if len(layers) > shown else "")
 
 
 def quantize(model, cfg: QATConfig | None = None) -> keras.Model:
@@ -187,8 +197,10 @@ def _refuse_nested(model) -> None:
 
 
 def _own_preprocessing(layer) -> bool:
-    """Returns whether ``layer`` is the input scaling the models registry puts in front of a backbone."""
-    return isinstance(layer, keras.layers.Rescaling) and layer.name == "preprocess"
+    """Returns whether ``layer`` is the input scaling or resizing the models registry puts in front of a backbone."""
+    from models import OWN_INPUT_LAYERS
+
+    return OWN_INPUT_LAYERS.get(layer.name) == type(layer).__name__
 
 
 def _unsupported(model, cfg: QATConfig) -> list:
