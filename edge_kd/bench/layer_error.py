@@ -98,9 +98,12 @@ def layer_errors(reference, quantized, x, worst: int = WORST) -> dict:
     ref_ops, ref_values = op_outputs(reference, x)
     q_ops, q_values = op_outputs(quantized, x)
     q_dtype = {name: op["dtype"] for op in q_ops for name in op["outputs"]}
-    # every tensor both graphs hold, compared once; one with no float scale to relate its error to is left out
+    # every activation both graphs hold, compared once; one with no float scale to relate its error to is left
+    # out, and so is what is not one value per sample (the int32 shapes and scalars a graph computes, such as
+    # EfficientNet's squeeze-excite reshapes)
     matched = {name: compare(ref_values[name], q_values[name]) for name in ref_values
-               if name in q_values and ref_values[name].shape == q_values[name].shape}
+               if name in q_values and ref_values[name].shape == q_values[name].shape
+               and _per_sample(ref_values[name], len(x))}
     matched = {name: m for name, m in matched.items() if m["nrmse"] is not None}
     layers = []
     for op in ref_ops:
@@ -114,6 +117,11 @@ def layer_errors(reference, quantized, x, worst: int = WORST) -> dict:
     ranked = _ranked(layers)[:worst]
     return {"method": METHOD, "samples": int(len(x)), "layers": layers, "worst": [e["layer"] for e in ranked],
             "worst_tensors": [e["tensor"] for e in ranked]}
+
+
+def _per_sample(values: np.ndarray, samples: int) -> bool:
+    """Returns whether ``values`` is a float tensor with one entry per input sample along its first axis."""
+    return np.issubdtype(values.dtype, np.floating) and values.ndim >= 1 and values.shape[0] == samples
 
 
 def worst_tensors(errors: dict, n: int) -> list[str]:

@@ -102,3 +102,22 @@ def test_compare_handles_zero_tensors():
     with pytest.raises(ValueError, match="'int8_mixed' needs float_tensors"):
         convert(keras.Sequential([keras.layers.Input((2,)), keras.layers.Dense(1)]), "int8_mixed",
                 representative=np.zeros((2, 2), np.float32))
+
+
+def test_shapes_a_graph_computes_are_not_compared_as_activations():
+    # a squeeze-and-excite gate as EfficientNet builds it: its Reshape keeps the batch dimension open, so the file
+    # computes the target shape (SHAPE, STRIDED_SLICE to a scalar, PACK) next to the activations
+    tf.keras.utils.set_random_seed(8)
+    inp = keras.Input((8, 8, 4))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inp)
+    g = keras.layers.Reshape((1, 1, 4), name="se_reshape")(keras.layers.GlobalAveragePooling2D(name="se_squeeze")(h))
+    g = keras.layers.Conv2D(4, 1, activation="sigmoid", name="se_gate")(g)
+    h = keras.layers.Multiply(name="se_excite")([h, g])
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(keras.layers.Flatten(name="flat")(h)))
+    x = np.random.default_rng(8).normal(size=(6, 8, 8, 4)).astype(np.float32)
+    fp32, int8 = convert(model, "fp32"), convert(model, "int8", representative=x)
+    _, values = op_outputs(fp32, x)
+    assert any(v.ndim == 0 or not np.issubdtype(v.dtype, np.floating) for v in values.values())  # the shapes
+    e = layer_errors(fp32, int8, x)
+    assert {"c1", "se_gate", "se_excite"} <= {entry["layer"] for entry in e["layers"]}
+    assert all(0 <= entry["nrmse"] < 1 and entry["dtype"] == "int8" for entry in e["layers"])
