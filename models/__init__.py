@@ -177,8 +177,9 @@ APPLICATIONS = {
 }
 
 
-#: the smallest height and width keras.applications builds; ``_application`` scales smaller inputs up to it
-MIN_APPLICATION_SIZE = 32
+#: the backbones keras.applications builds only from 32×32 up (the others take smaller inputs as they are);
+#: ``_application`` scales a smaller input up to 32 on that side for these
+NEEDS_32_PX = {"mobilenet_v3_small", "mobilenet_v3_large"}
 
 #: name -> class of the layers ``_application`` puts in front of a backbone: edge-kd's own, not the user's
 OWN_INPUT_LAYERS = {"preprocess": "Rescaling", "upscale": "Resizing"}
@@ -186,8 +187,8 @@ OWN_INPUT_LAYERS = {"preprocess": "Rescaling", "upscale": "Resizing"}
 
 def _application(name, input_shape, num_classes, dropout, bn_momentum=None, **options):
     """Returns keras.applications ``name`` without its top, built untrained (nothing is downloaded) into one flat
-    Functional model: the preprocessing it expects as a ``preprocess`` Rescaling layer (then, for an input under
-    32×32, an ``upscale`` bilinear Resizing to 32 on that side), the backbone's own layers
+    Functional model: the preprocessing it expects as a ``preprocess`` Rescaling layer (then, for a MobileNetV3 and
+    an input under 32×32, an ``upscale`` bilinear Resizing to 32 on that side), the backbone's own layers
     under their keras.applications names (so taps and weight files find them), then global average pooling,
     dropout and a ``logits`` Dense layer.
 
@@ -198,8 +199,8 @@ def _application(name, input_shape, num_classes, dropout, bn_momentum=None, **op
     inp = keras.Input(input_shape, name="image")
     x = layers.Rescaling(scale, offset, name="preprocess")(inp)
     h, w = input_shape[:2]
-    if min(h, w) < MIN_APPLICATION_SIZE:  # keras.applications refuses smaller inputs (28×28 Fashion-MNIST, say)
-        x = layers.Resizing(max(h, MIN_APPLICATION_SIZE), max(w, MIN_APPLICATION_SIZE), name="upscale")(x)
+    if name in NEEDS_32_PX and min(h, w) < 32:  # 28×28 Fashion-MNIST, say
+        x = layers.Resizing(max(h, 32), max(w, 32), name="upscale")(x)
     base = getattr(keras.applications, cls_name)(include_top=False, weights=None, input_tensor=x, **options)
     for layer in base.layers:
         if isinstance(layer, layers.Normalization) and layer.name.startswith("normalization"):
