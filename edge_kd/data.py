@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import field_validator
 
 from edge_kd.config import Config, Field, Float, Int, Invalid, Str
-from edge_kd.errors import UserError
+from edge_kd.errors import UserError, first_line
 from edge_kd.fileio import sha256_file
 
 BUILTIN = {name: Path(__file__).parent / "_data" / f"{name}.npz" for name in ("fashion_mnist", "mnist")}
@@ -550,7 +550,7 @@ def _load_npz(path: Path):
     except UserError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"cannot read {path.name} as an .npz file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(f"cannot read {path.name} as an .npz file: {first_line(e)}") from None
     x_tr = _as_images(arrays["x_train"], f"{path.name} x_train")
     x_te = _as_images(arrays["x_test"], f"{path.name} x_test")
     if x_tr.shape[1:] != x_te.shape[1:]:
@@ -581,7 +581,7 @@ def _read_class_folders(root: Path, where: str):
                     modes.add("L" if im.mode in ("L", "1", "I;16", "I", "F") else "RGB")
                     by_pil.append(im.format not in ("PNG", "JPEG") or im.mode == "CMYK")
             except (UnidentifiedImageError, OSError) as e:
-                raise UserError(f"cannot read image {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                raise UserError(f"cannot read image {f}: {first_line(e)}") from None
             paths.append(str(f))
             labels.append(label)
     return classes, (paths, by_pil), np.array(labels, np.int64), sizes, modes
@@ -671,7 +671,7 @@ def _load_tfds(name: str, size):
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise UserError(f"unknown tfds dataset '{name}': {msg}") from None
     try:
         if not builder.is_prepared():
@@ -707,6 +707,6 @@ def _load_tfds(name: str, size):
     except ImportError:  # a missing dependency is a broken install, not the user's mistake: show it whole
         raise
     except Exception as e:  # no network, a failed download, a broken cache
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise UserError(f"cannot get tfds dataset '{name}' (download or preparation failed): {msg}") from None
     return out[0], out[1], out[2], out[3], names, str(builder.info.version), (None if h is None or w is None else (h, w))

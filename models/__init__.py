@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Sequence
 
-from edge_kd.errors import UserError
+from edge_kd.errors import UserError, first_line
 from edge_kd.keras import keras
 
 layers = keras.layers
@@ -60,9 +60,8 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **kw) -> kera
     try:
         return _REGISTRY[name](tuple(int(d) for d in input_shape), int(num_classes), **kw)
     except (TypeError, ValueError) as e:  # an option of the wrong kind, or an input the architecture cannot take
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model '{name}' cannot be built for input {tuple(input_shape)} with options {kw}: "
-                        f"{text}") from None
+                        f"{first_line(e)}") from None
 
 
 def _filters(n: int, width: float) -> int:

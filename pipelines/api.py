@@ -98,14 +98,7 @@ def _model_file(model, inputs: Path, what: str) -> Path:
     for w in model.get_weights():
         h.update(str((w.dtype, w.shape)).encode())
         h.update(np.ascontiguousarray(w).tobytes())
-    path = inputs / f"{what}-{h.hexdigest()[:16]}.keras"
-    if not path.is_file():
-        from edge_kd.fileio import atomic_path
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            model.save(tmp)
-    return path
+    return _written_once(inputs / f"{what}-{h.hexdigest()[:16]}.keras", model.save)
 
 
 def _architecture(model) -> str:
@@ -139,12 +132,20 @@ def _data_file(data, inputs: Path) -> str | Path:
     for key, a in arrays.items():
         h.update(f"{key}{a.dtype}{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
-    path = inputs / f"data-{h.hexdigest()[:16]}.npz"
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return _written_once(inputs / f"data-{h.hexdigest()[:16]}.npz", write)
+
+
+def _written_once(path: Path, write) -> Path:
+    """Returns ``path``, first made by ``write(temporary path)`` and moved into place whole if it is not there (its
+    name is its content's digest, so a file already there holds what ``write`` would write)."""
     if not path.is_file():
         from edge_kd.fileio import atomic_path
 
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+            write(tmp)
     return path

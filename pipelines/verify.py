@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_kd.errors import UserError
+from edge_kd.errors import UserError, first_line
 from edge_kd.export import bundle as B
 from edge_kd.fileio import sha256_file
 
@@ -51,7 +51,7 @@ def load(bundle_dir) -> tuple[dict, Path, np.ndarray, np.ndarray]:
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise MalformedBundle(f"{mpath}: not readable JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise MalformedBundle(f"{mpath}: not readable JSON ({first_line(e)})") from None
     if not isinstance(manifest, dict):
         raise MalformedBundle(f"{mpath}: expected a JSON object, got {type(manifest).__name__}")
     missing = [k for k in REQUIRED if k not in manifest]
@@ -71,7 +71,7 @@ def load(bundle_dir) -> tuple[dict, Path, np.ndarray, np.ndarray]:
         try:
             golden.append(np.load(p, allow_pickle=False))
         except (OSError, ValueError, EOFError) as e:
-            raise MalformedBundle(f"{p}: not a readable .npy ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise MalformedBundle(f"{p}: not a readable .npy ({first_line(e)})") from None
     return manifest, model, golden[0], golden[1]
 
 
@@ -91,7 +91,7 @@ def _check(bundle_dir) -> tuple[list[str], str]:
     try:
         it = B.batch1_interpreter(model)
     except (ValueError, RuntimeError) as e:
-        problems.append(f"{model.name} does not load in LiteRT ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        problems.append(f"{model.name} does not load in LiteRT ({first_line(e)})")
         return problems, ""
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     real = {

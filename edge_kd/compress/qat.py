@@ -33,6 +33,7 @@ saved weights into it, which keeps every quantizer and works for PCQAT too.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from pathlib import Path
 
@@ -120,10 +121,8 @@ def float_note(model, floats, cfg: QATConfig) -> str | None:
 
 def _kinds(layers) -> str:
     """Returns the classes of ``layers``, most frequent first, with their counts: "TFOpLambda ×38, Multiply ×19"."""
-    counts: dict[str, int] = {}
-    for layer in layers:
-        counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
-    return ", ".join(f"{cls} ×{n}" if n > 1 else cls for cls, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    counts = collections.Counter(type(layer).__name__ for layer in layers)
+    return ", ".join(f"{cls} ×{n}" if n > 1 else cls for cls, n in counts.most_common())
 
 
 def _first_names(layers, shown: int = 3) -> str:
