@@ -406,6 +406,10 @@ def pareto_png(results: dict) -> bytes:
     return buf.getvalue()
 
 
+#: the most layer names layer_error.png writes under its x axis
+MAX_LAYER_LABELS = 40
+
+
 def layer_error_png(results: dict) -> bytes:
     """Returns PNG bytes of each integer .tflite's per-layer SNR against float, layer by layer."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -420,9 +424,16 @@ def layer_error_png(results: dict) -> bytes:
     for m in rows:
         by = per_model[m.name]
         xs = [i for i, k in enumerate(keys) if k in by and by[k]["snr_db"] is not None]
-        ax.plot(xs, [by[keys[i]]["snr_db"] for i in xs], marker="o", label=m.name)
-    ax.set_xticks(range(len(keys)), [f"{k[0]}{f' ({k[1] + 1})' if k[1] else ''}" for k in keys], rotation=35,
+        ax.plot(xs, [by[keys[i]]["snr_db"] for i in xs], marker="o", markersize=6 if len(keys) <= 60 else 2,
+                label=m.name)
+    # a backbone has a few hundred layers: name every step-th, so that the names stay readable (the table in
+    # report.md has them all)
+    step = max(1, math.ceil(len(keys) / MAX_LAYER_LABELS))
+    shown = range(0, len(keys), step)
+    ax.set_xticks(shown, [f"{keys[i][0]}{f' ({keys[i][1] + 1})' if keys[i][1] else ''}" for i in shown], rotation=35,
                   ha="right", fontsize=8)
+    if step > 1:
+        ax.set_xlabel(f"layer, in execution order ({len(keys)} layers, one name in {step}; report.md names them all)")
     ax.set_ylabel("SNR against float (dB), higher is better")
     ax.grid(True, alpha=0.3)
     if rows:
