@@ -6,9 +6,13 @@ Functional model (each layer by the same class and settings, the same graph, its
 model's outputs are checked against the original's before it is used. Which Keras wrote a file is read from the
 file itself. Keras 3 is imported only when such a model or file appears.
 
-What cannot be rebuilt, said in one line: a subclassed model (no graph to read), a layer with no tf_keras
-counterpart (a custom layer, or a ``keras.ops`` call such as ``x + 1`` inside the graph), and a layer setting
-tf_keras lacks (e.g. a LoRA rank).
+Elementwise arithmetic in the graph (``x + 3.0``, ``x * y``: a ``keras.ops`` operation in Keras 3, a ``TFOpLambda``
+layer in tf_keras) crosses both ways, as do Keras 3's ``hard_sigmoid`` and ``hard_silu`` activation layers (built from
+tf_keras layers that compute the same function), so keras.applications' MobileNetV3 crosses too.
+
+What cannot be rebuilt, said in one line: a subclassed model (no graph to read), a layer with no counterpart (a
+custom layer, another ``keras.ops`` call or tf op inside the graph), and a layer setting the other Keras lacks (e.g.
+a LoRA rank).
 """
 from __future__ import annotations
 
@@ -29,8 +33,19 @@ TOLERANCE = 1e-5
 MAX_ERROR = 300
 
 # Keras 3 activations by the tf_keras name of the same function; those whose tf_keras namesake computes something
-# else (hard_sigmoid: slope 1/6 in Keras 3, 0.2 in tf_keras) or that tf_keras lacks are refused by name
+# else (hard_sigmoid: slope 1/6 in Keras 3, 0.2 in tf_keras) or that tf_keras lacks are refused by name, except as
+# an Activation layer of _HARD_ACTIVATIONS
 _ACTIVATIONS = {"silu": "swish"}
+# Keras 3 activation layers rebuilt from tf_keras layers: relu6(x + 3) / 6, and x times it
+_HARD_ACTIVATIONS = {"hard_sigmoid": False, "hard_silu": True, "hard_swish": True}  # -> times x
+# elementwise arithmetic by its keras.ops / tf.math name: Keras 3 records it as a keras.ops operation (by class
+# name), tf_keras as a TFOpLambda layer (by tf symbol)
+_KERAS3_OPS = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Divide": "divide",
+               "TrueDivide": "divide"}
+_TF_SYMBOLS = {"__operators__.add": "add", "math.add": "add", "math.subtract": "subtract",
+               "math.multiply": "multiply", "math.truediv": "divide", "math.divide": "divide"}
+_TF_FUNCTIONS = {"add": "add", "subtract": "subtract", "multiply": "multiply", "divide": "truediv"}
+_KERAS3_CLASSES = {"add": "Add", "subtract": "Subtract", "multiply": "Multiply", "divide": "TrueDivide"}
 _TF_KERAS_ACTIVATIONS = {"elu", "exponential", "gelu", "linear", "mish", "relu", "selu", "sigmoid", "softmax",
                          "softplus", "softsign", "swish", "tanh"}
 
@@ -204,8 +219,8 @@ def _rebuild(model, where: str, from_keras3: bool):
     rebuilt = dst.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0],
                         new_outputs if len(new_outputs) > 1 else new_outputs[0], name=name)
     for op, twin in made.values():
-        if isinstance(op, src.Model):
-            continue  # rebuilt with its weights
+        if isinstance(op, src.Model) or not isinstance(twin, dst.layers.Layer):
+            continue  # rebuilt with its weights; or arithmetic, a hard activation: no weights
         arrays = [np.asarray(w) for w in op.get_weights()]
         shapes = [tuple(w.shape) for w in twin.weights]
         if [a.shape for a in arrays] != shapes:
@@ -221,9 +236,14 @@ def _twin(op, where: str, src, dst, from_keras3: bool):
     if isinstance(op, src.Model):
         return _rebuild(op, where, from_keras3)
     kind = type(op).__name__
-    if not isinstance(op, src.layers.Layer):
-        raise UserError(short(f"{where}: operation '{op.name}' ({kind}, a keras.ops call in the graph) has no tf_keras "
-                              "layer; write it as a keras.layers layer"))
+    arithmetic = _KERAS3_OPS.get(kind) if from_keras3 else _TF_SYMBOLS.get(getattr(op, "symbol", None))
+    if arithmetic and (not from_keras3 or type(op).__module__.startswith("keras.src.ops")):
+        return _arithmetic(arithmetic, op.name, from_keras3)
+    if not isinstance(op, src.layers.Layer) or kind == "TFOpLambda":
+        call = f"a keras.ops call ({kind})" if from_keras3 else f"tf.{getattr(op, 'symbol', kind)}"
+        raise UserError(short(f"{where}: operation '{op.name}' ({call} in the graph) has no "
+                              f"{'tf_keras' if from_keras3 else 'Keras 3'} counterpart; edge-kd carries add, subtract, "
+                              "multiply and divide; write the rest as keras.layers layers"))
     cls = getattr(dst.layers, kind, None)
     builtin = type(op).__module__.startswith("keras." if from_keras3 else "tf_keras.")
     if cls is None or not builtin:
@@ -232,12 +252,47 @@ def _twin(op, where: str, src, dst, from_keras3: bool):
                               "models made of the built-in keras.layers"))
     if kind == "Activation" and op.get_config().get("activation") == "relu6" and from_keras3:
         return dst.layers.ReLU(max_value=6.0, name=op.name)
+    if kind == "Activation" and op.get_config().get("activation") in _HARD_ACTIVATIONS and from_keras3:
+        return _hard_activation(dst.layers, op.name, times_x=_HARD_ACTIVATIONS[op.get_config()["activation"]])
     config = _config(op, cls, where, from_keras3)
     try:
         return cls.from_config(config)
     except Exception as e:
         first = first_line(e).split(" using config=")[0]  # Keras appends the whole config
         raise UserError(short(f"{where}: layer '{op.name}' ({kind}) cannot be rebuilt: {first}")) from None
+
+
+def _arithmetic(name: str, op_name: str, from_keras3: bool):
+    """Returns the other Keras' elementwise ``name`` ("add", ...) as one named operation: a TFOpLambda layer in
+    tf_keras, a keras.ops operation in Keras 3 (whose ``keras.ops.add`` takes no name, so its class is used)."""
+    if from_keras3:
+        from edge_kd.keras import keras, tf
+
+        layer = keras.src.layers.core.tf_op_layer.TFOpLambda(getattr(tf.math, _TF_FUNCTIONS[name]), name=op_name)
+    else:
+        from keras.src.ops import numpy as k3_numpy
+
+        layer = getattr(k3_numpy, _KERAS3_CLASSES[name])(name=op_name.replace("/", "_"))
+
+    def call(*args, **kwargs):
+        # a loaded tf_keras model's node may hold the operands by the tf op's argument names, and its name argument
+        operands = list(args) + [kwargs.pop(k) for k in ("x", "y") if k in kwargs]
+        kwargs.pop("name", None)
+        return layer(*operands, **kwargs)
+
+    return call
+
+
+def _hard_activation(layers, name: str, times_x: bool):
+    """Returns Keras 3's hard_sigmoid (relu6(x + 3) / 6, computed as min(max(x / 6 + 0.5, 0), 1)) or, ``times_x``,
+    its hard_silu (x times that) built from tf_keras ``layers``; the last layer keeps ``name``, so a feature term
+    taps it as before."""
+    scale = layers.Rescaling(1 / 6, offset=0.5, name=f"{name}_scale")
+    gate = layers.ReLU(max_value=1.0, name=f"{name}_gate" if times_x else name)
+    if not times_x:
+        return lambda x: gate(scale(x))
+    times = layers.Multiply(name=name)
+    return lambda x: times([x, gate(scale(x))])
 
 
 def _config(op, cls, where: str, from_keras3: bool) -> dict:
@@ -259,8 +314,8 @@ def _config(op, cls, where: str, from_keras3: bool) -> dict:
             if value not in _TF_KERAS_ACTIVATIONS:
                 raise UserError(short(f"{where}: layer '{op.name}' ({type(op).__name__}) uses activation '{value}', "
                                       "which tf_keras lacks or computes otherwise; supported: "
-                                      f"{', '.join(sorted(_TF_KERAS_ACTIVATIONS | set(_ACTIVATIONS)))}, relu6 "
-                                      "(as an Activation layer)"))
+                                      f"{', '.join(sorted(_TF_KERAS_ACTIVATIONS | set(_ACTIVATIONS)))}; relu6, "
+                                      f"{', '.join(_HARD_ACTIVATIONS)} as an Activation layer"))
         out[key] = _value(key, value)
     if not from_keras3 and "/" in out.get("name", ""):
         out["name"] = out["name"].replace("/", "_")  # Keras 3 refuses '/' in names (tf_keras' MobileNetV3 has them)

@@ -10,6 +10,7 @@ import pytest
 
 from edge_kd.errors import UserError
 from edge_kd.keras import keras as tfk
+from edge_kd.keras import tf
 
 
 @pytest.fixture(scope="module")
@@ -216,12 +217,18 @@ def test_what_cannot_be_rebuilt_is_one_line_naming_the_layer():
     _one_line(e, "teacher t.keras", "layer 'twice' (Doubling) has no tf_keras counterpart")
 
     with pytest.raises(UserError) as e:
-        keras3.to_tf_keras(keras.Model(inp, keras.ops.add(inp, 1.0)), "teacher t.keras")
-    _one_line(e, "a keras.ops call in the graph")
+        keras3.to_tf_keras(keras.Model(inp, keras.ops.sqrt(keras.ops.add(inp, 1.0))), "teacher t.keras")
+    _one_line(e, "a keras.ops call (Sqrt) in the graph", "add, subtract, multiply and divide")
 
+    with pytest.raises(UserError) as e:  # only an Activation layer of its own is rebuilt as Keras 3 computes it
+        keras3.to_tf_keras(keras.Model(inp, keras.layers.Conv2D(2, 3, activation="hard_silu", name="hs")(inp)),
+                           "student s.keras")
+    _one_line(e, "student s.keras", "layer 'hs'", "'hard_silu'", "hard_swish as an Activation layer")
+
+    x = tfk.Input((8, 8, 1))
     with pytest.raises(UserError) as e:
-        keras3.to_tf_keras(keras.Model(inp, keras.layers.Activation("hard_silu", name="hs")(inp)), "student s.keras")
-    _one_line(e, "student s.keras", "layer 'hs'", "'hard_silu'")
+        keras3.to_keras3(tfk.Model(x, tfk.layers.Dense(2)(tf.math.sqrt(x + 1.0))), "Keras 3 copy of s.keras")
+    _one_line(e, "Keras 3 copy of s.keras", "(tf.math.sqrt in the graph) has no Keras 3 counterpart")
 
     class Sub(keras.Model):
         def call(self, x):
@@ -239,8 +246,30 @@ def test_keras_applications_backbones_rebuild_with_equal_outputs():
 
     keras.utils.set_random_seed(2)
     for make in (lambda: keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10),
-                 lambda: keras.applications.EfficientNetB0(input_shape=(32, 32, 3), weights=None, classes=10)):
+                 lambda: keras.applications.EfficientNetB0(input_shape=(32, 32, 3), weights=None, classes=10),
+                 # hard_silu layers and keras.ops arithmetic (x + 3.0, x * (1 / 6)) in the graph
+                 lambda: keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=10)):
         model = make()
         rebuilt = keras3.to_tf_keras(model, "teacher")  # checks its outputs against the original's
         assert [layer.name for layer in rebuilt.layers if layer.weights] == \
                [layer.name for layer in model.layers if layer.weights]
+        ours = {layer.name for layer in rebuilt.layers}  # a feature term taps any layer by its Keras 3 name
+        assert all(node.operation.name in ours for nodes in model._nodes_by_depth.values() for node in nodes)
+
+
+def test_a_tf_keras_mobilenet_v3_student_has_a_keras3_copy_that_plain_keras3_loads(tmp_path):
+    import keras
+
+    import models
+    from edge_kd import keras3
+
+    built = models.build("mobilenet_v3_small", (32, 32, 3), 10)  # hard-swish as tf ops (TFOpLambda layers)
+    assert any(type(layer).__name__ == "TFOpLambda" for layer in built.layers)
+    built.save(tmp_path / "s.keras")  # a loaded model's nodes name some operands (x + 3.0 as y=3.0): as a run saves
+    student = tfk.models.load_model(tmp_path / "s.keras", compile=False)
+    keras3.save_keras3(student, tmp_path / "s_keras3.keras", "Keras 3 copy of s.keras")  # outputs checked
+    x = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32) * 255
+    copy = keras.saving.load_model(tmp_path / "s_keras3.keras")
+    np.testing.assert_allclose(np.asarray(copy(x)), student(x, training=False).numpy(), atol=1e-5)
+    back = keras3.to_tf_keras(copy, "student s_keras3.keras", sample=x)  # and back, as a --student file comes in
+    np.testing.assert_allclose(back(x, training=False).numpy(), student(x, training=False).numpy(), atol=1e-5)

@@ -22,9 +22,10 @@ def save_student(model, path: Path, folder: str) -> dict:
     """Saves float student ``model`` to ``path`` (tf_keras) and beside it as a Keras 3 file (``<stem>_keras3.keras``,
     which plain ``keras.saving.load_model`` opens, its outputs checked equal); returns the stage summary's entry:
     {"keras3_file": its path in the run folder, whose folder ``folder`` is the stage's} or, for a model Keras 3
-    cannot hold, {"keras3_file": None, "keras3_reason": why}."""
+    cannot hold (or when making the copy fails: the tf_keras file, the stage's result, is kept either way),
+    {"keras3_file": None, "keras3_reason": why}."""
     from edge_kd import keras3
-    from edge_kd.errors import UserError
+    from edge_kd.errors import UserError, first_line
     from edge_kd.train import float32_copy
 
     model = float32_copy(model)  # once, for both files
@@ -34,6 +35,9 @@ def save_student(model, path: Path, folder: str) -> dict:
         keras3.save_keras3(model, k3_path, f"Keras 3 copy of {path.name}")
     except UserError as e:
         return {"keras3_file": None, "keras3_reason": str(e)}
+    except Exception as e:  # a Keras 3 failure must not cost the stage its trained student
+        return {"keras3_file": None, "keras3_reason": keras3.short(f"making it failed: {type(e).__name__}: "
+                                                                   f"{first_line(e)}")}
     return {"keras3_file": f"{folder}/{k3_path.name}"}
 
 
