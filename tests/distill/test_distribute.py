@@ -32,9 +32,12 @@ SCRIPT = textwrap.dedent("""
                                     keras.layers.Dense(3)])
         return student, teacher
 
-    def train(strategy, augment=None, n=80, **kw):
+    def train(strategy, augment=None, n=80, keras3_teacher=False, **kw):
         with strategy.scope():
             student, teacher = pair()
+            if keras3_teacher:  # the same teacher as a Keras 3 model, which the Distiller rebuilds in the scope
+                from edge_kd import keras3
+                teacher = keras3.to_keras3(teacher, "teacher")
             d = Distiller(student, teacher, terms=[losses.get("hinton", temperature=2.0, weight=0.5)],
                           hard_weight=0.5, augment=augment, **kw)
             d.compile(optimizer=keras.optimizers.SGD(0.5))
@@ -49,6 +52,9 @@ SCRIPT = textwrap.dedent("""
     _, init_teacher = pair()
     init, _ = pair()
     out["max_weight_diff"] = max(float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(one.weights, two.weights))
+    two_k3, _ = train(mirrored, keras3_teacher=True)
+    out["keras3_teacher_diff"] = max(float(np.max(np.abs(a.numpy() - b.numpy())))
+                                     for a, b in zip(two.weights, two_k3.weights))
     out["moved"] = max(float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(one.weights, init.weights))
     out["history_one"], out["history_two"] = h1, h2
     _, ha = train(mirrored, augment=Augmenter(AugmentConfig(translate=1, mixup=0.2), seed=0))
@@ -86,6 +92,9 @@ def test_two_replicas_train_the_student_the_one_device_run_does(distributed):
     # Each replica scales its mean loss by its share of the global batch (16/32 and, in the short last
     # batch, 8/16): the summed gradient is the global batch's. Without it the step would be twice as long.
     assert distributed["max_weight_diff"] < 1e-5
+    assert distributed["keras3_teacher_diff"] == 0  # a Keras 3 teacher distils as its tf_keras twin does
+
+
 
 
 def test_metrics_aggregate_across_replicas(distributed):
@@ -138,6 +147,16 @@ def test_mixed_precision_terms_agree_with_float32_and_the_loss_is_scaled():
         h = d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=1, verbose=0)
         assert np.isfinite(h.history["loss"][0])
         assert any(np.max(np.abs(a - b.numpy())) > 0 for a, b in zip(before, s16.trainable_weights))
+        # a Keras 3 teacher (float32, as a file saved without mixed precision) under the policy: the same losses as
+        # the float32 tf_keras teacher it was copied from
+        from edge_kd import keras3
+        totals = []
+        for teacher in (t32, keras3.to_keras3(t32, "teacher")):
+            s16, _ = pair()
+            _, _, total, *_ = Distiller(s16, teacher, terms=terms(), hard_weight=0.3)._compute_losses(
+                tf.constant(x), tf.constant(y), training=False)
+            totals.append(float(total))
+        assert totals[0] == totals[1]
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
