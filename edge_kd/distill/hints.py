@@ -6,8 +6,8 @@ arXiv:1412.6550). One student layer (the guided layer) is regressed onto one tea
     L = mean over all elements of (r(s) − t)²   (the batch mean of each example's mean, equal sizes)
 
 where ``r`` is the adapter (the paper's regressor): the identity when both features have the same
-shape, else a 1×1 convolution to the teacher's channels (followed by a bilinear resize to the
-teacher's H×W when the spatial sizes differ) for NHWC maps, or a Dense layer to the teacher's units
+shape, else a 1×1 convolution to the teacher's channels (followed by a resize to the teacher's H×W
+when the spatial sizes differ, see below) for NHWC maps, or a Dense layer to the teacher's units
 for (batch, units) vectors. The adapter trains with the student and is never part of the exported
 student. The paper's ½·sum is a mean here (its scale is absorbed in ``weight``), and the hint is a
 term trained jointly with the others rather than a separate pre-training stage.
@@ -17,7 +17,7 @@ arXiv:1612.03928). For an NHWC map A the spatial attention map is
 
     Q = sum over channels of |A|^p,  flattened to (batch, H·W),
 
-the student's Q being bilinearly resized to the teacher's H×W first when the spatial sizes differ.
+the student's Q being resized to the teacher's H×W first when the spatial sizes differ.
 For each [student layer, teacher layer] pair the value is
 
     mean over the batch of ‖ Q_s/‖Q_s‖₂ − Q_t/‖Q_t‖₂ ‖₂²   (the squared distance summed over positions)
@@ -25,11 +25,18 @@ For each [student layer, teacher layer] pair the value is
 and the term is the mean over pairs. The paper's β/2 (and its sum over pairs) is absorbed in
 ``weight``; the authors' code averages over positions as well, hence their β = 10³.
 
+Resizing a student map to the teacher's H×W: along an axis that shrinks, each output is the mean of its share of
+the input (adaptive average pooling, as mdistiller's AT shrinks), so every student position gets gradient; along
+an axis that grows, linear interpolation (half-pixel centres, as ``tf.image.resize``'s bilinear). A plain bilinear
+shrink would read only two of every four rows at a 4× shrink and leave the rest without gradient.
+
 >>> from edge_kd.distill import losses
 >>> losses.get("at", pairs=[["s_block1", "t_block1"]], p=2.0).config()
 {'pairs': [['s_block1', 't_block1']], 'p': 2.0, 'weight': 1.0}
 """
 from __future__ import annotations
+
+import numpy as np
 
 from edge_kd.distill.registry import LossTerm, check_layer, check_range, register
 from edge_kd.errors import UserError
@@ -40,11 +47,36 @@ def _shape(x) -> tuple:
     return tuple(x.shape.as_list())
 
 
+def _axis_weights(n_in: int, n_out: int) -> np.ndarray:
+    """Returns the (n_out, n_in) matrix that resizes an axis of length ``n_in`` to ``n_out``: the mean of each
+    output's share of the input when it shrinks (adaptive average pooling), linear interpolation with half-pixel
+    centres when it grows."""
+    m = np.zeros((n_out, n_in), np.float32)
+    for o in range(n_out):
+        if n_out < n_in:
+            lo, hi = (o * n_in) // n_out, -(-((o + 1) * n_in) // n_out)
+            m[o, lo:hi] = 1.0 / (hi - lo)
+        else:
+            src = min(max((o + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1.0)
+            lo = int(np.floor(src))
+            hi = min(lo + 1, n_in - 1)
+            m[o, lo] += 1.0 - (src - lo)
+            m[o, hi] += src - lo
+    return m
+
+
 def _resize_to(x, like):
-    """Bilinearly resizes NHWC ``x`` to the height and width of ``like``; a no-op when they already match."""
+    """Returns NHWC ``x`` (as float32) resized to the height and width of ``like`` (see the module's docstring);
+    ``x`` itself when they already match. Maps of unknown size are resized with antialiased bilinear filtering,
+    which also weighs every position when it shrinks."""
     if x.shape[1:3].is_fully_defined() and x.shape[1:3] == like.shape[1:3]:
         return x
-    return tf.image.resize(x, tf.shape(like)[1:3], method="bilinear")
+    x = tf.cast(x, tf.float32)
+    if not (x.shape[1:3].is_fully_defined() and like.shape[1:3].is_fully_defined()):
+        return tf.image.resize(x, tf.shape(like)[1:3], method="bilinear", antialias=True)
+    (h, w), (th, tw) = x.shape[1:3], like.shape[1:3]
+    x = tf.einsum("oh,bhwc->bowc", tf.constant(_axis_weights(h, th)), x)
+    return tf.einsum("pw,bowc->bopc", tf.constant(_axis_weights(w, tw)), x)
 
 
 @register("fitnet")

@@ -37,11 +37,21 @@ def _np_bilinear_matrix(n_in, n_out):
     return m
 
 
+def _np_shrink(x, axis, n_out):
+    """Adaptive average pooling of ``x`` along ``axis`` to ``n_out``: output o is the mean of input positions
+    floor(o·n/n_out) to ceil((o+1)·n/n_out) − 1."""
+    n = x.shape[axis]
+    parts = [np.take(x, range(o * n // n_out, -(-(o + 1) * n // n_out)), axis=axis).mean(axis=axis, keepdims=True)
+             for o in range(n_out)]
+    return np.concatenate(parts, axis=axis)
+
+
 def _np_resize(x, h, w):
-    """Bilinearly resizes NHWC ``x`` to h×w (separably: rows, then columns)."""
+    """Resizes NHWC ``x`` to h×w, each axis separately: a shrink averages (adaptive average pooling), a stretch
+    interpolates bilinearly."""
     x = np.asarray(x, np.float64)
-    x = np.einsum("oh,bhwc->bowc", _np_bilinear_matrix(x.shape[1], h), x)
-    return np.einsum("pw,bowc->bopc", _np_bilinear_matrix(x.shape[2], w), x)
+    x = _np_shrink(x, 1, h) if h < x.shape[1] else np.einsum("oh,bhwc->bowc", _np_bilinear_matrix(x.shape[1], h), x)
+    return _np_shrink(x, 2, w) if w < x.shape[2] else np.einsum("pw,bowc->bopc", _np_bilinear_matrix(x.shape[2], w), x)
 
 
 def _np_fitnet(s, t, kernel=None, bias=None):
@@ -69,11 +79,58 @@ def _np_at_per_sample(pairs, p):
     return np.mean(d, axis=0)
 
 
-def test_numpy_resize_reference_matches_tf_image_resize():
-    x = _rand(0, (2, 5, 7, 3))
-    for h, w in [(10, 14), (3, 4), (8, 3), (5, 7)]:
-        ref = _np_resize(x, h, w)
-        np.testing.assert_allclose(tf.image.resize(x, (h, w), method="bilinear").numpy(), ref, rtol=1e-5, atol=1e-6)
+def test_numpy_resize_reference_stretches_as_tf_image_resize_and_shrinks_by_block_means():
+    x = _rand(0, (2, 8, 12, 3))
+    for h, w in [(16, 24), (11, 13), (8, 12)]:
+        np.testing.assert_allclose(tf.image.resize(x, (h, w), method="bilinear").numpy(), _np_resize(x, h, w),
+                                   rtol=1e-5, atol=1e-6)
+    blocks = x.astype(np.float64).reshape(2, 2, 4, 3, 4, 3).mean(axis=(2, 4))  # 4× shrink: each output a 4×4 block
+    np.testing.assert_allclose(_np_resize(x, 2, 3), blocks, rtol=1e-12)
+
+
+def test_the_resize_matches_the_reference_in_every_direction():
+    from edge_kd.distill.hints import _resize_to
+
+    x = _rand(1, (2, 8, 7, 3))
+    for h, w in [(4, 3), (16, 14), (3, 9), (8, 7)]:
+        got = _resize_to(tf.constant(x), tf.zeros((1, h, w, 1))).numpy()
+        np.testing.assert_allclose(got, _np_resize(x, h, w), rtol=1e-5, atol=1e-6)
+
+
+def _position_gradient(term, s_name, s, t_name, t, spec=None):
+    """The gradient of ``term``'s value with respect to student map ``s`` (optionally through a tf.function whose
+    input signature ``spec`` hides the map's size)."""
+    v = tf.Variable(s)
+
+    def value(a, b):
+        return term({"features": {s_name: a}}, {"features": {t_name: b}}, None)
+
+    fn = tf.function(value, input_signature=spec) if spec else value
+    with tf.GradientTape() as tape:
+        tape.watch(v)
+        out = fn(tf.convert_to_tensor(v), tf.constant(t)) if spec else fn(v, tf.constant(t))
+    return tape.gradient(out, v).numpy()
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_every_student_position_moves_at_and_fitnet_when_the_map_shrinks_4x(hidden):
+    # A 16×16 student map against a 4×4 teacher map: a bilinear shrink without antialiasing read only rows and
+    # columns 1, 2, 5, 6, 9, 10, 13 and 14, and the other positions got no gradient at all.
+    s, t = _rand(10, (B, 16, 16, 3), relu=True) + 0.1, _rand(11, (B, 4, 4, 6), relu=True)
+    spec = [tf.TensorSpec((None, None, None, 3)), tf.TensorSpec((None, None, None, 6))] if hidden else None
+    at = losses.get("at", pairs=[["s", "t"]])
+    fitnet = _built_fitnet(s, t)
+    for term in (at, fitnet):
+        grad = _position_gradient(term, "s", s, "t", t, spec)
+        assert np.all(np.abs(grad).sum(axis=-1) > 0), type(term).__name__
+    # the reproduction: setting the positions a bilinear shrink skipped to 100 changes the loss
+    skipped = np.ones(16, bool)
+    skipped[[1, 2, 5, 6, 9, 10, 13, 14]] = False
+    loud = s.copy()
+    loud[:, skipped, :, :] = 100.0
+    for term in (at, fitnet):
+        before = float(term(_feats("s", s), _feats("t", t), None))
+        assert float(term(_feats("s", loud), _feats("t", t), None)) != pytest.approx(before, rel=1e-3)
 
 
 # ---------------------------------------------------------------- fitnet
