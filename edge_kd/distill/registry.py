@@ -153,6 +153,13 @@ def check_int(key: str, value, low: int) -> int:
     raise UserError(f"{key} must be an integer ≥ {low}, got {value!r}")
 
 
+def check_bool(key: str, value) -> bool:
+    """Returns ``value`` when it is true or false; else a one-line UserError (a YAML ``yes`` is already a bool)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise UserError(f"{key} must be true or false, got {value!r}")
+
+
 def check_layer(key: str, value, optional: bool = False) -> str | None:
     """Returns ``value`` when it is a layer name (a non-empty string), or None when ``optional``; else a UserError."""
     if value is None and optional:

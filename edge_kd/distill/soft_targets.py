@@ -13,9 +13,15 @@
 
 Both are per-example terms (``has_per_sample``), batch-averaged by ``LossTerm.__call__``.
 
+``standardize: true`` (``hinton``, ``dkd``) z-scores teacher and student logits per example before the tempered
+softmax: logit standardization, S. Sun, W. Ren, J. Li, R. Wang, X. Cao, "Logit Standardization in Knowledge
+Distillation", CVPR 2024 (arXiv:2403.01427); reference code: sunshangquan/logit-standardization-KD. The student
+then matches the shape of the teacher's logits, not their scale (a small student need not reach a big teacher's
+logit range), and T acts on logits of unit spread.
+
 >>> from edge_kd.distill import losses
 >>> losses.get("dkd", beta=2.0).config()
-{'alpha': 1.0, 'beta': 2.0, 'temperature': 4.0, 'warmup_epochs': 1.0, 'weight': 1.0}
+{'alpha': 1.0, 'beta': 2.0, 'temperature': 4.0, 'warmup_epochs': 1.0, 'standardize': False, 'weight': 1.0}
 >>> losses.get("virtual_teacher").needs_teacher
 False
 """
@@ -23,9 +29,20 @@ from __future__ import annotations
 
 import math
 
-from edge_kd.distill.registry import LossTerm, check_range, register
+from edge_kd.distill.registry import LossTerm, check_bool, check_range, register
 from edge_kd.errors import UserError
 from edge_kd.keras import tf
+
+
+def standardized(logits):
+    """Returns (batch, classes) ``logits`` z-scored per example, in float32: minus their mean over the classes,
+    divided by their sample standard deviation (n − 1, as the reference code's ``torch.std``) plus 1e-7. The
+    variance gets 1e-12 under its square root, so equal logits (a spread of 0) give 0 with a finite gradient."""
+    z = tf.cast(logits, tf.float32)
+    centred = z - tf.reduce_mean(z, axis=-1, keepdims=True)
+    k = tf.cast(tf.shape(z)[-1], tf.float32)
+    variance = tf.reduce_sum(tf.square(centred), axis=-1, keepdims=True) / (k - 1.0)
+    return centred / (tf.sqrt(variance + 1e-12) + 1e-7)
 
 
 def soft_kl(teacher_logits, student_logits, temperature):
@@ -42,17 +59,26 @@ class Hinton(LossTerm):
     """Hinton et al. (2015) soft targets: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batch-averaged.
 
     The T² factor keeps the soft term's gradient magnitude comparable across temperatures, so the
-    weight between hard and soft terms need not be retuned when T changes.
+    weight between hard and soft terms need not be retuned when T changes. ``standardize`` z-scores both
+    logits first (``standardized``; the module's docstring), T² kept as the reference code keeps it.
     """
 
-    def __init__(self, temperature: float = 4.0, weight: float = 1.0):
+    def __init__(self, temperature: float = 4.0, standardize: bool = False, weight: float = 1.0):
         super().__init__(weight)
         self.temperature = check_range("temperature", temperature, 0.0, None, low_open=True)
+        self.standardize = check_bool("standardize", standardize)
 
     has_per_sample = True
 
     def per_sample(self, student, teacher, y):
-        return (self.temperature ** 2) * soft_kl(teacher["logits"], student["logits"], self.temperature)
+        t, s = _logits(teacher, student, self.standardize)
+        return (self.temperature ** 2) * soft_kl(t, s, self.temperature)
+
+
+def _logits(teacher, student, standardize: bool):
+    """Returns the teacher's and the student's logits, z-scored when ``standardize``."""
+    t, s = teacher["logits"], student["logits"]
+    return (standardized(t), standardized(s)) if standardize else (t, s)
 
 
 def _num_classes(logits):
@@ -115,14 +141,18 @@ class DKD(LossTerm):
     The warm-up factor reads ``student["epoch"]`` (epochs completed in this fit, fractional) and rises
     linearly from 0 to 1 over ``warmup_epochs``; ``warmup_epochs=0`` turns it off. The reference code
     multiplies by ``min(epoch / warmup, 1)`` with a 1-based integer epoch (its first epoch already gets
-    ``1/warmup``); ours is continuous from 0. Teacher logits are behind ``stop_gradient``.
+    ``1/warmup``); ours is continuous from 0, on purpose: the reference's 20-epoch warm-up of a 240-epoch
+    schedule is a ramp in 20 steps, while at edge-kd's schedules of 1 to 10 epochs integer epochs would make
+    ``warmup_epochs: 1`` no warm-up at all and a longer one a few large jumps. ``standardize`` z-scores both
+    logits first, as for ``hinton``. Teacher logits are behind ``stop_gradient``.
     """
 
     has_per_sample = True
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-                 warmup_epochs: float = 1.0, weight: float = 1.0):
+                 warmup_epochs: float = 1.0, standardize: bool = False, weight: float = 1.0):
         super().__init__(weight)
+        self.standardize = check_bool("standardize", standardize)
         self.alpha = check_range("alpha", alpha, 0.0, None)
         self.beta = check_range("beta", beta, 0.0, None)
         self.temperature = check_range("temperature", temperature, 0.0, None, low_open=True)
@@ -136,7 +166,8 @@ class DKD(LossTerm):
         return tf.clip_by_value(epoch / self.warmup_epochs, 0.0, 1.0)
 
     def per_sample(self, student, teacher, y):
-        tckd, nckd = decoupled_kl(tf.stop_gradient(teacher["logits"]), student["logits"], y, self.temperature)
+        t, s = _logits(teacher, student, self.standardize)
+        tckd, nckd = decoupled_kl(tf.stop_gradient(t), s, y, self.temperature)
         return (self.alpha * tckd + self.beta * nckd) * self.temperature ** 2 * self.warmup_factor(student)
 
 

@@ -44,7 +44,7 @@ def test_hinton_term_and_distiller_total_match_numpy(fixed, T, alpha):
 
     term = losses.get("hinton", temperature=T, weight=alpha)
     assert (term.name, term.weight, term.temperature) == ("hinton", alpha, T)
-    assert term.config() == {"temperature": T, "weight": alpha}
+    assert term.config() == {"temperature": T, "standardize": False, "weight": alpha}
     value = float(term({"logits": tf.constant(s)}, {"logits": tf.constant(t)}, tf.constant(y)))
     np.testing.assert_allclose(value, soft_ref, rtol=1e-5)
 
@@ -108,7 +108,7 @@ def test_t_squared_keeps_the_soft_gradient_magnitude_across_temperatures(fixed):
 def test_available_lists_hinton_and_params_of():
     assert "hinton" in losses.available()
     assert losses.available() == sorted(losses.available())
-    assert losses.params_of("hinton") == ["temperature", "weight"]
+    assert losses.params_of("hinton") == ["temperature", "standardize", "weight"]
     term = losses.get("hinton")
     assert (term.temperature, term.weight) == (4.0, 1.0)
 

@@ -1,4 +1,4 @@
-"""The ``dkd`` and ``virtual_teacher`` terms, checked against float64 NumPy maths."""
+"""The ``dkd`` and ``virtual_teacher`` terms and logit standardization, checked against float64 NumPy maths."""
 import numpy as np
 import pytest
 
@@ -262,16 +262,62 @@ def test_terms_accept_float16_logits(fixed, name):
     np.testing.assert_allclose(value.numpy(), ref.numpy(), rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------- logit standardization
+
+def _np_standardized(z):
+    """Sun et al. (2024): per example, (z − mean) / (sample std + 1e-7), in float64."""
+    z = np.asarray(z, np.float64)
+    return (z - z.mean(-1, keepdims=True)) / (z.std(-1, ddof=1, keepdims=True) + 1e-7)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+def test_standardized_hinton_and_dkd_match_numpy(fixed, T):
+    s, t, y = fixed
+    zs, zt = _np_standardized(s), _np_standardized(t)
+    hinton = losses.get("hinton", temperature=T, standardize=True)
+    got = hinton.per_sample(*_dicts(s, t), y).numpy()
+    ref = T * T * np_kl(zt, zs, T)
+    assert ref.mean() > 50 * F32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=T * T * F32)
+
+    dkd = losses.get("dkd", alpha=1.0, beta=8.0, temperature=T, warmup_epochs=0.0, standardize=True)
+    tckd, nckd = _np_dkd_parts(zt, zs, y, T)
+    np.testing.assert_allclose(dkd.per_sample(*_dicts(s, t), y).numpy(), (tckd + 8.0 * nckd) * T * T,
+                               rtol=1e-5, atol=9 * T * T * F32)
+
+
+def test_standardization_ignores_the_logits_scale_and_shift(fixed):
+    # the point of it: a teacher whose logits are 5× wider and shifted teaches the same distribution shape
+    s, t, y = fixed
+    for name, params in (("hinton", {}), ("dkd", {"warmup_epochs": 0.0})):
+        on, off = losses.get(name, standardize=True, **params), losses.get(name, **params)
+        moved = 5.0 * t - 3.0
+        np.testing.assert_allclose(on.per_sample(*_dicts(s, moved), y).numpy(),
+                                   on.per_sample(*_dicts(s, t), y).numpy(), rtol=1e-4, atol=1e-5)
+        assert not np.allclose(off.per_sample(*_dicts(s, moved), y).numpy(), off.per_sample(*_dicts(s, t), y).numpy(),
+                               rtol=1e-2)
+
+
+def test_standardization_of_equal_logits_is_zero_with_a_finite_gradient():
+    z = tf.Variable(np.full((2, K), 3.0, np.float32))
+    with tf.GradientTape() as tape:
+        value = losses.get("hinton", standardize=True)({"logits": z}, {"logits": tf.constant(np.eye(K)[:2] * 4.0)},
+                                                      None)
+    grad = tape.gradient(value, z).numpy()
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad)) and np.any(grad != 0)
+
+
 # ----------------------------------------------------------------------------------------- registry
 
 def test_registry_builds_both_terms_with_their_defaults():
     assert {"dkd", "virtual_teacher"} <= set(losses.available())
-    assert losses.params_of("dkd") == ["alpha", "beta", "temperature", "warmup_epochs", "weight"]
+    assert losses.params_of("dkd") == ["alpha", "beta", "temperature", "warmup_epochs", "standardize", "weight"]
     assert losses.params_of("virtual_teacher") == ["correct_prob", "temperature", "weight"]
 
     dkd = losses.get("dkd")
     assert (dkd.name, dkd.needs_teacher, dkd.has_per_sample) == ("dkd", True, True)
-    assert dkd.config() == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 1.0, "weight": 1.0}
+    assert dkd.config() == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 1.0,
+                            "standardize": False, "weight": 1.0}
 
     vt = losses.get("virtual_teacher", weight=0.5)
     assert (vt.name, vt.has_per_sample) == ("virtual_teacher", True)
@@ -288,6 +334,8 @@ def test_registry_builds_both_terms_with_their_defaults():
     ("dkd", {"alpha": "big"}, ["alpha", "big"]),
     ("dkd", {"gamma": 1.0}, ["gamma", "alpha", "beta", "warmup_epochs"]),
     ("dkd", {"weight": -1}, ["weight", "-1"]),
+    ("dkd", {"standardize": "yes"}, ["standardize", "true or false", "'yes'"]),
+    ("hinton", {"standardize": 1}, ["standardize", "true or false", "1"]),
     ("virtual_teacher", {"correct_prob": 0}, ["correct_prob", "(0, 1)", "0"]),
     ("virtual_teacher", {"correct_prob": 1.0}, ["correct_prob", "(0, 1)", "1.0"]),
     ("virtual_teacher", {"correct_prob": 1.5}, ["correct_prob", "1.5"]),
