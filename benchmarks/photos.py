@@ -16,7 +16,7 @@ size: resize 160, crop 128) and upsampled to 96×96 by the recipe's ``data.image
 
 Writes ``benchmarks/results/photos.json`` and prints a table (test split; validation beside it).
 
-    python benchmarks/photos.py                     # the README's figures (about 50 min on 2 cores)
+    python benchmarks/photos.py                     # the figures in docs/benchmarks.md (about 50 min on 2 cores)
     python benchmarks/photos.py --train 600 --test 200 --pretrain-epochs 1 --seeds 0 --set distill.epochs=1 \\
         --set prune.epochs=1 --set qat.epochs=1 --bit-scale 0.02 --out /tmp/quick        # a smoke run
 """

@@ -10,7 +10,7 @@ recipe: its stages have the default run's fingerprints); where the search did no
 end, its seed-0 figures come from ``benchmarks/results/default_gain.json``. Writes
 ``benchmarks/results/search.json`` and prints a markdown table.
 
-    python benchmarks/search.py                      # the README's figures (about 45 min on 2 cores)
+    python benchmarks/search.py                      # the figures in docs/benchmarks.md (about 45 min on 2 cores)
     python benchmarks/search.py --set search.widths=[0.5] --set search.sparsity=[0.5] --set distill.epochs=1 \
         --set prune.epochs=1 --set qat.epochs=1 --out /tmp/quick   # a smoke run
 """
