@@ -98,7 +98,7 @@ def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.co
     ``store`` and ``data``: a stage store shared with other runs (``pipelines.runner``) and the recipe's data,
     already loaded; ``records`` (a list) receives the runner's record of each stage (ran, skipped or shared).
     """
-    from edge_kd.report.report import chance_warnings, markdown_table
+    from edge_kd.report.report import chance_warnings, markdown_table, summary_lines
 
     stream = stream or sys.stdout
     ctx = Context(recipe, Path(out) / recipe.run_name(), command, data=data)
@@ -112,6 +112,8 @@ def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.co
     print(f"report: {ctx.run_dir / 'report.md'}  (results: {ctx.run_dir / 'results.json'})", file=stream, flush=True)
     results = json.loads((ctx.run_dir / "results.json").read_text())
     print(markdown_table(results), file=stream, flush=True)
+    for line in summary_lines(results):  # the report's answer, last on the terminal where it is seen
+        print(line.replace("**", "").replace("`", ""), file=stream, flush=True)
     for i, line in enumerate(chance_warnings(results)):
         print(f"warning: {line}" if i == 0 else f"  - {line}", file=stream, flush=True)
     return ctx.run_dir

@@ -91,7 +91,10 @@ def report_markdown(results: dict) -> str:
     warnings = chance_warnings(results)
     if warnings:
         out += ["", *(f"> **Warning: {line}**" if i == 0 else f"> - {line}" for i, line in enumerate(warnings))]
-    out += ["", markdown_table(results)]
+    short = summary_lines(results)
+    if short:
+        out += ["", "## In short", "", *short]
+    out += ["", "## Every model", "", markdown_table(results)]
     out += _distillation_lines(results)
     for stage, summary in (results.get("stage_summaries") or {}).items():
         if (summary or {}).get("float_note"):
@@ -161,17 +164,56 @@ def report_markdown(results: dict) -> str:
     return "\n".join(out)
 
 
-def _distillation_lines(results: dict) -> list:
-    """Returns the lines comparing the distilled student with the same student trained without a teacher."""
+def summary_lines(results: dict) -> list[str]:
+    """The report's answer first: the file to ship (the bundle's) with its bytes, accuracy, latency and oldest
+    runtime; its gap to the teacher; what distillation changed against the same student alone. [] without a
+    bundle."""
+    b = results.get("bundle") or {}
+    rows = {m.name: m for m in _rows(results)}
+    ship = rows.get(b.get("model"))
+    if ship is None:
+        return []
+    threads = _plot_threads(results)
+    lat = (_latency(ship, threads) or {}).get("median_ms")
+    runtime = ship.min_runtime or b.get("min_runtime")
+    lines = [f"- **Ship `{b.get('path', 'bundle')}/{ship.name}.tflite`**: {_int(ship.size_bytes)} bytes, "
+             f"{_pct(ship.accuracy)} % top-1 on the test set"
+             + (f", {lat:.3f} ms a batch-1 inference at {threads} thread(s) (median)" if _num(lat) else "")
+             + (f", loads on TFLite / LiteRT {runtime} or later" if runtime else "") + "."]
+    teacher = next((m for m in _rows(results) if m.role == "teacher" and m.format == "tflite"), None) or \
+        next((m for m in _rows(results) if m.role == "teacher"), None)
+    if teacher is not None and _num(teacher.accuracy) and _num(ship.accuracy):
+        size = (f", at {100 * ship.size_bytes / teacher.size_bytes:.1f} % of its {_int(teacher.size_bytes)} bytes"
+                if _num(ship.size_bytes) and _num(teacher.size_bytes) and teacher.size_bytes else "")
+        lines.append(f"- Against the teacher ({teacher.name}, {_pct(teacher.accuracy)} %): "
+                     f"{100 * (ship.accuracy - teacher.accuracy):+.2f} pp{size}.")
+    gain = _distillation_difference(results)
+    if gain:
+        lines.append(f"- Distillation: {gain}.")
+    return lines
+
+
+def _distillation_difference(results: dict) -> str | None:
+    """The distilled student's accuracy against the same student trained alone, said for what one run can show;
+    None without both."""
     by_role = {m.role: m for m in _rows(results) if m.format == "keras"}
     if "student" not in by_role or "baseline" not in by_role:
-        return []
+        return None
     s, b = by_role["student"].accuracy, by_role["baseline"].accuracy
+    return (f"the distilled student scores {_pct(s)} % against {_pct(b)} % for the same student trained without "
+            f"distillation (same augmentation, epochs and initial weights): {100 * (s - b):+.2f} pp in this run. "
+            "One run is one seed: a difference this size can be noise, not a gain or a loss, until it holds over "
+            "seeds (`benchmarks/default_gain.py` measures the default recipe over three)")
+
+
+def _distillation_lines(results: dict) -> list:
+    """Returns the lines comparing the distilled student with the same student trained without a teacher."""
+    difference = _distillation_difference(results)
+    if difference is None:
+        return []
     d = results.get("distillation") or {}
     how = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in d.items())
-    return [f"Distillation ({how}): the distilled student scores {_pct(s)} % against {_pct(b)} % for the same "
-            f"student trained without distillation (same augmentation, epochs and initial weights): "
-            f"{100 * (s - b):+.2f} pp ({'a gain' if s > b else 'a loss' if s < b else 'no difference'}).", ""]
+    return [f"Distillation ({how}): {difference}.", ""]
 
 
 def keras3_lines(results: dict) -> list[str]:
@@ -385,25 +427,39 @@ def results_csv(results: dict) -> str:
     return buf.getvalue()
 
 
+#: a panel's cost axis is logarithmic when its largest value is more than this many times its smallest
+LOG_SPAN = 10.0
+
+
 def pareto_png(results: dict) -> bytes:
-    """Returns PNG bytes of accuracy vs size (log KB) and vs 1-thread latency, each with its Pareto front."""
+    """Returns PNG bytes of accuracy vs size and vs batch-1 latency, each with its Pareto front (``pareto_figure``)."""
+    fig, _ = pareto_figure(results)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def pareto_figure(results: dict):
+    """Returns (the figure, per panel the labels written as [(text, display box)]): accuracy vs size and vs batch-1
+    latency at the fewest threads timed, each with its Pareto front; the front's models and the shipped one (the
+    bundle's, ringed) named beside their points, the others numbered with a key beside the panel; an axis spanning
+    more than ``LOG_SPAN``× is logarithmic."""
     _check(results)
     # Figure + Agg canvas directly: no pyplot, so no global backend switch and no GUI.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    fig = Figure(figsize=(11, 10), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_size, ax_lat = fig.subplots(1, 2)
-
+    ax_size, ax_lat = fig.subplots(2, 1)
+    shipped = (results.get("bundle") or {}).get("model")
     size_points, lat_points = _plot_points(results)
-    _panel(ax_size, size_points, "size (KB, log scale)", log=True)
-    _panel(ax_lat, lat_points, "latency, batch 1, 1 thread (ms, median over rounds)", log=False)
+    labels = [_panel(ax_size, size_points, "size (KB)", shipped),
+              _panel(ax_lat, lat_points, f"latency, batch 1, {_plot_threads(results)} thread(s) (ms, median over rounds)",
+                     shipped)]
     fig.suptitle(f"edge-kd: {results.get('run', '')}")
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+    fig.draw_without_rendering()  # lays the figure out, so that the labels are placed where they will be drawn
+    return fig, [_place_labels(ax, items) for ax, items in zip((ax_size, ax_lat), labels)]
 
 
 #: the most layer names layer_error.png writes under its x axis
@@ -447,13 +503,21 @@ def layer_error_png(results: dict) -> bytes:
 
 
 def _plot_points(results):
-    """(size KB, accuracy %, model) and (1-thread median ms, accuracy %, model) for the rows that have them."""
+    """(size KB, accuracy %, model) and (median ms at the fewest threads timed, accuracy %, model) for the rows that
+    have them."""
     size_points = [(m.size_bytes / KB, m.accuracy * 100, m) for m in _rows(results)
                    if _num(m.size_bytes) and _num(m.accuracy)]
+    threads = _plot_threads(results)
     # keras rows carry no latency, so they drop out of the latency panel here.
-    lat_points = [(_latency(m, 1)["median_ms"], m.accuracy * 100, m) for m in _rows(results)
-                  if _latency(m, 1) and _num(_latency(m, 1).get("median_ms")) and _num(m.accuracy)]
+    lat_points = [(_latency(m, threads)["median_ms"], m.accuracy * 100, m) for m in _rows(results)
+                  if _latency(m, threads) and _num(_latency(m, threads).get("median_ms")) and _num(m.accuracy)]
     return size_points, lat_points
+
+
+def _plot_threads(results) -> int:
+    """The fewest threads the benchmark timed at (1 unless the run timed at more only)."""
+    counts = [int(t) for t in _threads(results) if t.isdigit()]
+    return min(counts) if counts else 1
 
 
 def pareto_front(points):
@@ -466,15 +530,22 @@ def pareto_front(points):
     return front
 
 
-def _panel(ax, points, xlabel, log):
-    ax.set_xlabel(xlabel)
+def _panel(ax, points, xlabel, shipped):
+    """Draws ``points`` (cost, accuracy %, row) on ``ax`` with their Pareto front and a key; returns the labels to
+    place once the figure is laid out: (x, y, text, bold) for the front's points and the shipped one."""
+    from matplotlib.lines import Line2D
+
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     if not points:
+        ax.set_xlabel(xlabel)
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        return
+        return []
+    costs = [p[0] for p in points if p[0] > 0]
+    log = bool(costs) and max(costs) > LOG_SPAN * min(costs)
     if log:
         ax.set_xscale("log")
+    ax.set_xlabel(xlabel + (", log scale" if log else ""))
     for role in _ROLE_COLOURS:
         for fmt in _FORMAT_MARKERS:
             sel = [p for p in points if p[2].role == role and p[2].format == fmt]
@@ -484,14 +555,71 @@ def _panel(ax, points, xlabel, log):
     others = [p for p in points if p[2].role not in _ROLE_COLOURS or p[2].format not in _FORMAT_MARKERS]
     if others:
         ax.scatter([p[0] for p in others], [p[1] for p in others], c="tab:green", s=40, zorder=3, label="other")
-    # Variants of one model often sit almost on top of each other; alternating the label side keeps them legible.
-    for k, (x, y, m) in enumerate(sorted(points, key=lambda p: (p[0], p[1]))):
-        ax.annotate(str(m.name), (x, y), textcoords="offset points", xytext=(5, 5 if k % 2 == 0 else -12),
-                    fontsize=8)
     front = pareto_front(points)
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", alpha=0.6,
             linewidth=1.2, zorder=2, label="Pareto front")
-    ax.legend(fontsize=8, loc="lower right")
+    ship = [p for p in points if p[2].name == shipped]
+    if ship:
+        ax.scatter([p[0] for p in ship], [p[1] for p in ship], s=220, facecolors="none", edgecolors="black",
+                   linewidths=1.8, zorder=4, label=f"shipped: {shipped}")
+    named = {p[2].name for p in front} | {shipped}
+    keyed = sorted((p for p in points if p[2].name not in named), key=lambda p: (-p[1], p[0]))
+    handles, texts = ax.get_legend_handles_labels()
+    for i, (_, _, m) in enumerate(keyed, 1):
+        handles.append(Line2D([], [], linestyle="none", marker=f"${i}$", color="black", markersize=7))
+        texts.append(f"{m.name} ({_pct(m.accuracy)} %)")
+    ax.legend(handles, texts, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              title="numbered: not on the front" if keyed else None, title_fontsize=7)
+    if log or any(p[0] < 1 for p in points):  # plain numbers (0.05, 100), not 5×10⁻²
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
+    return ([(x, y, m.name, m.name == shipped, 8) for x, y, m in points if m.name in named]
+            + [(x, y, str(i), False, 7) for i, (x, y, _) in enumerate(keyed, 1)])
+
+
+def _place_labels(ax, items) -> list:
+    """Writes each (x, y, text, bold, font size) beside its point, inside the axes, on the side and at the height
+    where it covers no point and no label already written (names first, highest accuracy first); returns
+    [(text, its display box)]."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform((x, y)) for x, y, *_ in items]
+    taken = [Bbox.from_extents(u - 4, v - 4, u + 4, v + 4) for u, v in dots]
+    order = sorted(range(len(items)), key=lambda i: (items[i][4] != 8, -items[i][1], items[i][0]))
+    written = []
+    for i in order:
+        x, y, text, bold, size = items[i]
+        own = taken[i]
+        choice = None
+        for dy in (0, 9, -9, 18, -18, 27, -27, 36, -36, 45, -45):
+            for dx in (6, -6):
+                label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=size,
+                                    fontweight="bold" if bold else "normal", va="center",
+                                    ha="left" if dx > 0 else "right", zorder=6,
+                                    arrowprops=dict(arrowstyle="-", linewidth=0.5, color="0.45", shrinkA=0,
+                                                    shrinkB=3) if dy else None)
+                label.update_positions(renderer)
+                box = Text.get_window_extent(label, renderer).padded(1.5)  # the text alone, not its leader line
+                fits = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                if fits and not any(box.overlaps(b) for b in taken if b is not own):
+                    choice = box
+                    break
+                label.remove()
+            if choice is not None:
+                break
+        if choice is None:  # no free place within reach: beside the point, on top of what is there
+            choice = ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 0), fontsize=size,
+                                 va="center", zorder=6).get_window_extent(renderer)
+        taken.append(choice)
+        written.append((text, choice))
+    return written
 
 
 def _check(results):

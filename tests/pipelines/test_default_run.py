@@ -119,6 +119,11 @@ def test_the_default_recipe_end_to_end_with_the_shipped_teacher(default_run):
     assert by_name["qat-int8"]["sparsity"] == pytest.approx(0.75, abs=0.01)
     assert by_name["student-fp32"]["sparsity"] < 0.05
     assert "prune.epochs=2" in (run / "recipe.yaml").read_text().splitlines()[0]
+    shipped = by_name[results["bundle"]["model"]]  # the report's answer, also the last lines on the terminal
+    assert (f"- Ship bundle/{shipped['name']}.tflite: {shipped['size_bytes']:,} bytes, "
+            f"{100 * shipped['accuracy']:.2f} % top-1 on the test set") in stdout
+    assert "- Against the teacher (teacher-fp32, " in stdout and "- Distillation: the distilled student" in stdout
+    assert (run / "bundle" / f"{shipped['name']}.tflite").is_file()
     from edge_kd.bench import litert
 
     d = np.load(ROOT / "edge_kd" / "_data" / "fashion_mnist.npz")

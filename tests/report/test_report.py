@@ -146,8 +146,16 @@ def test_stage_parity_and_distillation_sections(results):
     assert parity[2].endswith("| none |")
     md = report_markdown(results)
     assert ("the distilled student scores 98.90 % against 98.86 % for the same student trained without "
-            "distillation (same augmentation, epochs and initial weights): +0.04 pp (a gain).") in md
+            "distillation (same augmentation, epochs and initial weights): +0.04 pp in this run. One run is one seed: "
+            "a difference this size can be noise, not a gain or a loss") in md
     assert "holds **qat-int8**" in md
+    # the answer first: the bundle's file, its bytes, accuracy, latency and runtime, the gap to the teacher
+    short = md[md.index("## In short"):md.index("## Every model")]
+    assert "**Ship `bundle/qat-int8.tflite`**: 18,900 bytes, 98.80 % top-1 on the test set, 0.010 ms a batch-1 " \
+           "inference at 1 thread(s) (median)" in short
+    assert "- Against the teacher (teacher-fp32, 99.12 %): -0.32 pp, at 1.6 % of its 1,200,000 bytes." in short
+    assert "- Distillation: the distilled student scores 98.90 %" in short
+    assert md.index("## In short") < md.index("| model | role |")
 
 
 def test_latency_ties_chain_the_models_whose_iqrs_overlap_and_old_rows_still_render(results):
@@ -207,3 +215,22 @@ def test_a_model_at_chance_level_is_flagged_at_the_top_with_the_causes_the_histo
     lines = chance_warnings(results)
     assert lines[0].startswith("at chance level: teacher, student-int8 (") and "always the most frequent" in lines[0]
     assert lines[-1].startswith("the teacher itself is at chance on this data")
+
+
+def test_pareto_labels_never_cover_each_other_and_the_shipped_file_is_named(results):
+    from edge_kd.report.report import pareto_figure
+
+    # twelve variants of one student almost on one spot, as a run's fp32/fp16/dynamic/int8 files are
+    results["models"] += [_model(f"v{i}-int8", "student", "tflite", "int8", 0.9860 + 0.0001 * (i % 3), 40_000 + 50 * i,
+                                 {"1": _lat(1, 0.120 + 0.001 * i, 0.13)}) for i in range(12)]
+    results["bundle"] = {"path": "bundle", "model": "v5-int8"}
+    fig, panels = pareto_figure(results)
+    for written in panels:
+        boxes = [box for _, box in written]
+        assert all(not a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+    size_panel, lat_panel = fig.axes[:2]
+    assert size_panel.get_xscale() == "log"  # 40 KB to 1.5 MB: more than 10×
+    assert lat_panel.get_xscale() == "log"  # 0.12 to 2.5 ms
+    named = [text for text, _ in panels[0]]
+    assert {"v5-int8", "teacher-fp32"} <= set(named)  # the shipped file and the front's most accurate end
+    assert "v6-int8" not in named and len(named) == len(results["models"])  # the rest by number, every point written
