@@ -31,5 +31,5 @@ for r in (1, 2):
     print("round", r, "student weights equal:", all(np.array_equal(x, y) for x, y in zip(a, b)))
     for w in ("tfkeras", "keras3"):
         res = json.loads(open(f"$OUT/out{r}/{w}/results.json").read())
-        print(w, {m["name"]: m["accuracy"] for m in res["models"]}, "distill s:", res["stage_summaries"].get("distill", {}).get("val_accuracy"))
+        print(w, {m["name"]: m["accuracy"] for m in res["models"]}, "distill val_accuracy:", res["stage_summaries"].get("distill", {}).get("val_accuracy"))
 PY
