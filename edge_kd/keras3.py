@@ -44,8 +44,9 @@ _KERAS3_OPS = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Di
                "TrueDivide": "divide"}
 _TF_SYMBOLS = {"__operators__.add": "add", "math.add": "add", "math.subtract": "subtract",
                "math.multiply": "multiply", "math.truediv": "divide", "math.divide": "divide"}
-_TF_FUNCTIONS = {"add": "add", "subtract": "subtract", "multiply": "multiply", "divide": "truediv"}
-_KERAS3_CLASSES = {"add": "Add", "subtract": "Subtract", "multiply": "Multiply", "divide": "TrueDivide"}
+# ... and what each becomes: (the tf.math function, the keras.ops.numpy operation class)
+_ARITHMETIC = {"add": ("add", "Add"), "subtract": ("subtract", "Subtract"), "multiply": ("multiply", "Multiply"),
+               "divide": ("truediv", "TrueDivide")}
 _TF_KERAS_ACTIVATIONS = {"elu", "exponential", "gelu", "linear", "mish", "relu", "selu", "sigmoid", "softmax",
                          "softplus", "softsign", "swish", "tanh"}
 
@@ -250,10 +251,11 @@ def _twin(op, where: str, src, dst, from_keras3: bool):
         other = "tf_keras" if from_keras3 else "Keras 3"
         raise UserError(short(f"{where}: layer '{op.name}' ({kind}) has no {other} counterpart; edge-kd rebuilds "
                               "models made of the built-in keras.layers"))
-    if kind == "Activation" and op.get_config().get("activation") == "relu6" and from_keras3:
+    activation = op.get_config().get("activation") if kind == "Activation" and from_keras3 else None
+    if activation == "relu6":
         return dst.layers.ReLU(max_value=6.0, name=op.name)
-    if kind == "Activation" and op.get_config().get("activation") in _HARD_ACTIVATIONS and from_keras3:
-        return _hard_activation(dst.layers, op.name, times_x=_HARD_ACTIVATIONS[op.get_config()["activation"]])
+    if activation in _HARD_ACTIVATIONS:
+        return _hard_activation(dst.layers, op.name, times_x=_HARD_ACTIVATIONS[activation])
     config = _config(op, cls, where, from_keras3)
     try:
         return cls.from_config(config)
@@ -268,11 +270,11 @@ def _arithmetic(name: str, op_name: str, from_keras3: bool):
     if from_keras3:
         from edge_kd.keras import keras, tf
 
-        layer = keras.src.layers.core.tf_op_layer.TFOpLambda(getattr(tf.math, _TF_FUNCTIONS[name]), name=op_name)
+        layer = keras.src.layers.core.tf_op_layer.TFOpLambda(getattr(tf.math, _ARITHMETIC[name][0]), name=op_name)
     else:
         from keras.src.ops import numpy as k3_numpy
 
-        layer = getattr(k3_numpy, _KERAS3_CLASSES[name])(name=op_name.replace("/", "_"))
+        layer = getattr(k3_numpy, _ARITHMETIC[name][1])(name=op_name.replace("/", "_"))
 
     def call(*args, **kwargs):
         # a loaded tf_keras model's node may hold the operands by the tf op's argument names, and its name argument

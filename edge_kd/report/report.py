@@ -169,8 +169,8 @@ def summary_lines(results: dict) -> list[str]:
     runtime; its gap to the teacher; what distillation changed against the same student alone. [] without a
     bundle."""
     b = results.get("bundle") or {}
-    rows = {m.name: m for m in _rows(results)}
-    ship = rows.get(b.get("model"))
+    rows = _rows(results)
+    ship = next((m for m in rows if m.name == b.get("model")), None)
     if ship is None:
         return []
     threads = _plot_threads(results)
@@ -180,40 +180,45 @@ def summary_lines(results: dict) -> list[str]:
              f"{_pct(ship.accuracy)} % top-1 on the test set"
              + (f", {lat:.3f} ms a batch-1 inference at {threads} thread(s) (median)" if _num(lat) else "")
              + (f", loads on TFLite / LiteRT {runtime} or later" if runtime else "") + "."]
-    teacher = next((m for m in _rows(results) if m.role == "teacher" and m.format == "tflite"), None) or \
-        next((m for m in _rows(results) if m.role == "teacher"), None)
+    teacher = next((m for m in rows if m.role == "teacher" and m.format == "tflite"), None) or \
+        next((m for m in rows if m.role == "teacher"), None)
     if teacher is not None and _num(teacher.accuracy) and _num(ship.accuracy):
         size = (f", at {100 * ship.size_bytes / teacher.size_bytes:.1f} % of its {_int(teacher.size_bytes)} bytes"
                 if _num(ship.size_bytes) and _num(teacher.size_bytes) and teacher.size_bytes else "")
         lines.append(f"- Against the teacher ({teacher.name}, {_pct(teacher.accuracy)} %): "
                      f"{100 * (ship.accuracy - teacher.accuracy):+.2f} pp{size}.")
-    gain = _distillation_difference(results)
-    if gain:
-        lines.append(f"- Distillation: {gain}.")
+    pair = _distilled_and_alone(results)
+    if pair:
+        s, alone = pair
+        lines.append(f"- Distillation: {100 * (s - alone):+.2f} pp over the same student trained alone ({_pct(s)} % "
+                     f"against {_pct(alone)} %), in this one run: one seed, so not yet a gain or a loss (under the "
+                     "table).")
     return lines
 
 
-def _distillation_difference(results: dict) -> str | None:
-    """The distilled student's accuracy against the same student trained alone, said for what one run can show;
-    None without both."""
+def _distilled_and_alone(results: dict) -> tuple[float, float] | None:
+    """The test accuracies of the distilled student and of the same student trained without a teacher; None
+    without both."""
     by_role = {m.role: m for m in _rows(results) if m.format == "keras"}
     if "student" not in by_role or "baseline" not in by_role:
         return None
-    s, b = by_role["student"].accuracy, by_role["baseline"].accuracy
-    return (f"the distilled student scores {_pct(s)} % against {_pct(b)} % for the same student trained without "
-            f"distillation (same augmentation, epochs and initial weights): {100 * (s - b):+.2f} pp in this run. "
-            "One run is one seed: a difference this size can be noise, not a gain or a loss, until it holds over "
-            "seeds (`benchmarks/default_gain.py` measures the default recipe over three)")
+    return by_role["student"].accuracy, by_role["baseline"].accuracy
 
 
 def _distillation_lines(results: dict) -> list:
-    """Returns the lines comparing the distilled student with the same student trained without a teacher."""
-    difference = _distillation_difference(results)
-    if difference is None:
+    """Returns the lines comparing the distilled student with the same student trained without a teacher, said for
+    what one run can show."""
+    pair = _distilled_and_alone(results)
+    if pair is None:
         return []
+    s, b = pair
     d = results.get("distillation") or {}
     how = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in d.items())
-    return [f"Distillation ({how}): {difference}.", ""]
+    return [f"Distillation ({how}): the distilled student scores {_pct(s)} % against {_pct(b)} % for the same "
+            f"student trained without distillation (same augmentation, epochs and initial weights): "
+            f"{100 * (s - b):+.2f} pp in this run. One run is one seed: a difference this size can be noise, not a "
+            "gain or a loss, until it holds over seeds (`benchmarks/default_gain.py` measures the default recipe "
+            "over three).", ""]
 
 
 def keras3_lines(results: dict) -> list[str]:

@@ -95,8 +95,6 @@ def test_two_replicas_train_the_student_the_one_device_run_does(distributed):
     assert distributed["keras3_teacher_diff"] == 0  # a Keras 3 teacher distils as its tf_keras twin does
 
 
-
-
 def test_metrics_aggregate_across_replicas(distributed):
     one, two = distributed["history_one"], distributed["history_two"]
     assert set(one) == set(two) == {"loss", "student_loss", "hinton", "accuracy"}
