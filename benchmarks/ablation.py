@@ -1,6 +1,6 @@
 """Which knob matters: the default recipe's distill stage with one setting changed, against the student alone.
 
-Each variant is the default recipe (``recipes/fashion_mnist.yaml``) with ``--set`` overrides; the
+Each variant is the default recipe (``pipelines/recipes/fashion_mnist.yaml``) with ``--set`` overrides; the
 pipeline's own distill stage (or, for the "alone" rows, its baseline stage: same initial weights,
 epochs and augmentation, no teacher) trains it at each seed, and the Keras student is measured on the
 validation and the test split of Fashion-MNIST. A variant that changes the augmentation has its own
@@ -26,6 +26,7 @@ from pathlib import Path
 from edge_kd.bench import stats
 from edge_kd.fileio import write_json
 from pipelines import recipe as recipe_mod
+from pipelines import run_data
 from pipelines.context import Context
 from pipelines.stages.baseline import Baseline
 from pipelines.stages.distill import Distill
@@ -65,7 +66,7 @@ def one(variant: str, seed: int, folder: Path) -> dict:
     summary = stage.run(ctx, out)
     seconds = time.perf_counter() - start
     model = keras.models.load_model(out / stage.model_file, compile=False)
-    x, y = ctx.bundle.arrays("test")
+    x, y = run_data.load(ctx).arrays("test")
     test = stats.keras_accuracy(model, x, y, batch_size=1024)
     return {"variant": variant, "seed": seed, "val": summary["val_accuracy"], "test": test,
             "seconds": round(seconds, 1), "sets": sets}

@@ -21,8 +21,8 @@ import numpy as np
 
 import models
 from edge_kd.bench import parity, stats
-from edge_kd.compress import prune, qat
-from edge_kd.compress.config import PruneConfig, QATConfig
+from edge_kd.tfmot import prune, qat
+from edge_kd.tfmot.config import PruneConfig, QATConfig
 from edge_kd.export.tflite import convert
 from edge_kd.fileio import write_json
 from edge_kd.keras import keras

@@ -5,7 +5,7 @@ Runs the built-in default recipe (``python -m pipelines.compress`` with no argum
 and the augmentation, the same for the distilled student and its baseline), and reads from each run:
 the teacher, the distilled student, the baseline (all Keras, test split, and the distill/baseline
 validation accuracy), the final pruned PQAT int8 model through LiteRT (accuracy, bytes) and the
-run's wall time. With ``--tfmot`` it also runs, at each seed, ``recipes/fashion_mnist_tfmot_only.yaml``
+run's wall time. With ``--tfmot`` it also runs, at each seed, ``pipelines/recipes/fashion_mnist_tfmot_only.yaml``
 (the same student, augmentation, epochs, pruning and PQAT, without a teacher: what
 tensorflow-model-optimization alone gives) and compares the final int8 models. Prints a table and the
 targets of issue 11, and writes ``benchmarks/results/default_gain.json``.
@@ -87,7 +87,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "tflite_out" / "bench-default"))
     p.add_argument("--set", action="append", default=[], dest="extra",
                    help="overrides of the default recipe (key=value)")
-    p.add_argument("--tfmot", action="store_true", help="also run recipes/fashion_mnist_tfmot_only.yaml per seed")
+    p.add_argument("--tfmot", action="store_true", help="also run pipelines/recipes/fashion_mnist_tfmot_only.yaml per seed")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "default_gain.json"))
     args = p.parse_args(argv)
     rows = []

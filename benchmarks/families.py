@@ -30,6 +30,7 @@ from edge_kd.distill import Distiller, losses
 from edge_kd.fileio import write_json
 from edge_kd.keras import keras
 from pipelines import recipe as recipe_mod
+from pipelines import run_data, run_models, run_training
 from pipelines.context import Context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,23 +87,24 @@ def teachers(ctx: Context, out: Path) -> list:
     path = out / "teacher2.keras"
     if not path.exists():
         keras.utils.set_random_seed(ctx.recipe.seed)
-        model = models.build(SECOND_TEACHER["arch"], ctx.bundle.info.input_shape, ctx.bundle.info.num_classes,
-                             **SECOND_TEACHER["options"])
-        ctx.fit(Distiller(model, augment=ctx.augmenter("distill")), TEACHER_EPOCHS, ctx.recipe.training.learning_rate)
+        info = run_data.load(ctx).info
+        model = models.build(SECOND_TEACHER["arch"], info.input_shape, info.num_classes, **SECOND_TEACHER["options"])
+        run_training.fit(ctx, Distiller(model, augment=run_training.augmenter(ctx, "distill")), TEACHER_EPOCHS,
+                         ctx.recipe.training.learning_rate)
         out.mkdir(parents=True, exist_ok=True)
         model.save(path)
     second = keras.models.load_model(path, compile=False)
     second.trainable = False
-    return [ctx.teacher(), second]
+    return [run_models.teacher(ctx), second]
 
 
 def accuracy(model, ctx: Context) -> float:
-    x, y = ctx.bundle.arrays("test")
+    x, y = run_data.load(ctx).arrays("test")
     return stats.keras_accuracy(model, x, y, batch_size=1024)
 
 
 def one(method: str, ctx: Context, teacher_models: list, epochs: int) -> dict:
-    info = ctx.bundle.info
+    info = run_data.load(ctx).info
 
     def build(seed):
         keras.utils.set_random_seed(seed)
@@ -110,10 +112,10 @@ def one(method: str, ctx: Context, teacher_models: list, epochs: int) -> dict:
 
     student = build(ctx.recipe.seed)  # the same initial weights for every method at a seed
     # the recipe's augmentation for the distill stage (seeded by seed and stage: the same views for every method)
-    kw = {"augment": ctx.augmenter("distill"), "consistent": True}
+    kw = {"augment": run_training.augmenter(ctx, "distill"), "consistent": True}
     d = METHODS[method][0](student, teacher_models, lambda: build(ctx.recipe.seed + 1000), kw)
     start = time.perf_counter()
-    history = ctx.fit(d, epochs, ctx.recipe.training.learning_rate)
+    history = run_training.fit(ctx, d, epochs, ctx.recipe.training.learning_rate)
     seconds = time.perf_counter() - start
     return {"method": method, "seed": ctx.recipe.seed, "accuracy": accuracy(student, ctx),
             "val_accuracy": history["val_accuracy"][-1], "seconds_per_epoch": seconds / epochs}

@@ -8,7 +8,7 @@ size: resize 160, crop 128) and upsampled to 96×96 by the recipe's ``data.image
 1. **Pretrained weights, in-project.** Nothing here may download ImageNet weights, so EfficientNetB0 is trained
    from scratch on the seed-0 training split (validation and test images unseen) at ``--pretrain-size`` px for
    ``--pretrain-epochs`` epochs (Adam, translate and flip) and saved with ``save_weights``: the user's backbone file.
-2. **Seed 0**: ``recipes/photos_mobilenetv2.yaml`` with ``teacher.finetune: bit`` from that file
+2. **Seed 0**: ``pipelines/recipes/photos_mobilenetv2.yaml`` with ``teacher.finetune: bit`` from that file
    (``teacher.bit_scale`` shortens the rule's 500 steps for the CPU budget), the student distilled, the baseline
    (the same student alone: same data, augmentation, epochs and initial weights), pruned, PQAT, int8, LiteRT.
 3. **Seeds 1, 2**: the same recipe with seed 0's fine-tuned teacher as ``teacher.path`` (one teacher for all

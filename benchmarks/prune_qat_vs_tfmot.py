@@ -1,7 +1,7 @@
 """TFMOT alone against edge-kd: prune to 75 % + sparsity-preserving QAT, with and without distillation.
 
 Same student, same stages, epochs and seeds; the only difference is the teacher's loss in every
-stage (recipes/mnist.yaml against recipes/mnist_tfmot_only.yaml). Reports the final int8 model's
+stage (pipelines/recipes/mnist.yaml against pipelines/recipes/mnist_tfmot_only.yaml). Reports the final int8 model's
 accuracy through LiteRT on the whole test split and its gzip size, mean ± std over the seeds, and
 writes benchmarks/results/prune_qat_vs_tfmot.json.
 

@@ -12,7 +12,7 @@ from edge_kd.errors import UserError
 FOLDER = Path(__file__).parent / "_data" / "teachers"
 #: name → (file in FOLDER, the recipe that trained it)
 BUILTIN_TEACHERS = {
-    "fashion_mnist": ("fashion_mnist_resnet8w2.keras", "recipes/fashion_mnist_teacher.yaml"),
+    "fashion_mnist": ("fashion_mnist_resnet8w2.keras", "pipelines/recipes/fashion_mnist_teacher.yaml"),
 }
 PREFIX = "builtin:"
 

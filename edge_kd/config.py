@@ -4,7 +4,7 @@ A config is a pydantic model with strict types (an integer is not a float with n
 not 1, "8" is not 8) and no unknown keys. Built from Python, a bad value raises ``UserError``
 with one line naming the key, what is allowed and what was given::
 
-    >>> from edge_kd.compress.config import PruneConfig
+    >>> from edge_kd.tfmot.config import PruneConfig
     >>> PruneConfig(target_sparsity=1.5)
     Traceback (most recent call last):
     edge_kd.errors.UserError: prune.target_sparsity must be in (0, 1), got 1.5

@@ -1,6 +1,6 @@
 """python -m pipelines.compress: distil, prune, quantize, export, benchmark and report, from one recipe.
 
-With no arguments it runs the built-in recipe (recipes/fashion_mnist.yaml) on the built-in
+With no arguments it runs the built-in recipe (pipelines/recipes/fashion_mnist.yaml) on the built-in
 Fashion-MNIST: takes the teacher shipped in the package, distils a small student from it on augmented
 images (the teacher seeing each step's view), trains the same student without a teacher for
 comparison, prunes the student to 75 % while distilling, runs sparsity-preserving quantization-aware training
@@ -50,11 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     """Returns the command's argument parser; --help documents every option."""
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[1].replace("\n", " "),
                 epilog="Options other than --recipe, --set and --out are shortcuts for recipe keys (shown in "
-                       "brackets) and override the recipe. Defaults are the built-in recipe's, recipes/fashion_mnist.yaml.")
+                       "brackets) and override the recipe. Defaults are the built-in recipe's (fashion_mnist).")
     g = p.add_argument_group("recipe")
     g.add_argument("--recipe", default=None, metavar="YAML",
-                   help="the run's recipe (data, teacher, student, stages and their parameters); "
-                        "default: recipes/fashion_mnist.yaml")
+                   help="the run's recipe (data, teacher, student, stages and their parameters): a YAML file, or "
+                        "the name of a shipped recipe (fashion_mnist, mnist, cifar10_resnet8, ...: "
+                        "pipelines/recipes/); default: fashion_mnist")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe key, typed as in YAML, e.g. --set prune.target_sparsity=0.5 "
                         "--set distill.epochs=10 --set data.limit_train=5000 (repeatable; `stage.key` is short "
@@ -144,7 +145,8 @@ def load_recipe(args):
     r = recipe_mod.load(args.recipe)
     r = recipe_mod.apply_overrides(r, _shortcut_overrides(args) + list(args.overrides))
     if args.temperature is not None or args.alpha is not None:
-        from edge_kd.distill import alpha_weights, losses
+        from edge_kd.distill import losses
+        from edge_kd.distill.distiller import alpha_weights
 
         try:  # the option's value is checked by the rule it feeds, named as the option
             if args.temperature is not None:

@@ -1,7 +1,7 @@
 """Recipes: one YAML file describes a run; validated once, at load, into the library's own config objects.
 
 Each section is a typed config (``edge_kd.config``): ``data`` is ``edge_kd.data.DataConfig``,
-``stages.prune`` holds ``edge_kd.compress.config.PruneConfig``'s keys and rules, ``stages.cluster``
+``stages.prune`` holds ``edge_kd.tfmot.config.PruneConfig``'s keys and rules, ``stages.cluster``
 ``ClusterConfig``'s, and the stages come from ``pipelines.registry``. Loading also builds the loss
 terms, checks the model options and resolves every default that comes from elsewhere in the recipe
 (a stage's null learning rate is ``training.learning_rate``), so ``recipe.yaml`` in a run folder
@@ -9,15 +9,13 @@ holds the values the run used. A wrong key, type or value is a one-line UserErro
 what is allowed and what was given. ``--set section.key=value`` (or ``stage.key=value``)
 overrides a loaded recipe, typed by YAML like the file itself.
 
->>> r = load()                       # the built-in default recipe (recipes/fashion_mnist.yaml)
+>>> r = load()                       # the built-in default recipe (pipelines/recipes/fashion_mnist.yaml)
 >>> r = apply_overrides(r, ["prune.target_sparsity=0.5", "seed=1"])
 >>> r.stages.prune.target_sparsity
 0.5
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -28,13 +26,15 @@ from pydantic import BeforeValidator, PrivateAttr, create_model, field_validator
 from edge_kd.augment import AugmentConfig
 from edge_kd.config import Bool, Config, Field, Float, Int, Invalid, Str
 from edge_kd.data import DataConfig
+from edge_kd.distill.options import COMBINE
 from edge_kd.errors import UserError
 from edge_kd.optim import OptimizerConfig
 from pipelines import registry
 from pipelines.search.spec import SearchSpec
-from pipelines.stage import LearningRate
+from pipelines.types import LearningRate
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+#: the shipped recipes (package data: a wheel install has them); ``--recipe <name>`` runs ``<name>.yaml`` from here
+RECIPES = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "fashion_mnist.yaml"
 
 
@@ -164,7 +164,7 @@ class DistillationSpec(Config):
     extra_teachers: list[ExtraTeacher] = []
     #: one weight per teacher (teacher, then extra_teachers); default: equal
     teacher_weights: Optional[list[Annotated[Float, Field(ge=0)]]] = None
-    combine: Literal["fixed", "confidence"] = "fixed"
+    combine: Literal[COMBINE] = "fixed"
     #: mean_teacher: the EMA decay per step
     ema_decay: Annotated[Float, Field(ge=0, lt=1)] = 0.999
     #: mutual: the models trained with the student; arch defaults to the student's
@@ -314,14 +314,26 @@ def yaml_value(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def fingerprint(obj) -> str:
-    """Returns a stable sha256 of JSON-able ``obj``."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def load(path=None) -> Recipe:
-    """Returns the validated recipe at ``path`` (default: the built-in Fashion-MNIST recipe)."""
-    return from_dict(read_yaml(path or DEFAULT_RECIPE))
+    """Returns the validated recipe at ``path``, a YAML file or the name of a shipped recipe (``mnist``);
+    default: the built-in Fashion-MNIST recipe."""
+    return from_dict(read_yaml(locate(path) if path is not None else DEFAULT_RECIPE))
+
+
+def shipped() -> list[str]:
+    """Returns the names of the shipped recipes (``pipelines/recipes/<name>.yaml``)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def locate(path) -> Path:
+    """Returns the recipe file ``path`` names: the file itself or, for a name without a folder or suffix that is
+    no file here, the shipped recipe of that name; anything else is a UserError listing the shipped ones."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.suffix == "" and p.name == str(path) and (RECIPES / f"{p.name}.yaml").is_file():
+        return RECIPES / f"{p.name}.yaml"
+    raise UserError(f"recipe not found: {path} (give a YAML file, or a shipped recipe: {', '.join(shipped())})")
 
 
 def read_yaml(path) -> dict:
@@ -465,11 +477,6 @@ def _check_distillation(r: Recipe):
                             f"variables: set teacher_cache: false")
     if d.extra_teachers and (d.mode != "teacher" or r.teacher is None):
         raise UserError("distillation.extra_teachers adds to the recipe's teacher: it needs mode teacher and a teacher")
-    if d.teacher_weights is not None:
-        n = 1 + len(d.extra_teachers)
-        if len(d.teacher_weights) != n or sum(d.teacher_weights) <= 0:
-            raise UserError(f"distillation.teacher_weights must be {n} non-negative numbers with a positive sum "
-                            f"(teacher, then extra_teachers), got {d.teacher_weights!r}")
     if d.mode == "mutual":
         if not d.peers:
             raise UserError("distillation.peers must name at least one peer for mode mutual, e.g. [{arch: cnn}]")
@@ -478,7 +485,12 @@ def _check_distillation(r: Recipe):
         if d.export > len(d.peers):
             raise UserError(f"distillation.export must be 0 (the student) to {len(d.peers)} (the last peer), "
                             f"got {d.export}")
-        bad = [t.name for t in built if not t.reads_only_logits()]
-        if bad:
-            raise UserError(f"distillation.mode mutual works with terms on logits (hinton, dkd, rkd without layers, "
-                            f"virtual_teacher); {', '.join(bad)} read layers or own variables")
+    if any(r.distils(s) for s in r.stages.enabled()):  # the Distiller's own rules, said before anything trains
+        from edge_kd.distill.distiller import KnowledgeError, check_knowledge
+
+        teachers = 1 + len(d.extra_teachers) if d.mode == "teacher" and r.teacher is not None else 0
+        try:
+            check_knowledge(built, teachers, d.teacher_weights, d.combine, d.mode == "mean_teacher",
+                            len(d.peers) if d.mode == "mutual" else 0)
+        except KnowledgeError as e:
+            raise UserError(f"distillation: {e}") from None

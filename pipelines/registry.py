@@ -5,7 +5,7 @@ and one entry here, at the place in the order where it runs.
 """
 from __future__ import annotations
 
-from pipelines.stage import Stage
+from pipelines.stage import Stage, StudentStage
 from pipelines.stages import baseline, benchmark, bundle, cluster, distill, export, prune, qat, report, teacher
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -20,3 +20,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     bundle.Bundle(),
     report.Report(),
 )}
+
+
+def student_stages() -> list[str]:
+    """Returns the stages that leave a student model, in running order (distill, prune, cluster, qat)."""
+    return [name for name, stage in STAGES.items() if isinstance(stage, StudentStage)]

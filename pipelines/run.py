@@ -11,6 +11,7 @@ import yaml
 
 from edge_kd.errors import UserError
 from edge_kd.fileio import LOCK_NAME, FolderBusy, exclusive, write_text
+from pipelines import run_data, run_models
 from pipelines.context import Context
 from pipelines.recipe import Recipe
 from pipelines.runner import run_stages
@@ -83,10 +84,10 @@ def preflight(ctx: Context) -> None:
     few training images must be finite), and each enabled stage's own check (layer names, what can be pruned,
     clustered or quantized, the bundle's pick).
     """
-    ctx.bundle
+    run_data.load(ctx)
     if ctx.recipe.teacher is not None and ctx.recipe.teacher.path is not None:
-        ctx.teacher()
-    ctx.extra_teachers()
+        run_models.teacher(ctx)
+    run_models.extra_teachers(ctx)
     for name in ctx.enabled():
         ctx.stages[name].check(ctx)
 

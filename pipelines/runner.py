@@ -31,9 +31,9 @@ from pathlib import Path
 from edge_kd import interrupt
 from edge_kd.errors import UserError
 from edge_kd.fileio import clean_leftovers, sha256_file, staging_dir, swap_dir, write_json
-from pipelines import codehash
+from pipelines import codehash, run_training
 from pipelines.context import Context
-from pipelines.recipe import fingerprint
+from pipelines.fingerprint import fingerprint
 
 
 @dataclasses.dataclass
@@ -61,8 +61,8 @@ def stage_fingerprint(ctx: Context, name: str) -> str:
 
 
 def stage_modules(stage) -> list[str]:
-    """Returns the modules whose closure is a stage's code: its own module and the context every stage uses."""
-    return [type(stage).__module__, "pipelines.context"]
+    """Returns the modules whose closure is a stage's code: its own module, which imports what the stage runs."""
+    return [type(stage).__module__]
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -179,7 +179,7 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
         work = staging_dir(folder)
         start = time.perf_counter()
         try:
-            with ctx.training_scope(stage):  # training.strategy's scope, for the stages that train
+            with run_training.scope(ctx, stage):  # training.strategy's scope, for the stages that train
                 summary = stage.run(ctx, work)
             interrupt.check()  # a Ctrl-C swallowed during the stage: its result is not recorded
         except BaseException as e:

@@ -17,32 +17,12 @@ previous enabled one left (distill → prune → cluster → qat), and the expor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ClassVar, Optional
-
-from pydantic import AfterValidator
+from typing import ClassVar, Optional
 
 from edge_kd.augment import AugmentConfig
-from edge_kd.config import Bool, Config, Field, Float, Int, Invalid, Str
-
-if TYPE_CHECKING:  # only for annotations: a stage module imports no pipeline code it does not run
-    from pipelines.context import Context
-    from pipelines.recipe import Recipe
-
-def _runtime_version(v):
-    from edge_kd.bench.compat import version_key
-
-    try:
-        version_key(v)
-    except ValueError:
-        raise Invalid("", f"must be a TFLite runtime version such as 2.14 or 2.14.0, got {v!r}") from None
-    return v
-
-
-#: a TFLite runtime version, "2.14" or "2.14.0" (a model must load on it: bundle.min_runtime, search.min_runtime)
-RuntimeVersion = Annotated[Str, AfterValidator(_runtime_version)]
-Epochs = Annotated[Int, Field(ge=1)]
-#: a stage's learning rate; null means the recipe's training.learning_rate (resolved when the recipe loads)
-LearningRate = Optional[Annotated[Float, Field(gt=0)]]
+from edge_kd.config import Bool, Config
+from pipelines import run_keys
+from pipelines.types import Epochs, LearningRate
 
 
 class StageSettings(Config):
@@ -65,7 +45,7 @@ class TrainSettings(AugmentedSettings):
     distill: Bool = True
 
 
-def resolve_augment(settings: AugmentedSettings, recipe: "Recipe") -> list[str]:
+def resolve_augment(settings: AugmentedSettings, recipe) -> list[str]:
     """Sets a stage's ``augment`` to the recipe's, with the keys the stage gave replaced; returns ``["augment"]``."""
     own = {} if settings.augment is None else settings.augment.model_dump(include=settings.augment.model_fields_set)
     settings.augment = AugmentConfig(**{**recipe.augment.model_dump(), **own})
@@ -99,40 +79,40 @@ class Stage:
     #: (``pipelines.runner``) may share it
     shareable: ClassVar[bool] = True
 
-    def title(self, recipe: "Recipe") -> str:
+    def title(self, recipe) -> str:
         """Returns what the stage does, in a few words, for its progress line."""
         return self.name
 
-    def resolve(self, settings: StageSettings, recipe: "Recipe") -> list[str]:
+    def resolve(self, settings: StageSettings, recipe) -> list[str]:
         """Fills in, when the recipe loads, the settings whose default comes from elsewhere in the recipe.
 
         Returns the keys it filled, so that a later ``--set`` of what they come from reaches them too.
         """
         return []
 
-    def reads(self, ctx: "Context") -> list[str]:
+    def reads(self, ctx) -> list[str]:
         """Returns the enabled stages whose files this stage reads (their changes rerun it)."""
         return []
 
-    def key(self, ctx: "Context") -> dict:
+    def key(self, ctx) -> dict:
         """Returns the parts of the recipe (beyond its own settings) that its result depends on."""
         return {}
 
-    def check(self, ctx: "Context") -> None:
+    def check(self, ctx) -> None:
         """Raises the UserError a run would meet in this stage, before any stage trains (default: none)."""
 
-    def run(self, ctx: "Context", out: Path) -> dict:  # pragma: no cover - abstract
+    def run(self, ctx, out: Path) -> dict:  # pragma: no cover - abstract
         """Writes the stage's files into the empty folder ``out``; returns a small summary for the manifest."""
         raise NotImplementedError
 
-    def weights_stage(self, ctx: "Context") -> str:
+    def weights_stage(self, ctx) -> str:
         """Returns the stage whose model holds this stage's weights (to count parameters and MACs): itself."""
         return self.name
 
-    def publish(self, ctx: "Context") -> None:
+    def publish(self, ctx) -> None:
         """Runs after every run that has this stage, finished now or earlier (the report copies its files up)."""
 
-    def load(self, ctx: "Context"):
+    def load(self, ctx):
         """Returns the Keras model this stage saved."""
         from edge_kd.keras import keras
 
@@ -152,7 +132,7 @@ class StudentStage(Stage):
     #: False for the first stage of the chain, which starts from a fresh student
     refines: ClassVar[bool] = True
 
-    def export_variants(self, recipe: "Recipe") -> list[str]:
+    def export_variants(self, recipe) -> list[str]:
         """Returns the TFLite variants the export stage makes of this stage's student."""
         return list(recipe.stages.export.variants)
 
@@ -165,7 +145,8 @@ class StudentStage(Stage):
         return deps
 
     def key(self, ctx):
-        return {**ctx.training_key(), **(ctx.distillation_key() if ctx.recipe.distils(self.name) else {})}
+        distils = ctx.recipe.distils(self.name)
+        return {**run_keys.training_key(ctx), **(run_keys.distillation_key(ctx) if distils else {})}
 
     def resolve(self, settings, recipe):
         derived = resolve_augment(settings, recipe)

@@ -3,7 +3,7 @@
 This is how the teacher shipped inside the package was made; any user can make their own the same way
 and pass it to a run with ``--teacher`` (or ``teacher.path``)::
 
-    python scripts/train_teacher.py --recipe recipes/fashion_mnist_teacher.yaml \\
+    python scripts/train_teacher.py --recipe fashion_mnist_teacher \\
         --out edge_kd/_data/teachers/fashion_mnist_resnet8w2.keras
 
 It writes the model atomically, its training history and test accuracy beside it as ``<out>.json``
@@ -39,6 +39,7 @@ def _train(args) -> int:
     from edge_kd.bench import stats
     from edge_kd.fileio import atomic_path, write_json
     from pipelines import recipe as recipe_mod
+    from pipelines import run_data
     from pipelines.context import Context
     from pipelines.stages.teacher import Teacher
 
@@ -60,9 +61,10 @@ def _train(args) -> int:
         from edge_kd.keras import keras
 
         model = keras.models.load_model(folder / stage.model_file, compile=False)
+        data = run_data.load(ctx)
         correct = sum(int((model.predict(x, batch_size=1024, verbose=0).argmax(-1) == y).sum())
-                      for x, y in ctx.bundle.batches("test", ctx.bundle.chunk(most=10240)))
-        accuracy = correct / ctx.bundle.count("test")
+                      for x, y in data.batches("test", data.chunk(most=10240)))
+        accuracy = correct / data.count("test")
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as dst:
             shutil.copyfile(folder / stage.model_file, dst)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from edge_kd import bit
+from pipelines import run_models
 
 
 @pytest.mark.parametrize("images, branch, supports, mixup", [
@@ -76,9 +77,9 @@ def test_the_teacher_stage_builds_the_backbone_at_the_crop_with_its_weights_and_
         f"data.source={tmp_path / 'd.npz'}", "data.image_size=[48,48]", "teacher.path=null", "teacher.finetune=bit",
         "teacher.backbone=mobilenet_v2", "teacher.options={alpha: 0.35}", f"teacher.weights={tmp_path / 'backbone.h5'}"])
     ctx = Context(r, tmp_path / "out", command="test")
-    rule = ctx.bit_rule()
+    rule = run_models.bit_rule(ctx)
     assert rule.resolution == (160, 128)  # from the source's 32×32, not the 48×48 it is resized to
-    net = ctx.build_teacher((128, 128, 3))
+    net = run_models.build_teacher(ctx, (128, 128, 3))
     assert net.input_shape == (None, 128, 128, 3) and net.output_shape == (None, 3)
     head = net.get_layer("logits").get_weights()
     assert all(not w.any() for w in head)  # the new head starts at zero

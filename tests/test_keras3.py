@@ -147,19 +147,21 @@ def test_the_command_distils_a_keras3_student_file_from_a_keras3_teacher_file_th
 
 def test_the_student_file_becomes_the_student_with_its_weights_and_logits(keras3_teacher, mnist, tmp_path):
     from pipelines import recipe as recipe_mod
+    from pipelines import run_models
     from pipelines.context import Context
 
     model, keras_file, _ = keras3_teacher  # a trained Keras 3 model as the student's starting point
     (x, _), _, _ = mnist
     r = recipe_mod.apply_overrides(recipe_mod.load(), ["data.source=mnist", "data.limit_train=300",
                                                        f"student.path={keras_file}"])
-    student = Context(r, tmp_path / "run", "test").build_student()
+    student = run_models.build_student(Context(r, tmp_path / "run", "test"))
     assert isinstance(student, tfk.Model)
     logits = student.predict(x[:32], verbose=0)  # the softmax head is cut: the Distiller works on logits
     np.testing.assert_allclose(tfk.activations.softmax(tfk.backend.constant(logits)).numpy(),
                                model.predict(x[:32], verbose=0), atol=1e-5)
     with pytest.raises(UserError, match=r"takes \(28, 28, 1\) and predicts 10 classes; the data has \(32, 32, 1\)"):
-        Context(recipe_mod.apply_overrides(r, ["data.image_size=[32, 32]"]), tmp_path / "r2", "test").build_student()
+        run_models.build_student(Context(recipe_mod.apply_overrides(r, ["data.image_size=[32, 32]"]), tmp_path / "r2",
+                                         "test"))
 
 
 def test_naming_a_model_on_the_command_line_replaces_the_recipes_choice_whole():

@@ -4,8 +4,8 @@ import pytest
 
 import models
 from edge_kd.bench.litert import TFLiteModel
-from edge_kd.compress import prune, qat
-from edge_kd.compress.config import PruneConfig, QATConfig
+from edge_kd.tfmot import prune, qat
+from edge_kd.tfmot.config import PruneConfig, QATConfig
 from edge_kd.errors import UserError
 from edge_kd.export.tflite import convert
 from edge_kd.keras import keras

@@ -140,7 +140,8 @@ def latency_rounds(paths: dict, sample, threads, rounds: int = 10, round_seconds
     first. Then ``rounds`` times, each model in turn (A B C … A B C …) runs back-to-back ``invoke()``
     calls for ``round_seconds`` (and at least ``min_runs_per_round``); the round's figure is the
     median of its calls. A slow spell of the machine thus lands on every model alike instead of on
-    whichever was measured then. Stats per model: ``median_ms`` over rounds, ``q1_ms``/``q3_ms``
+    whichever was measured then. Stats per model (``edge_kd.bench.results.LATENCY_FIELDS`` and
+    ``threads``): ``median_ms`` over rounds, ``q1_ms``/``q3_ms``
     (its IQR), ``min_ms``/``max_ms`` of the round figures, ``rounds``, ``runs`` (all timed calls),
     ``init_ms`` (interpreter creation and allocation) and ``first_ms`` (the first invoke).
 

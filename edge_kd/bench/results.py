@@ -16,6 +16,11 @@ from typing import Optional
 
 ROLES = ("teacher", "student", "baseline")
 FORMATS = ("keras", "tflite")
+#: the figures a latency measurement quotes: the median over rounds and its interquartile range
+LATENCY_SUMMARY = ("median_ms", "q1_ms", "q3_ms")
+#: the fields of one latency measurement, per thread count in ``ModelRow.latency``
+#: (``edge_kd.bench.litert.latency_rounds`` makes them, and repeats the thread count as ``threads``)
+LATENCY_FIELDS = (*LATENCY_SUMMARY, "min_ms", "max_ms", "init_ms", "first_ms", "rounds", "runs")
 
 
 @dataclasses.dataclass
@@ -36,7 +41,7 @@ class ModelRow:
     input_offset: float
     stage: Optional[str] = None  # the stage whose model this is
     sparsity: Optional[float] = None  # exact zeros in the conv/dense kernels of the .tflite
-    latency: Optional[dict] = None  # {threads: {median_ms, q1_ms, q3_ms, ...}} for .tflite rows (interleaved rounds)
+    latency: Optional[dict] = None  # {threads: {LATENCY_FIELDS}} for .tflite rows (interleaved rounds)
     parity: Optional[dict] = None  # the .tflite against its Keras model
     ops: Optional[dict] = None  # the .tflite's ops and XNNPACK fallbacks
     sparsity_layers: Optional[dict] = None  # {Keras layer: sparsity} of the .tflite's kernels

@@ -16,6 +16,8 @@ import numpy as np
 
 from edge_kd.errors import UserError
 
+KB = 1024  # bytes in the KB that file sizes are reported in (the report, the search's size limit)
+
 # Ops whose inputs[1] is the weight tensor (TRANSPOSE_CONV's inputs are output_shape, weights, input).
 _WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_3D", "TRANSPOSE_CONV")
 

@@ -27,12 +27,42 @@ from typing import Sequence
 
 from edge_kd import augment as augment_mod
 from edge_kd import keras3
-from edge_kd.distill import losses
 from edge_kd.distill import taps as taps_mod
+from edge_kd.distill.options import COMBINE
 from edge_kd.distill.registry import LossTerm, check_range
+from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
 
-COMBINE = ("fixed", "confidence")
+
+class KnowledgeError(UserError, ValueError):
+    """Terms and sources of knowledge that do not fit together (a ValueError to the Python API, a one-line
+    UserError to the pipeline, whose recipe keys are the Distiller's argument names)."""
+
+
+def check_knowledge(terms: Sequence[LossTerm], teachers: int, teacher_weights=None, combine: str = "fixed",
+                    mean_teacher: bool = False, peers: int = 0) -> None:
+    """Raises a KnowledgeError where ``terms`` cannot learn from ``teachers`` teachers (weighed by
+    ``teacher_weights`` and ``combine``), a mean teacher or ``peers`` peers: the one place of these rules, read by
+    the Distiller and, before anything trains, by the recipe."""
+    names = [t.name for t in terms]
+    if len(set(names)) != len(names):
+        raise KnowledgeError(f"each loss term may appear once, got {names}")
+    sources = sum([teachers > 0, bool(mean_teacher), peers > 0])
+    if sources > 1:
+        raise KnowledgeError("give one source of knowledge: teacher(s), ema_decay (mean teacher) or peers (DML)")
+    if combine not in COMBINE:
+        raise KnowledgeError(f"combine must be one of {', '.join(COMBINE)}, got {combine!r}")
+    if any(t.needs_teacher for t in terms) and not sources:
+        raise KnowledgeError("distillation terms need a teacher (or ema_decay, or peers)")
+    if peers and not all(t.reads_only_logits() for t in terms):
+        raise KnowledgeError("with peers (mutual learning) only terms on logits may be used (hinton, dkd, rkd "
+                             "without layers, virtual_teacher), got "
+                             + ", ".join(t.name for t in terms if not t.reads_only_logits()))
+    if teacher_weights is not None:
+        w = [float(v) for v in teacher_weights]
+        if len(w) != teachers or any(v < 0 for v in w) or sum(w) <= 0:
+            raise KnowledgeError(f"teacher_weights must be {teachers} non-negative numbers with a positive sum "
+                                 f"(one per teacher), got {list(teacher_weights)!r}")
 
 
 class _Progress(keras.callbacks.Callback):
@@ -104,19 +134,11 @@ class Distiller(keras.Model):
                  augment=None, consistent: bool = True, label_smoothing: float = 0.0, **kwargs):
         super().__init__(name=kwargs.pop("name", "distiller"), **kwargs)
         names = [t.name for t in terms]
-        if len(set(names)) != len(names):
-            raise ValueError(f"each loss term may appear once, got {names}")
         teachers = list(teacher) if isinstance(teacher, (list, tuple)) else ([] if teacher is None else [teacher])
+        peers = list(peers)
+        check_knowledge(terms, len(teachers), teacher_weights, combine, ema_decay is not None, len(peers))
         # a Keras 3 teacher (``import keras``) is rebuilt as its tf_keras twin, checked to give the same outputs
         teachers = [keras3.to_tf_keras(t, f"teacher '{t.name}'") if keras3.is_keras3_model(t) else t for t in teachers]
-        peers = list(peers)
-        sources = sum([bool(teachers), ema_decay is not None, bool(peers)])
-        if sources > 1:
-            raise ValueError("give one source of knowledge: teacher(s), ema_decay (mean teacher) or peers (DML)")
-        if combine not in COMBINE:
-            raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got {combine!r}")
-        if any(t.needs_teacher for t in terms) and not sources:
-            raise ValueError("distillation terms need a teacher (or ema_decay, or peers)")
         self.student = student
         self.hard_weight = float(hard_weight)
         self.augment = augment
@@ -133,13 +155,7 @@ class Distiller(keras.Model):
         for t in self.teachers:
             t.trainable = False
         self.peers = peers
-        if peers and not all(t.reads_only_logits() for t in self.terms):
-            raise ValueError("with peers (mutual learning) only terms on logits may be used, got "
-                             + ", ".join(t.name for t in self.terms if not t.reads_only_logits()))
         w = [1.0] * len(self.teachers) if teacher_weights is None else [float(v) for v in teacher_weights]
-        if len(w) != len(self.teachers) or any(v < 0 for v in w) or (self.teachers and sum(w) <= 0):
-            raise ValueError(f"teacher_weights must be {len(self.teachers)} non-negative numbers with a positive "
-                             f"sum, got {teacher_weights!r}")
         self.teacher_weights = [v / sum(w) for v in w] if self.teachers else []
 
         s_taps = list(dict.fromkeys(n for t in self.terms for n in t.student_taps()))
@@ -486,7 +502,7 @@ def _float32(outputs: dict) -> dict:
 
 def _copy_of(model: keras.Model) -> keras.Model:
     """Returns an independent copy of ``model`` with its weights (tfmot wrappers included), for a mean teacher."""
-    from edge_kd.compress import common, qat
+    from edge_kd.tfmot import common, qat
 
     with qat.scope(common.custom_objects(model)):
         copy = common.clone_with(model)  # rebuilds every layer holding a copy of its weights
@@ -494,13 +510,6 @@ def _copy_of(model: keras.Model) -> keras.Model:
         raise ValueError(f"the mean teacher's copy of '{model.name}' has {len(copy.weights)} weights, the "
                          f"student {len(model.weights)}")
     return copy
-
-
-def hinton(student: keras.Model, teacher: keras.Model, alpha: float = 0.9, temperature: float = 4.0) -> Distiller:
-    """Returns a Distiller with loss ``(1 - alpha) · CE + alpha · T² · KL(softmax(t/T) ‖ softmax(s/T))``."""
-    hard, soft = alpha_weights(alpha)
-    term = losses.get("hinton", temperature=temperature, weight=soft)
-    return Distiller(student, teacher, terms=[term], hard_weight=hard)
 
 
 def alpha_weights(alpha: float) -> tuple[float, float]:

@@ -212,3 +212,11 @@ class VirtualTeacher(LossTerm):
     def per_sample(self, student, teacher, y):
         logits = student["logits"]
         return (self.temperature ** 2) * soft_kl(self.log_probs(logits, y), logits, self.temperature)
+
+
+def hinton(student, teacher, alpha: float = 0.9, temperature: float = 4.0):
+    """Returns a Distiller with loss ``(1 - alpha) · CE + alpha · T² · KL(softmax(t/T) ‖ softmax(s/T))``."""
+    from edge_kd.distill.distiller import Distiller, alpha_weights
+
+    hard, soft = alpha_weights(alpha)
+    return Distiller(student, teacher, terms=[Hinton(temperature=temperature, weight=soft)], hard_weight=hard)

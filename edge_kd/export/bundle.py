@@ -4,7 +4,8 @@ A bundle holds the ``.tflite`` file, ``labels.txt``, ``manifest.json`` (everythi
 the model: shapes, dtypes, the raw pixel → input mapping and the tensors' quantization, read from
 the model itself), ``golden/`` test vectors (real images and the outputs LiteRT gives for them,
 fed exactly as the manifest says) and a ``README.md`` with Kotlin and Swift snippets carrying this
-model's numbers. ``python -m pipelines.verify BUNDLE`` checks a bundle against itself.
+model's numbers (written from the templates in ``templates/``). ``python -m pipelines.verify BUNDLE``
+checks a bundle against itself.
 
 Example::
 
@@ -23,18 +24,20 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import re
 import shutil
+import string
 from pathlib import Path
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from edge_kd.bench.compat import runtime as compat_runtime
-from edge_kd.bench.results import ModelRow, rows_of
+from edge_kd.bench.results import LATENCY_SUMMARY, ModelRow, rows_of
 from edge_kd.errors import UserError
 from edge_kd.fileio import sha256_file, staging_dir, swap_dir, umask
 
@@ -46,7 +49,8 @@ GOLDEN_OUTPUTS = "golden/expected_outputs.npy"
 FLOAT_ATOL = 1e-5  # float golden outputs must reproduce within this; integer ones bit-exactly
 CHANNEL_ORDERS = {"grayscale": 1, "RGB": 3}
 IO_DTYPES = ("float32", "int8")  # the tensor types the snippets and golden vectors are written for
-LATENCY_KEYS = ("median_ms", "q1_ms", "q3_ms")  # per thread count in measured["latency_ms"]
+# per thread count in measured["latency_ms"]: the summary an app developer reads, not the rounds' diagnostics
+LATENCY_KEYS = LATENCY_SUMMARY
 # what write_bundle's ``measured`` must hold (measured_from adds the peak memory and its method)
 MEASURED_KEYS = ("name", "accuracy", "latency_ms", "size_bytes", "gzip_bytes", "sparsity")
 
@@ -57,11 +61,14 @@ def pick(models: list[ModelRow], tolerance_pp: float = 0.5, name: str | None = N
     """Returns the results row to bundle: ``name``'s, else the smallest integer student within tolerance.
 
     The default is the smallest (``size_bytes``) student ``.tflite`` of an integer variant (int8,
-    int8_mixed, int16x8) whose accuracy lies within ``tolerance_pp`` percentage points of the most
-    accurate student ``.tflite``; where no integer one does, the smallest student ``.tflite`` of any
-    variant within that tolerance. With ``min_runtime`` ("2.14"), only files that load on that
-    TFLite runtime (their own ``min_runtime_version``) are candidates, and the tolerance is counted
-    from the best of those. int16x8 files count as integer, though XNNPACK does not run them.
+    int8_mixed, int16x8) whose validation accuracy (``val_accuracy``) lies within ``tolerance_pp``
+    percentage points of the best student ``.tflite``'s; where no integer one does, the smallest
+    student ``.tflite`` of any variant within that tolerance. The choice is made on the validation
+    split, never the test split, so the test accuracy the bundle reports stays an unbiased estimate;
+    a candidate without ``val_accuracy`` is a ValueError (the benchmark measures it when asked). With
+    ``min_runtime`` ("2.14"), only files that load on that TFLite runtime (their own
+    ``min_runtime_version``) are candidates, and the tolerance is counted from the best of those.
+    int16x8 files count as integer, though XNNPACK does not run them.
     """
     from edge_kd.bench.compat import loads_on, version_key
     from edge_kd.export.tflite import INTEGER
@@ -93,11 +100,15 @@ def pick(models: list[ModelRow], tolerance_pp: float = 0.5, name: str | None = N
     if not students:
         raise UserError("no student .tflite model in this run to bundle; "
                         f"tflite models: {', '.join(m.name for m in tflite) or 'none'}")
-    best = max(m.accuracy for m in students)
+    unmeasured = [m.name for m in students if m.val_accuracy is None]
+    if unmeasured:
+        raise ValueError(f"the bundle's default pick compares validation accuracy (val_accuracy), which was not "
+                         f"measured for {', '.join(unmeasured)}: measure it in the benchmark, or name the model")
+    best = max(m.val_accuracy for m in students)
     # 1e-9 keeps a model exactly at the tolerance edge in despite float rounding of accuracy - best.
-    close = [m for m in students if m.accuracy >= best - tolerance_pp / 100.0 - 1e-9]
+    close = [m for m in students if m.val_accuracy >= best - tolerance_pp / 100.0 - 1e-9]
     integer = [m for m in close if m.variant in INTEGER]
-    return min(integer or close, key=lambda m: (m.size_bytes, -m.accuracy, m.name))
+    return min(integer or close, key=lambda m: (m.size_bytes, -m.val_accuracy, m.name))
 
 
 def measured_from(row: ModelRow) -> dict:
@@ -318,243 +329,78 @@ def _affine_offset(lut) -> int | None:
 
 
 def _readme(m: dict) -> str:
-    name, in_shape, out_shape = m["model_file"], m["input_shape"], m["output_shape"]
-    h, w, c = in_shape[1:]
-    k = out_shape[-1]
-    stem = name.rsplit(".", 1)[0]
-    int_in, int_out = m["input_quantization"] is not None, m["output_quantization"] is not None
+    """Returns README.md's text for manifest ``m``: templates/bundle_readme.md, filled in.
+
+    The prose is all in the templates; this works out the figures and picks the parts that apply: one
+    parts file each for the channel order (``bundle_readme_grayscale.md``, ``..._rgb.md``), the input
+    dtype (``bundle_readme_int8_input.md``, ``..._float32_input.md``) and the output dtype, and the
+    phrases of ``bundle_readme_measured.md`` that the measurement has figures for.
+    """
+    h, w, c = m["input_shape"][1:]
     meas = m["measured"]
-    lat = ", ".join(f"{v['median_ms']:.3f} ms (IQR {v['q1_ms']:.3f}–{v['q3_ms']:.3f}) at {t} "
-                    f"thread{'s' if str(t) != '1' else ''}"
-                    for t, v in (meas.get("latency_ms") or {}).items()
-                    if isinstance(v, dict) and all(k in v for k in LATENCY_KEYS))
-    peak = meas.get("peak_memory_bytes")
-    acc, gz = meas.get("accuracy"), meas.get("gzip_bytes")
-    accuracy_text = f"accuracy {acc * 100:.2f} %" if isinstance(acc, (int, float)) else "accuracy not measured"
-    gzip_text = f"{gz:,}" if isinstance(gz, int) else "?"
-    pixels = ("one grey value per pixel (C = 1)" if m["channel_order"] == "grayscale"
-              else "R, G, B per pixel, in that order (C = 3)")
-    consts_kt = [f"const val INPUT_SCALE = {_f32(m['input_scale'])}f", f"const val INPUT_OFFSET = {_f32(m['input_offset'])}f"]
-    consts_sw = [f"let inputScale: Float = {_f32(m['input_scale'])}", f"let inputOffset: Float = {_f32(m['input_offset'])}"]
-    if int_in:
-        iq = m["input_quantization"]
-        consts_kt += [f"const val IN_Q_SCALE = {_f32(iq['scale'])}f", f"const val IN_ZERO_POINT = {iq['zero_point']}"]
-        consts_sw += [f"let inQScale: Float = {_f32(iq['scale'])}", f"let inZeroPoint: Float = {iq['zero_point']}"]
-    if int_out:
-        oq = m["output_quantization"]
-        consts_kt += [f"const val OUT_SCALE = {_f32(oq['scale'])}f", f"const val OUT_ZERO_POINT = {oq['zero_point']}"]
-        consts_sw += [f"let outScale: Float = {_f32(oq['scale'])}", f"let outZeroPoint: Float = {oq['zero_point']}"]
+    v = {"stem": m["model_file"].rsplit(".", 1)[0], "h": h, "w": w, "c": c, "k": m["output_shape"][-1],
+         "n_pixels": h * w, "n_values": h * w * c, "rgbx_row_bytes": w * 4, "rgbx_bytes": h * w * 4,
+         "channel_order": m["channel_order"], "version": m["edge_kd_version"], "recipe_hash": m["recipe_hash"],
+         "model_name": meas.get("name"), "model_file": m["model_file"], "model_sha256": m["model_sha256"],
+         "size_bytes": f"{m['model_size_bytes']:,}",
+         "gzip_bytes": f"{meas['gzip_bytes']:,}" if isinstance(meas.get("gzip_bytes"), int) else "?",
+         "labels_file": LABELS, "golden_inputs": GOLDEN_INPUTS, "golden_outputs": GOLDEN_OUTPUTS,
+         "golden_count": m["golden"]["count"], "float_atol": f"{FLOAT_ATOL:g}",
+         "input_dtype": m["input_dtype"], "output_dtype": m["output_dtype"],
+         "input_shape": m["input_shape"], "output_shape": m["output_shape"],
+         "input_scale": _f32(m["input_scale"]), "input_offset": _f32(m["input_offset"]),
+         "min_runtime_version": m["min_runtime_version"], "memory_method": meas.get("memory_method")}
+    iq, oq = m["input_quantization"], m["output_quantization"]
+    if iq is not None:
+        v.update(in_q_scale=_f32(iq["scale"]), in_zero_point=iq["zero_point"],
+                 in_zero_point_term=_signed(iq["zero_point"]))
+    if oq is not None:
+        v.update(out_q_scale=_f32(oq["scale"]), out_zero_point=oq["zero_point"],
+                 out_zero_point_term=_signed(-oq["zero_point"]))
+    offset = _affine_offset(m["raw_pixel_to_input"])
+    v["raw_offset_term"] = _signed(offset) if offset is not None else None
 
-    lines = [
-        f"# {stem}: a {h}×{w} {m['channel_order']} image classifier for LiteRT (TensorFlow Lite)",
-        "",
-        f"Made by edge-kd {m['edge_kd_version']} (recipe `{m['recipe_hash']}`) from model `{meas.get('name')}`. "
-        f"Measured on the test set: {accuracy_text}{', latency ' + lat if lat else ''}; "
-        f"{m['model_size_bytes']:,} bytes ({gzip_text} gzipped)"
-        + (f"; peak memory at inference {peak / 2 ** 20:.1f} MiB ({meas.get('memory_method')})" if peak else "")
-        + (f". It loads on TFLite / LiteRT {m['min_runtime_version']} or newer (the file's own "
-           "`min_runtime_version`)." if m["min_runtime_version"] else
-           ". The file does not state the oldest runtime that loads it (no `min_runtime_version`)."),
-        "",
-        "## Files",
-        "",
-        f"- `{name}` — the model. sha256 `{m['model_sha256']}`.",
-        f"- `{LABELS}` — the {k} class names, one per line; line i is output index i.",
-        "- `manifest.json` — shapes, dtypes, the preprocessing and the tensors' quantization, read from the model.",
-        f"- `{GOLDEN_INPUTS}` — {m['golden']['count']} real test images, raw uint8 pixels "
-        f"{m['golden']['count']}×{h}×{w}×{c}.",
-        f"- `{GOLDEN_OUTPUTS}` — the model's raw output tensors for them ({m['output_dtype']}, "
-        f"{m['golden']['count']}×{k}); {'they must match bit for bit' if int_out else f'they must match within {FLOAT_ATOL:g}'} "
-        "on LiteRT's CPU path. Feed the golden inputs through your app's code to check your preprocessing.",
-        "",
-        "Check the bundle on a desktop with `python -m pipelines.verify <this folder>`.",
-        "",
-        "## Input and output",
-        "",
-        f"- Input: one tensor {m['input_dtype']} `{in_shape}`, layout NHWC (rows, then columns, then channels), "
-        f"{pixels}, batch 1.",
-        f"- From a raw pixel value `raw` (0..255) to the model's float input: `x = raw * {_f32(m['input_scale'])} "
-        f"+ {_f32(m['input_offset'])}` (float32).",
-    ]
-    if int_in:
-        iq = m["input_quantization"]
-        lines.append(f"- The input is {m['input_dtype']}: `q = clamp(round_half_to_even(x / {_f32(iq['scale'])}) "
-                     f"{_signed(iq['zero_point'])}, -128, 127)` (float32 arithmetic).")
-        cst = _affine_offset(m["raw_pixel_to_input"])
-        if cst is not None:
-            lines.append(f"  For this model that is exactly `q = raw {'-' if cst < 0 else '+'} {abs(cst)}` for every "
-                         "raw value 0..255.")
-        lines.append("  `manifest.json` → `raw_pixel_to_input` lists q for each raw value 0..255.")
-    else:
-        lines.append("- The input is float32: write x itself (4 bytes, native byte order).")
-    if int_out:
-        oq = m["output_quantization"]
-        lines.append(f"- Output: {m['output_dtype']} `{out_shape}`; the score of class i is "
-                     f"`(q[i] {_signed(-oq['zero_point'])}) * {_f32(oq['scale'])}`; the class is the arg-max.")
-    else:
-        lines.append(f"- Output: float32 `{out_shape}`, one score per class; the class is the arg-max.")
+    said = _parts("bundle_readme_measured.md")
+    acc, peak = meas.get("accuracy"), meas.get("peak_memory_bytes")
+    v["accuracy_percent"] = f"{acc * 100:.2f}" if isinstance(acc, (int, float)) else None
+    v["accuracy"] = _fill(said["accuracy" if v["accuracy_percent"] else "no_accuracy"], v)
+    items = [_fill(said["latency_item"], {"median_ms": f"{t['median_ms']:.3f}", "q1_ms": f"{t['q1_ms']:.3f}",
+                                          "q3_ms": f"{t['q3_ms']:.3f}", "threads": n,
+                                          "plural_s": "s" if str(n) != "1" else ""})
+             for n, t in (meas.get("latency_ms") or {}).items()
+             if isinstance(t, dict) and all(k in t for k in LATENCY_KEYS)]
+    v["latency_items"] = ", ".join(items)
+    v["latency"] = _fill(said["latency"], v) if items else ""
+    v["peak_mib"] = f"{peak / 2 ** 20:.1f}" if peak else None
+    v["peak_memory"] = _fill(said["peak_memory"], v) if peak else ""
+    v["runtime"] = _fill(said["runtime" if m["min_runtime_version"] else "no_runtime"], v)
 
-    # -- Kotlin
-    if int_in:
-        kt_fill = [
-            f"    val input = ByteBuffer.allocateDirect({h * w * c}).order(ByteOrder.nativeOrder())",
-            "    for (raw in pixels) {",
-            "        val x = raw.toFloat() * INPUT_SCALE + INPUT_OFFSET",
-            "        val q = Math.rint((x / IN_Q_SCALE).toDouble()).toInt() + IN_ZERO_POINT  // rint: half to even",
-            "        input.put(q.coerceIn(-128, 127).toByte())",
-            "    }",
-        ]
-    else:
-        kt_fill = [
-            f"    val input = ByteBuffer.allocateDirect(4 * {h * w * c}).order(ByteOrder.nativeOrder())",
-            "    for (raw in pixels) input.putFloat(raw.toFloat() * INPUT_SCALE + INPUT_OFFSET)",
-        ]
-    if int_out:
-        kt_out = [f"    val output = Array(1) {{ ByteArray({k}) }}",
-                  "    interpreter.run(input, output)",
-                  "    val scores = output[0].map { (it - OUT_ZERO_POINT) * OUT_SCALE }"]
-    else:
-        kt_out = [f"    val output = Array(1) {{ FloatArray({k}) }}",
-                  "    interpreter.run(input, output)",
-                  "    val scores = output[0]"]
-    kt_pixels = "one grey value per pixel" if c == 1 else "R, G, B per pixel, in that order"
-    kt_take = (["        val r = (p shr 16) and 0xFF",
-                "        val g = (p shr 8) and 0xFF",
-                "        val b = p and 0xFF",
-                "        pixels[i] = (299 * r + 587 * g + 114 * b + 500) / 1000  // grey as ITU-R 601 luma"]
-               if c == 1 else
-               ["        pixels[3 * i] = (p shr 16) and 0xFF      // R",
-                "        pixels[3 * i + 1] = (p shr 8) and 0xFF   // G",
-                "        pixels[3 * i + 2] = p and 0xFF           // B  (the Bitmap's alpha is dropped)"])
-    kt_photo = [
-        f"// A photo of any size: scaled to {w}×{h} (the size the model was trained at), then {kt_pixels}.",
-        "// edge-kd resized the training images bicubic with antialiasing; createScaledBitmap with filter = true",
-        "// is bilinear: close, not bit-identical (the golden images are already at the model's size).",
-        "fun pixelsOf(photo: Bitmap): IntArray {",
-        "    // getPixels cannot read a HARDWARE bitmap (ImageDecoder's default): copy it to ARGB_8888 first",
-        "    val readable = if (photo.config == Bitmap.Config.HARDWARE) photo.copy(Bitmap.Config.ARGB_8888, false) else photo",
-        f"    val scaled = Bitmap.createScaledBitmap(readable, {w}, {h}, true)",
-        f"    val argb = IntArray({w * h})",
-        f"    scaled.getPixels(argb, 0, {w}, 0, 0, {w}, {h})  // row by row from the top, ARGB_8888",
-        f"    val pixels = IntArray({h * w * c})",
-        "    for (i in argb.indices) {",
-        "        val p = argb[i]",
-        *kt_take,
-        "    }",
-        "    return pixels",
-        "}",
-    ]
-    kotlin = [
-        "```kotlin",
-        "// build.gradle: implementation(\"com.google.ai.edge.litert:litert:1.0.1\")  (or org.tensorflow:tensorflow-lite)",
-        "// Put the model and labels.txt in src/main/assets; keep the model uncompressed: androidResources { noCompress += \"tflite\" }",
-        "import android.content.Context",
-        "import android.graphics.Bitmap",
-        "import org.tensorflow.lite.Interpreter",
-        "import java.io.FileInputStream",
-        "import java.nio.ByteBuffer",
-        "import java.nio.ByteOrder",
-        "import java.nio.channels.FileChannel",
-        "",
-        *consts_kt,
-        "",
-        "fun loadInterpreter(context: Context): Interpreter {",
-        f"    val fd = context.assets.openFd(\"{name}\")",
-        "    val model = FileInputStream(fd.fileDescriptor).channel.use {",
-        "        it.map(FileChannel.MapMode.READ_ONLY, fd.startOffset, fd.declaredLength)",
-        "    }",
-        "    return Interpreter(model, Interpreter.Options().setNumThreads(1))",
-        "}",
-        "",
-        *kt_photo,
-        "",
-        f"// pixels: {h * w * c} raw values 0..255, row by row, {kt_pixels}",
-        "fun classify(interpreter: Interpreter, pixels: IntArray): Int {",
-        *kt_fill,
-        "    input.rewind()",
-        *kt_out,
-        "    return scores.indices.maxByOrNull { scores[it] }!!  // index into labels.txt",
-        "}",
-        "```",
-    ]
+    for name in (m["channel_order"].lower(), f"{m['input_dtype']}_input", f"{m['output_dtype']}_output"):
+        v.update({part: _fill(text, v) for part, text in _parts(f"bundle_readme_{name}.md").items()})
+    if offset is None:
+        v["input_affine"] = ""  # the table is no plain shift of the raw value: only manifest.json's list says it
+    return _fill(_template("bundle_readme.md"), v)
 
-    # -- Swift
-    if int_in:
-        sw_fill = [
-            "    let input: [Int8] = pixels.map { raw in",
-            "        let x = Float(raw) * inputScale + inputOffset",
-            "        let q = (x / inQScale).rounded(.toNearestOrEven) + inZeroPoint",
-            "        return Int8(max(-128, min(127, q)))",
-            "    }",
-        ]
-    else:
-        sw_fill = ["    let input: [Float32] = pixels.map { Float($0) * inputScale + inputOffset }"]
-    if int_out:
-        sw_out = ["    let q = output.data.withUnsafeBytes { Array($0.bindMemory(to: Int8.self)) }",
-                  "    let scores = q.map { (Float($0) - outZeroPoint) * outScale }"]
-    else:
-        sw_out = ["    let scores = output.data.withUnsafeBytes { Array($0.bindMemory(to: Float32.self)) }"]
-    sw_pixels = "one grey value per pixel" if c == 1 else "R, G, B per pixel, in that order"
-    # data: nil lets the context own its pixel memory (a Swift array's pointer would not outlive the call)
-    if c == 1:
-        sw_context = [f"    let context = CGContext(data: nil, width: {w}, height: {h}, bitsPerComponent: 8, "
-                      f"bytesPerRow: {w},",
-                      "                            space: CGColorSpaceCreateDeviceGray(),",
-                      "                            bitmapInfo: CGImageAlphaInfo.none.rawValue)!"]
-        sw_take = [f"    let grey = context.data!.bindMemory(to: UInt8.self, capacity: {w * h})",
-                   f"    return Array(UnsafeBufferPointer(start: grey, count: {w * h}))  "
-                   "// the device grey space: close to, not exactly, ITU-R 601 luma"]
-    else:
-        sw_context = [f"    let context = CGContext(data: nil, width: {w}, height: {h}, bitsPerComponent: 8, "
-                      f"bytesPerRow: {w * 4},",
-                      "                            space: CGColorSpaceCreateDeviceRGB(),",
-                      "                            bitmapInfo: CGImageAlphaInfo.noneSkipLast.rawValue)!"]
-        sw_take = [f"    let rgba = context.data!.bindMemory(to: UInt8.self, capacity: {w * h * 4})",
-                   f"    var pixels = [UInt8](); pixels.reserveCapacity({h * w * 3})",
-                   f"    for i in 0..<{w * h} {{ pixels += [rgba[4 * i], rgba[4 * i + 1], rgba[4 * i + 2]] }}  "
-                   "// R, G, B; the fourth byte dropped",
-                   "    return pixels"]
-    sw_photo = [
-        f"// A photo of any size: drawn into a {w}×{h} bitmap (the size the model was trained at; high-quality",
-        "// interpolation, close to but not bit-identical with edge-kd's antialiased bicubic), rows from the top,",
-        f"// then {sw_pixels}.",
-        "func pixels(of photo: CGImage) -> [UInt8] {",
-        *sw_context,
-        "    context.interpolationQuality = .high",
-        f"    context.draw(photo, in: CGRect(x: 0, y: 0, width: {w}, height: {h}))",
-        *sw_take,
-        "}",
-    ]
-    swift = [
-        "```swift",
-        "// Podfile: pod 'TensorFlowLiteSwift'. Add the model and labels.txt to the app target.",
-        "import CoreGraphics",
-        "import Foundation",
-        "import TensorFlowLite",
-        "",
-        *consts_sw,
-        "",
-        f"let modelPath = Bundle.main.path(forResource: \"{stem}\", ofType: \"tflite\")!",
-        "var options = Interpreter.Options()",
-        "options.threadCount = 1",
-        "let interpreter = try Interpreter(modelPath: modelPath, options: options)",
-        "try interpreter.allocateTensors()",
-        "",
-        *sw_photo,
-        "",
-        f"// pixels: {h * w * c} raw values 0...255, row by row, {'one grey value per pixel' if c == 1 else 'R, G, B per pixel'}",
-        "func classify(_ pixels: [UInt8]) throws -> Int {",
-        *sw_fill,
-        "    try interpreter.copy(input.withUnsafeBufferPointer { Data(buffer: $0) }, toInputAt: 0)",
-        "    try interpreter.invoke()",
-        "    let output = try interpreter.output(at: 0)",
-        *sw_out,
-        "    return scores.indices.max { scores[$0] < scores[$1] }!  // index into labels.txt",
-        "}",
-        "```",
-    ]
-    lines += ["", "## Android (Kotlin)", "", *kotlin, "", "## iOS (Swift)", "", *swift, "",
-              "Both snippets compute in float32 in the same order as the formula in `manifest.json` "
-              f"(`input_formula`), so they give the golden inputs' exact {'int8 values' if int_in else 'floats'}; "
-              "run the golden images through `classify` once and compare with `golden/expected_outputs.npy`.", ""]
-    return "\n".join(lines)
+
+_TEMPLATES = Path(__file__).parent / "templates"  # shipped as package data beside this module
+#: files beside this module that are part of its code: pipelines.codehash hashes them with it
+CODE_DATA = ("templates/*.md",)
+
+
+@functools.cache
+def _template(name: str) -> str:
+    return (_TEMPLATES / name).read_text(encoding="utf-8")
+
+
+def _parts(name: str) -> dict[str, str]:
+    """Returns {part: text} of a parts template: each part is the text after its ``<!-- part: NAME -->`` line up
+    to the next such line, less its last newline (the text before the first one is a comment for maintainers)."""
+    chunks = re.split(r"^<!-- part: (\w+) -->\n", _template(name), flags=re.M)
+    return {chunks[i]: chunks[i + 1].removesuffix("\n") for i in range(1, len(chunks), 2)}
+
+
+def _fill(text: str, values: dict) -> str:
+    """Returns template ``text`` with its ``$name`` placeholders filled (``$$`` is a plain ``$``, as in Swift's
+    ``$0``); a line that holds only a placeholder whose value is empty (a part that does not apply) is left out."""
+    text = re.sub(r"^\$(\w+)\n", lambda p: "" if values[p.group(1)] == "" else p.group(0), text, flags=re.M)
+    return string.Template(text).substitute(values)

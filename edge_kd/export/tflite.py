@@ -31,9 +31,7 @@ import numpy as np
 
 from edge_kd.keras import tf
 
-VARIANTS = ("fp32", "fp16", "dynamic", "dynamic_compat", "int8", "int8_mixed", "int16x8")
-CALIBRATED = ("int8", "int8_mixed", "int16x8")  # the variants that need representative data
-INTEGER = CALIBRATED  # the variants whose activations are integers (their per-layer error is measured)
+from edge_kd.export.variants import CALIBRATED, INTEGER, VARIANTS  # noqa: F401  (what callers read here)
 
 
 def convert(model, variant: str, representative=None, int8_io: bool = True, float_tensors=None) -> bytes:

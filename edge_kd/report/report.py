@@ -17,11 +17,10 @@ import io
 import math
 from pathlib import Path
 
-from edge_kd.bench.results import ModelRow, rows_of
+from edge_kd.bench.results import LATENCY_FIELDS, ModelRow, rows_of
+from edge_kd.bench.stats import KB
 from edge_kd.fileio import write_bytes, write_json, write_text
 
-KB = 1024
-_LATENCY_FIELDS = ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "init_ms", "first_ms", "rounds", "runs")
 _MODEL_FIELDS = ("name", "role", "format", "variant", "path", "accuracy", "gap_to_teacher", "size_bytes",
                  "gzip_bytes", "params", "macs", "input_scale", "input_offset")
 _ROLE_COLOURS = {"teacher": "tab:red", "student": "tab:blue", "baseline": "tab:gray"}
@@ -417,7 +416,7 @@ def results_csv(results: dict) -> str:
     extra = [f.name for f in dataclasses.fields(ModelRow) if f.name not in known
              and any(getattr(m, f.name) is not None for m in _rows(results))
              and not any(isinstance(getattr(m, f.name), (dict, list)) for m in _rows(results))]
-    columns = (list(_MODEL_FIELDS) + [f"latency_{t}_{f}" for t in threads for f in _LATENCY_FIELDS] + extra
+    columns = (list(_MODEL_FIELDS) + [f"latency_{t}_{f}" for t in threads for f in LATENCY_FIELDS] + extra
                + ["peak_memory_bytes"])
 
     buf = io.StringIO()
@@ -426,7 +425,7 @@ def results_csv(results: dict) -> str:
     for m in _rows(results):
         lat = m.latency or {}
         row = [getattr(m, k) for k in _MODEL_FIELDS]
-        row += [(lat.get(t) or {}).get(f) for t in threads for f in _LATENCY_FIELDS]
+        row += [(lat.get(t) or {}).get(f) for t in threads for f in LATENCY_FIELDS]
         row += [getattr(m, k) for k in extra] + [(m.memory or {}).get("peak_bytes")]
         writer.writerow(["" if v is None else v for v in row])
     return buf.getvalue()

@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="The options set keys of the recipe's search section (shown in brackets) and override it. "
                        "Exit status: 0 found, 1 no candidate meets the target, 2 a mistake in the settings, "
                        "130 interrupted.")
-    p.add_argument("--recipe", metavar="YAML", help="the recipe whose search space is searched (default: the "
-                   "built-in recipes/fashion_mnist.yaml)")
+    p.add_argument("--recipe", metavar="YAML", help="the recipe whose search space is searched: a YAML file or a "
+                   "shipped recipe's name (default: fashion_mnist)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe key as in pipelines.compress, e.g. --set search.widths=[0.5,1] "
                         "--set distill.epochs=6 (repeatable)")

@@ -7,7 +7,8 @@ import dataclasses
 import datetime as dt
 import io
 
-from pipelines.search.strategy import KB, Outcome, Search
+from edge_kd.bench.stats import KB
+from pipelines.search.strategy import Outcome, Search
 
 _CSV_FIELDS = ("candidate", "student", "sparsity", "variant", "loss", "status", "rung", "epochs", "run",
                "val_accuracy", "test_accuracy", "size_bytes", "gzip_bytes", "latency_ms", "min_runtime", "seconds",

@@ -20,11 +20,9 @@ import re
 from pathlib import Path
 
 from edge_kd.errors import UserError
+from pipelines import registry
+from pipelines.fingerprint import fingerprint
 from pipelines.search.spec import SearchSpec
-
-#: the stages whose epochs a short rung shortens
-TRAINING_STAGES = ("distill", "prune", "cluster", "qat")
-
 
 @dataclasses.dataclass
 class Candidate:
@@ -41,7 +39,7 @@ class Candidate:
     def rung_recipe(self, factor: float, rung: int) -> dict:
         """Returns the candidate's recipe for a rung whose training stages run ``factor`` of their epochs."""
         raw = copy.deepcopy(self.recipe)
-        for name in TRAINING_STAGES:
+        for name in registry.student_stages():  # the stages whose epochs a short rung shortens
             stage = raw["stages"].get(name)
             if stage and factor < 1:
                 stage["epochs"] = max(1, int(round(stage["epochs"] * factor)))
@@ -78,7 +76,7 @@ def candidates(recipe, spec: SearchSpec) -> list[Candidate]:
             recipe_mod.from_dict({**raw, "name": "candidate"})
         except UserError as e:
             raise UserError(f"search candidate {label}: {e}") from None
-        key = recipe_mod.fingerprint(raw)
+        key = fingerprint(raw)
         if any(c.key == key for c in out):  # the same recipe twice (widths [1, 1.0], hidden sizes at their floor)
             continue
         out.append(Candidate(len(out), settings, label, slug, raw, key))

@@ -8,11 +8,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Optional
 
 from edge_kd.config import Config, Field, Float, Int, Str
-from pipelines.stage import RuntimeVersion
-
-#: the quantization variants a candidate may ship (int8_mixed is the selective one: its worst layers in float)
-VARIANTS = ("int8", "int16x8", "dynamic", "int8_mixed")
-Variant = Literal["int8", "int16x8", "dynamic", "int8_mixed"]
+from edge_kd.export.variants import SEARCHABLE, SearchableVariant
+from pipelines.types import RuntimeVersion
 
 
 class StudentChoice(Config):
@@ -32,7 +29,8 @@ class SearchSpec(Config):
     widths: Annotated[list[Annotated[Float, Field(gt=0)]], Field(min_length=1)] = [0.5, 0.75, 1.0, 1.5]
     #: target sparsities of the prune stage; 0 is no pruning; null: [0.5, 0.75] (with a prune stage in the recipe)
     sparsity: Optional[Annotated[list[Annotated[Float, Field(ge=0, lt=1)]], Field(min_length=1)]] = None
-    variants: Annotated[list[Variant], Field(min_length=1)] = list(VARIANTS)
+    #: the quantization variants a candidate may ship (int8_mixed is the selective one: its worst layers in float)
+    variants: Annotated[list[SearchableVariant], Field(min_length=1)] = list(SEARCHABLE)
     #: alternatives of the loss, each {hard_weight, terms} as in the distillation section; empty: the recipe's
     losses: list[dict[str, Any]] = []
     #: the target, on the validation split: at least this accuracy (a fraction), or at most max_drop points below

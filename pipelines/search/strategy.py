@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 from edge_kd import interrupt
+from edge_kd.bench.stats import KB
 from edge_kd.errors import UserError
-from pipelines.search.space import TRAINING_STAGES, Candidate
+from pipelines import registry
+from pipelines.search.space import Candidate
 from pipelines.search.spec import SearchSpec
-
-KB = 1024
 
 
 @dataclasses.dataclass
@@ -246,7 +246,7 @@ class Search:
 
         raw = c.rung_recipe(factor, rung)
         r = recipe_mod.from_dict(raw)
-        epochs = {n: raw["stages"][n]["epochs"] for n in TRAINING_STAGES if n in raw["stages"]}
+        epochs = {n: raw["stages"][n]["epochs"] for n in registry.student_stages() if n in raw["stages"]}
         print(f"[{where}] {c.label} ({', '.join(f'{n} {e}' for n, e in epochs.items())} epochs) ...", end="",
               file=self.stream, flush=True)
         log = self.root / "logs" / f"{r.run_name()}.log"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipelines.stage import Epochs, Stage, StageSettings
+from pipelines import run_keys, run_models, run_training
+from pipelines.stage import Stage, StageSettings
+from pipelines.types import Epochs
 
 
 class BaselineSettings(StageSettings):
@@ -32,16 +34,18 @@ class Baseline(Stage):
 
     def key(self, ctx):
         distill = ctx.recipe.stages.distill
-        return {**ctx.training_key(), "learning_rate": distill.learning_rate, "augment": distill.augment.model_dump()}
+        return {**run_keys.training_key(ctx), "learning_rate": distill.learning_rate,
+                "augment": distill.augment.model_dump()}
 
     def run(self, ctx, out):
         from edge_kd.fileio import write_json
         from pipelines.stages.common import save_student
 
         r = ctx.recipe
-        student = ctx.build_student()  # the same initial weights as the distilled student
+        student = run_models.build_student(ctx)  # the same initial weights as the distilled student
         # The distill stage's augmentation, drawn from the same seed: only the teacher differs.
-        history = ctx.fit(ctx.distiller(student, "distill", distil=False), r.stages.baseline.epochs,
+        history = run_training.fit(ctx, run_training.distiller(ctx, student, "distill", distil=False),
+                                   r.stages.baseline.epochs,
                           r.stages.distill.learning_rate)
         saved = save_student(student, out / self.model_file, ctx.stage_dir(self.name).name)
         write_json(out / "history.json", history)

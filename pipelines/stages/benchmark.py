@@ -7,9 +7,10 @@ variants each layer's error against the float graph of the same Keras model (on 
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Optional
 
 from edge_kd.config import Bool, Field, Float, Int
+from pipelines import run_data, run_keys, run_models
 from pipelines.stage import Stage, StageSettings
 
 
@@ -23,8 +24,9 @@ class BenchmarkSettings(StageSettings):
     warmup_seconds: Annotated[Float, Field(ge=0)] = 0.5
     #: test images the per-layer quantization error runs on
     layer_error_samples: Annotated[Int, Field(ge=1)] = 256
-    #: also each model's accuracy on the whole validation split (val_accuracy), what settings are chosen on
-    validation: Bool = False
+    #: also each model's accuracy on the whole validation split (val_accuracy), what settings and the bundle's
+    #: file are chosen on; null: when the bundle stage picks its file itself (stages.bundle.pick null)
+    validation: Optional[Bool] = None
 
 
 class Benchmark(Stage):
@@ -35,11 +37,18 @@ class Benchmark(Stage):
     def title(self, recipe):
         return f"benchmark with LiteRT at {', '.join(map(str, recipe.stages.benchmark.threads))} thread(s)"
 
+    def resolve(self, settings, recipe):
+        if settings.validation is None:
+            bundle = recipe.stages.bundle
+            settings.validation = bundle is not None and bundle.enabled and bundle.pick is None
+            return ["validation"]
+        return []
+
     def reads(self, ctx):
         return [n for n in ctx.enabled() if ctx.stages[n].keras_row is not None or n == "export"]
 
     def key(self, ctx):
-        return {**ctx.data_key(), "teacher": ctx.teacher_key()}
+        return {**run_keys.data_key(ctx), "teacher": run_keys.teacher_key(ctx)}
 
     def run(self, ctx, out):
         import json
@@ -52,14 +61,14 @@ class Benchmark(Stage):
         from edge_kd.export import tflite
         from edge_kd.fileio import write_json
 
-        r, info, data = ctx.recipe, ctx.bundle.info, ctx.bundle
+        r, info, data = ctx.recipe, run_data.load(ctx).info, run_data.load(ctx)
         y_test = data.labels("test")
         plan = json.loads((ctx.stage_dir("export") / "exports.json").read_text())
         sources = {}
 
         def source_model(stage):
             if stage not in sources:
-                sources[stage] = ctx.teacher() if stage == "teacher" else ctx.load_student(stage)
+                sources[stage] = run_models.teacher(ctx) if stage == "teacher" else run_models.load_student(ctx, stage)
             return sources[stage]
 
         def row(name, role, fmt, variant, stage, rel, file, acc, **figures):
@@ -101,7 +110,8 @@ class Benchmark(Stage):
         lite.clear()
         rows = []
         for name, role, stage in keras_rows:
-            file = ctx.teacher_file() if stage == "teacher" else ctx.stage_dir(stage) / ctx.stages[stage].model_file
+            file = (run_models.teacher_file(ctx) if stage == "teacher"
+                    else ctx.stage_dir(stage) / ctx.stages[stage].model_file)
             rel = os.path.relpath(file, ctx.run_dir) if stage != "teacher" or r.teacher.path is None else str(file)
             rows.append(row(name, role, "keras", "fp32", stage, rel, file, litert.top1(outputs[stage], y_test),
                             val_accuracy=val and val[stage]))

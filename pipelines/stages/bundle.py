@@ -5,7 +5,10 @@ from typing import Annotated, Optional
 
 from edge_kd.config import Field, Float, Int, Str
 from edge_kd.errors import UserError
-from pipelines.stage import RuntimeVersion, Stage, StageSettings
+from pipelines import run_data, run_keys
+from pipelines.fingerprint import fingerprint
+from pipelines.stage import Stage, StageSettings
+from pipelines.types import RuntimeVersion
 
 
 class BundleSettings(StageSettings):
@@ -31,12 +34,13 @@ class Bundle(Stage):
         return ["benchmark"]
 
     def key(self, ctx):
-        from pipelines.recipe import fingerprint
-
-        return {**ctx.data_key(), "recipe_hash": fingerprint(ctx.recipe.to_dict())}  # the manifest records it
+        return {**run_keys.data_key(ctx), "recipe_hash": fingerprint(ctx.recipe.to_dict())}  # the manifest records it
 
     def check(self, ctx):
         pick = ctx.settings(self.name).pick
+        if pick is None and not ctx.settings("benchmark").validation:
+            raise UserError("stages.bundle picks its file on the validation split, which benchmark.validation: false "
+                            "leaves unmeasured; set it true (or null), or name the file with bundle.pick")
         names = [item["name"] for item in ctx.stages["export"].plan(ctx)]
         if pick is not None and pick not in names:
             raise UserError(f"stages.bundle.pick '{pick}' is not a model this run exports; it exports: "
@@ -50,12 +54,11 @@ class Bundle(Stage):
         import edge_kd
         from edge_kd.bench.results import rows_of
         from edge_kd.export import bundle as bundle_mod
-        from pipelines.recipe import fingerprint
-
-        r, spec, info = ctx.recipe, ctx.settings(self.name), ctx.bundle.info
+        r, spec, info = ctx.recipe, ctx.settings(self.name), run_data.load(ctx).info
         rows = rows_of(json.loads((ctx.stage_dir("benchmark") / "models.json").read_text())["models"])
         chosen = bundle_mod.pick(rows, tolerance_pp=spec.tolerance_pp, name=spec.pick, min_runtime=spec.min_runtime)
-        x_raw = ctx.bundle.raw("test", np.random.default_rng(r.seed).permutation(ctx.bundle.count("test"))[: spec.golden])
+        data = run_data.load(ctx)
+        x_raw = data.raw("test", np.random.default_rng(r.seed).permutation(data.count("test"))[: spec.golden])
         bundle_mod.write_bundle(out, ctx.run_dir / chosen.path, class_names=list(info.class_names),
                                 input_scale=info.input_scale, input_offset=info.input_offset, golden_x_raw=x_raw,
                                 measured=bundle_mod.measured_from(chosen), recipe_hash=fingerprint(r.to_dict()),

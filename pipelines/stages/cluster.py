@@ -1,8 +1,10 @@
 """The optional cluster stage: weight clustering of the previous stage's student, while it distils."""
 from __future__ import annotations
 
-from edge_kd.compress.config import ClusterConfig
-from pipelines.stage import Epochs, LearningRate, StudentStage, TrainSettings, library_config
+from edge_kd.tfmot.config import ClusterConfig
+from pipelines import run_models
+from pipelines.stage import StudentStage, TrainSettings, library_config
+from pipelines.types import Epochs, LearningRate
 
 
 class ClusterSettings(TrainSettings, ClusterConfig):
@@ -28,12 +30,12 @@ class Cluster(StudentStage):
                 f" ({s.epochs} epochs)")
 
     def check(self, ctx):
-        from edge_kd.compress import cluster
+        from edge_kd.tfmot import cluster
 
-        cluster.check(ctx.build_student(), ctx.settings(self.name).config())
+        cluster.check(run_models.build_student(ctx), ctx.settings(self.name).config())
 
     def run(self, ctx, out):
-        from edge_kd.compress import cluster
+        from edge_kd.tfmot import cluster
         from pipelines.stages.common import refine
 
         cfg = ctx.settings(self.name).config()

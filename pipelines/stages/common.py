@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from pipelines import run_models, run_training
+
 
 def save_model(model, path: Path, scope=None) -> None:
     """Saves Keras ``model`` to ``path`` atomically (inside ``scope()`` when given, e.g. QAT's custom objects).
@@ -60,8 +62,9 @@ def refine(stage, ctx, out: Path, wrap, strip, callbacks=()) -> dict:
     from edge_kd.fileio import write_json
 
     spec = ctx.settings(stage.name)
-    wrapped = wrap(ctx.load_student(ctx.previous_student(stage.name)))
-    history = ctx.fit(ctx.distiller(wrapped, stage.name), spec.epochs, spec.learning_rate, callbacks=callbacks)
+    wrapped = wrap(run_models.load_student(ctx, ctx.previous_student(stage.name)))
+    history = run_training.fit(ctx, run_training.distiller(ctx, wrapped, stage.name), spec.epochs, spec.learning_rate,
+                               callbacks=callbacks)
     stripped = strip(wrapped)
     saved = save_student(stripped, out / stage.model_file, ctx.stage_dir(stage.name).name)
     write_json(out / "history.json", history)
@@ -80,8 +83,9 @@ def check_distiller(ctx, student, stage: str) -> None:
     r = ctx.recipe
     teachers = None
     if r.distillation.mode == "teacher" and r.teacher is not None:
-        teachers = [ctx.adapt(ctx.build_teacher(), r.teacher.input_range)[0] if r.teacher.path is None
-                    else ctx.teacher(), *ctx.extra_teachers()]
+        first = (run_models.adapt(ctx, run_models.build_teacher(ctx), r.teacher.input_range)[0]
+                 if r.teacher.path is None else run_models.teacher(ctx))
+        teachers = [first, *run_models.extra_teachers(ctx)]
     for i, term in enumerate(r.distillation.build_terms()):
         for side, model, names in (("student", student, term.student_taps()),
                                    ("teacher", teachers[0] if teachers else None, term.teacher_taps())):
@@ -90,5 +94,5 @@ def check_distiller(ctx, student, stage: str) -> None:
                     taps.find_layer(model, layer)
                 except UserError as e:
                     raise UserError(f"distillation.terms.{i} ({term.name}) reads {side} layer '{layer}': {e}") from None
-    peers = ctx.build_peers() if r.distillation.mode == "mutual" else None
-    ctx.distiller(student, stage, peers=peers, teachers=teachers)  # builds every term on a batch of two
+    peers = run_models.build_peers(ctx) if r.distillation.mode == "mutual" else None
+    run_training.distiller(ctx, student, stage, peers=peers, teachers=teachers)  # builds every term on a batch of two

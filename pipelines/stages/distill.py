@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines import run_models, run_training
 from pipelines.stage import StudentStage
 
 
@@ -28,7 +29,7 @@ class Distill(StudentStage):
         # Every distilling stage uses the same terms and teachers: one check, for the first that distils.
         first = next((s for s in ctx.student_stages() if ctx.recipe.distils(s)), None)
         if first is not None:
-            check_distiller(ctx, ctx.build_student(), first)
+            check_distiller(ctx, run_models.build_student(ctx), first)
 
     def run(self, ctx, out):
         from edge_kd.fileio import write_json
@@ -36,13 +37,14 @@ class Distill(StudentStage):
 
         r = ctx.recipe
         spec = r.stages.distill
-        student, peers = ctx.build_student(), None
+        student, peers = run_models.build_student(ctx), None
         if r.distils(self.name) and r.distillation.mode == "mutual":
             # The recipe says which of the models trained together is exported; the others are kept as its peers.
-            models = [student, *ctx.build_peers()]
+            models = [student, *run_models.build_peers(ctx)]
             student = models.pop(r.distillation.export)
             peers = models
-        history = ctx.fit(ctx.distiller(student, self.name, peers=peers), spec.epochs, spec.learning_rate)
+        history = run_training.fit(ctx, run_training.distiller(ctx, student, self.name, peers=peers), spec.epochs,
+                                   spec.learning_rate)
         saved = save_student(student, out / self.model_file, ctx.stage_dir(self.name).name)
         for i, peer in enumerate(peers or []):
             (out / "peers").mkdir(exist_ok=True)

@@ -12,9 +12,10 @@ from pydantic import model_validator
 
 from edge_kd.config import Bool, Field, Int, Invalid, Literal, Str
 from edge_kd.errors import UserError
-from pipelines.stage import Stage, StageSettings, StudentStage
+from edge_kd.export.variants import Variant
+from pipelines import run_data, run_keys, run_models
+from pipelines.stage import Stage, StageSettings
 
-Variant = Literal["fp32", "fp16", "dynamic", "dynamic_compat", "int8", "int8_mixed", "int16x8"]
 Models = Literal["all", "final"]
 
 
@@ -51,10 +52,10 @@ class Export(Stage):
         return "export TFLite models"
 
     def reads(self, ctx):
-        return [n for n in ctx.enabled() if n == "teacher" or isinstance(ctx.stages[n], StudentStage)]
+        return [n for n in ctx.enabled() if n == "teacher" or n in ctx.student_stages()]
 
     def key(self, ctx):
-        return {**ctx.data_key(), "teacher": ctx.teacher_key()}
+        return {**run_keys.data_key(ctx), "teacher": run_keys.teacher_key(ctx)}
 
     def plan(self, ctx) -> list[dict]:
         """Returns one entry per file to write: name, the stage whose model it converts, role and variant."""
@@ -74,8 +75,8 @@ class Export(Stage):
 
             from edge_kd.export import tflite
 
-            x = np.zeros((1, *ctx.bundle.info.input_shape), np.float32)
-            self.known_layers(spec, self.layer_tensors(tflite.convert(ctx.build_student(), "fp32"), x))
+            x = np.zeros((1, *run_data.load(ctx).info.input_shape), np.float32)
+            self.known_layers(spec, self.layer_tensors(tflite.convert(run_models.build_student(ctx), "fp32"), x))
 
     @staticmethod
     def layer_tensors(flat: bytes, x) -> dict:
@@ -106,8 +107,9 @@ class Export(Stage):
         from edge_kd.fileio import write_bytes, write_json
 
         spec = ctx.settings(self.name)
-        picked = np.random.default_rng(ctx.recipe.seed).permutation(ctx.bundle.count("train"))
-        rep, _ = ctx.bundle.arrays("train", picked[: spec.representative_samples])  # read only these, streamed or not
+        picked = np.random.default_rng(ctx.recipe.seed).permutation(run_data.load(ctx).count("train"))
+        # read only these, streamed or not
+        rep, _ = run_data.load(ctx).arrays("train", picked[: spec.representative_samples])
         loaded, flats = {}, {}
         plan = self.plan(ctx)
         # int8_mixed is made from the stage's int8 and fp32 files, so those come first
@@ -115,7 +117,7 @@ class Export(Stage):
             interrupt.check()
             stage, variant = item["stage"], item["variant"]
             if stage not in loaded:
-                loaded[stage] = ctx.teacher() if stage == "teacher" else ctx.load_student(stage)
+                loaded[stage] = run_models.teacher(ctx) if stage == "teacher" else run_models.load_student(ctx, stage)
             float_tensors = None
             if variant == "int8_mixed":
                 float_tensors, item["float_layers"] = self.float_tensors(ctx, spec, loaded[stage], rep, flats, stage)
@@ -141,7 +143,7 @@ class Export(Stage):
         self.known_layers(spec, by_layer)
         chosen = [t for n in spec.float_layers for t in by_layer[n]]
         if spec.float_worst:
-            x_val, _ = ctx.bundle.first("val", spec.float_samples)
+            x_val, _ = run_data.load(ctx).first("val", spec.float_samples)
             errors = layer_error.layer_errors(flat("fp32"), flat("int8"), x_val)
             chosen += [t for t in layer_error.worst_tensors(errors, spec.float_worst) if t not in chosen]
         if not chosen:

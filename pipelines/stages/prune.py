@@ -1,8 +1,10 @@
 """The prune stage: magnitude pruning of the previous stage's student to a target sparsity, while it distils."""
 from __future__ import annotations
 
-from edge_kd.compress.config import PruneConfig
-from pipelines.stage import Epochs, LearningRate, StudentStage, TrainSettings, library_config
+from edge_kd.tfmot.config import PruneConfig
+from pipelines import run_data, run_models
+from pipelines.stage import StudentStage, TrainSettings, library_config
+from pipelines.types import Epochs, LearningRate
 
 
 class PruneSettings(TrainSettings, PruneConfig):
@@ -28,15 +30,15 @@ class Prune(StudentStage):
                 f"{' while distilling' if recipe.distils(self.name) else ''} ({s.epochs} epochs)")
 
     def total_steps(self, ctx) -> int:
-        return ctx.settings(self.name).epochs * ctx.steps_per_epoch()
+        return ctx.settings(self.name).epochs * run_data.steps_per_epoch(ctx)
 
     def check(self, ctx):
-        from edge_kd.compress import prune
+        from edge_kd.tfmot import prune
 
-        prune.check(ctx.build_student(), ctx.settings(self.name).config(), self.total_steps(ctx))
+        prune.check(run_models.build_student(ctx), ctx.settings(self.name).config(), self.total_steps(ctx))
 
     def run(self, ctx, out):
-        from edge_kd.compress import prune
+        from edge_kd.tfmot import prune
         from pipelines.stages.common import refine
 
         cfg, steps = ctx.settings(self.name).config(), self.total_steps(ctx)

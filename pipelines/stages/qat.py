@@ -2,8 +2,10 @@
 clusters (PCQAT), while it distils; the export stage makes it a full-int8 model."""
 from __future__ import annotations
 
-from edge_kd.compress.config import Unsupported
-from pipelines.stage import Epochs, LearningRate, StudentStage, TrainSettings
+from edge_kd.tfmot.config import Unsupported
+from pipelines import run_models, run_training
+from pipelines.stage import StudentStage, TrainSettings
+from pipelines.types import Epochs, LearningRate
 
 
 class QATSettings(TrainSettings):
@@ -28,38 +30,40 @@ class QAT(StudentStage):
         return ["int8"]  # a QAT model exists to become int8; its float variants would only hold fake-quant ops
 
     def key(self, ctx):
-        return {**super().key(ctx), "qat": ctx.qat_config().model_dump()}
+        return {**super().key(ctx), "qat": run_models.qat_config(ctx).model_dump()}
 
     def check(self, ctx):
-        from edge_kd.compress import qat
+        from edge_kd.tfmot import qat
 
-        qat.check(ctx.build_student(), ctx.qat_config())  # the layers the scheme cannot quantize, by name
+        # the layers the scheme cannot quantize, by name
+        qat.check(run_models.build_student(ctx), run_models.qat_config(ctx))
 
     def load(self, ctx):
-        from edge_kd.compress import qat
+        from edge_kd.tfmot import qat
 
         # rebuilt from the model it quantized, so the PQAT/PCQAT quantizers come back exactly
-        return qat.load(ctx.stage_dir(self.name) / self.model_file, base=ctx.load_student(self.weights_stage(ctx)),
-                        cfg=ctx.qat_config())
+        return qat.load(ctx.stage_dir(self.name) / self.model_file,
+                        base=run_models.load_student(ctx, self.weights_stage(ctx)), cfg=run_models.qat_config(ctx))
 
     def weights_stage(self, ctx):
         # a QAT model's variables include its quantizers' ranges; its weights are those of the model it quantized
         return ctx.previous_student(self.name)
 
     def run(self, ctx, out):
-        from edge_kd.compress import qat
         from edge_kd.fileio import write_json
+        from edge_kd.tfmot import qat
         from pipelines.stages.common import save_model
 
         spec = ctx.settings(self.name)
         source = ctx.previous_student(self.name)
-        cfg = ctx.qat_config()
-        student = ctx.load_student(source)
+        cfg = run_models.qat_config(ctx)
+        student = run_models.load_student(ctx, source)
         quantized = qat.quantize(student, cfg)
         note = qat.float_note(student, quantized.qat_float_layers, cfg)
         if note:
             print(f"  qat: {note}", flush=True)
-        history = ctx.fit(ctx.distiller(quantized, self.name), spec.epochs, spec.learning_rate)
+        history = run_training.fit(ctx, run_training.distiller(ctx, quantized, self.name), spec.epochs,
+                                   spec.learning_rate)
         save_model(quantized, out / self.model_file, scope=qat.scope)
         write_json(out / "history.json", history)
         return {"val_accuracy": history["val_accuracy"][-1], "scheme": qat.scheme_name(cfg), "from": source,

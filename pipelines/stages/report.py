@@ -1,6 +1,7 @@
 """The report stage: report.md, results.json, results.csv, pareto.png and layer_error.png, copied to the run's top."""
 from __future__ import annotations
 
+from pipelines import run_data
 from pipelines.stage import Stage
 
 PUBLISHED = ("report.md", "results.json", "results.csv", "pareto.png", "layer_error.png")
@@ -25,7 +26,7 @@ class Report(Stage):
         from edge_kd.bench.results import rows_of
         from edge_kd.report import report
 
-        r, info, b = ctx.recipe, ctx.bundle.info, ctx.bundle
+        r, info, b = ctx.recipe, run_data.load(ctx).info, run_data.load(ctx)
         bench = json.loads((ctx.stage_dir("benchmark") / "models.json").read_text())
         histories, summaries = {}, {}
         for stage in ctx.enabled():

@@ -1,6 +1,7 @@
 """The teacher stage: trains the recipe's teacher architecture when the user brings no teacher of their own."""
 from __future__ import annotations
 
+from pipelines import run_data, run_keys, run_models, run_training
 from pipelines.stage import AugmentedSettings, Stage, resolve_augment
 
 
@@ -27,29 +28,29 @@ class Teacher(Stage):
         # fine-tuning reads none of the keys the rule replaces, so changing them does not rerun it
         spec = (t.model_dump(include={"finetune", "backbone", "options", "bit_scale", "bit_resolution",
                                       "label_smoothing"}) if t.finetune else t.model_dump())
-        return {**ctx.data_key(), "batch_size": tr.batch_size, "strategy": tr.strategy,
+        return {**run_keys.data_key(ctx), "batch_size": tr.batch_size, "strategy": tr.strategy,
                 "mixed_precision": tr.mixed_precision, "teacher": spec,
-                "weights": None if t.weights is None else ctx.file_key(t.weights, "teacher.weights")}
+                "weights": None if t.weights is None else run_keys.file_key(ctx, t.weights, "teacher.weights")}
 
     def check(self, ctx):
         # the architecture and its options build for this data (at the rule's crop), its weights file loads
         if ctx.recipe.teacher.finetune:
-            crop = ctx.bit_rule().resolution[1]
-            ctx.build_teacher((crop, crop, ctx.bundle.info.input_shape[-1]))
+            crop = run_models.bit_rule(ctx).resolution[1]
+            run_models.build_teacher(ctx, (crop, crop, run_data.load(ctx).info.input_shape[-1]))
         else:
-            ctx.build_teacher()
+            run_models.build_teacher(ctx)
 
     def run(self, ctx, out):
-        from edge_kd.distill import Distiller
+        from edge_kd.distill.distiller import Distiller
         from edge_kd.fileio import write_json
         from pipelines.stages.common import save_model
 
         t = ctx.recipe.teacher
         if t.finetune:
             return self._finetune(ctx, out)
-        model = ctx.build_teacher()
-        distiller = Distiller(model, augment=ctx.augmenter(self.name), label_smoothing=t.label_smoothing)
-        history = ctx.fit(distiller, t.epochs, t.learning_rate, optimizer=t)
+        model = run_models.build_teacher(ctx)
+        distiller = Distiller(model, augment=run_training.augmenter(ctx, self.name), label_smoothing=t.label_smoothing)
+        history = run_training.fit(ctx, distiller, t.epochs, t.learning_rate, optimizer=t)
         save_model(model, out / self.model_file)
         write_json(out / "history.json", history)
         return {"val_accuracy": history["val_accuracy"][-1]}
@@ -60,14 +61,14 @@ class Teacher(Stage):
         crop×crop images, and the adapter resizes the student's input to it."""
         from edge_kd import bit
         from edge_kd.augment import AugmentConfig, Augmenter
-        from edge_kd.distill import Distiller
+        from edge_kd.distill.distiller import Distiller
         from edge_kd.fileio import write_json
         from pipelines.stages.common import save_model
 
-        t, info = ctx.recipe.teacher, ctx.bundle.info
-        rule = ctx.bit_rule()
+        t, info = ctx.recipe.teacher, run_data.load(ctx).info
+        rule = run_models.bit_rule(ctx)
         described = rule.describe()
-        steps_per_epoch = ctx.steps_per_epoch()
+        steps_per_epoch = run_data.steps_per_epoch(ctx)
         epochs = bit.epochs_for(rule.steps, steps_per_epoch)
         described["trained_steps"] = epochs * steps_per_epoch
         write_json(out / "bit_rule.json", described)
@@ -75,12 +76,12 @@ class Teacher(Stage):
         print(f"  teacher: {epochs} epochs of {steps_per_epoch} steps ({described['trained_steps']} steps; the rule's "
               f"{rule.steps})", flush=True)
         crop = rule.resolution[1]
-        net = ctx.build_teacher((crop, crop, info.input_shape[-1]))
+        net = run_models.build_teacher(ctx, (crop, crop, info.input_shape[-1]))
         model = bit.training_model(net, info.input_shape, rule, seed=ctx.recipe.seed)
         augment = (Augmenter(AugmentConfig(mixup=rule.mixup), seed=ctx.recipe.seed, fill_value=info.input_offset)
                    if rule.mixup else None)
         distiller = Distiller(model, augment=augment, label_smoothing=t.label_smoothing)
-        history = ctx.fit(distiller, epochs, rule.learning_rate, optimizer=bit.Optimizer(rule))
+        history = run_training.fit(ctx, distiller, epochs, rule.learning_rate, optimizer=bit.Optimizer(rule))
         save_model(net, out / self.model_file)
         write_json(out / "history.json", history)
         return {"val_accuracy": history["val_accuracy"][-1], "bit_rule": described}

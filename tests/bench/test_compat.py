@@ -46,7 +46,7 @@ def test_versions_compare_numerically_and_bad_ones_are_refused():
 
 def _row(name, variant, acc, size, min_runtime):
     return ModelRow(name=name, role="student", format="tflite", variant=variant, path=f"tflite/{name}.tflite",
-                    accuracy=acc, size_bytes=size, gzip_bytes=size, params=1, macs=1, input_scale=1 / 255,
+                    accuracy=acc, val_accuracy=acc, size_bytes=size, gzip_bytes=size, params=1, macs=1, input_scale=1 / 255,
                     input_offset=0.0, min_runtime=min_runtime)
 
 

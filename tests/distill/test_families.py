@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import models
-from edge_kd.compress import prune, qat
+from edge_kd.tfmot import prune, qat
 from edge_kd.distill import Distiller, adapt_teacher, losses
 from edge_kd.keras import keras, tf
 from .np_reference import np_ce, np_kl, np_log_softmax

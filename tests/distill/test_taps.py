@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import models
-from edge_kd.compress import cluster, prune, qat
+from edge_kd.tfmot import cluster, prune, qat
 from edge_kd.distill import taps
 from edge_kd.distill.teacher import adapt_teacher
 from edge_kd.errors import UserError

@@ -145,6 +145,16 @@ def test_readme_spells_out_this_models_preprocessing_in_kotlin_and_swift(models,
     assert "IN_Q_SCALE" not in text and "[Int8]" not in text and "ByteArray" not in text and "rint" not in text
 
 
+def test_readme_templates_have_the_same_parts_for_every_variant():
+    def parts(variant):
+        return list(B._parts(f"bundle_readme_{variant}.md"))
+
+    # a part missing from one variant's file would only fail for the models that take that variant
+    assert parts("grayscale") == parts("rgb") and {o.lower() for o in B.CHANNEL_ORDERS} == {"grayscale", "rgb"}
+    for side in ("input", "output"):
+        assert len({tuple(parts(f"{dt}_{side}")) for dt in B.IO_DTYPES}) == 1, side
+
+
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "step-aside"])
 def test_rewriting_replaces_the_bundle_and_a_failed_write_keeps_the_old_one(models, tmp_path, monkeypatch, exchange):
     _, fp32, int8, golden = models
@@ -185,12 +195,14 @@ def test_bad_arguments_are_refused_before_anything_is_written(models, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _row(name, variant, acc, size, role="student", fmt="tflite"):
-    return ModelRow(name=name, role=role, format=fmt, variant=variant, path=f"tflite/{name}.{fmt}", accuracy=acc,
-                    size_bytes=size, gzip_bytes=size // 2, params=1000, macs=2000, input_scale=1 / 255, input_offset=0.0)
+def _row(name, variant, val, size, role="student", fmt="tflite", test=None):
+    """A row with validation accuracy ``val`` and test accuracy ``test`` (the same unless given)."""
+    return ModelRow(name=name, role=role, format=fmt, variant=variant, path=f"tflite/{name}.{fmt}",
+                    accuracy=val if test is None else test, val_accuracy=val, size_bytes=size, gzip_bytes=size // 2,
+                    params=1000, macs=2000, input_scale=1 / 255, input_offset=0.0)
 
 
-ROWS = [
+ROWS = [  # the accuracies are validation ones (the pick's), equal to the test ones here
     _row("teacher", "fp32", 0.9925, 3_260_000, role="teacher", fmt="keras"),
     _row("student", "fp32", 0.9930, 90_000, fmt="keras"),  # a Keras row is never bundled, however accurate
     _row("teacher-fp32", "fp32", 0.9925, 3_223_000, role="teacher"),
@@ -208,6 +220,25 @@ def test_pick_takes_the_smallest_int8_within_the_tolerance_of_the_best_student()
     assert pick(ROWS, tolerance_pp=0.2).name == "student-int8"  # qat-int8 (0.9876) is 0.24 pp under
     assert pick(ROWS, tolerance_pp=0.12).name == "student-int8"  # not the 700 B smaller dynamic: int8 first
     assert pick(ROWS, tolerance_pp=0.0).name == "student-fp16"  # no int8 within: the smallest of any variant
+
+
+def test_pick_compares_validation_accuracy_never_test_accuracy():
+    rows = [_row("student-fp32", "fp32", 0.9900, 59_300, test=0.9900),
+            _row("qat-int8", "int8", 0.9880, 12_000, test=0.9750),
+            _row("pruned-int8", "int8", 0.9800, 9_000, test=0.9950)]
+    # On test, pruned-int8 would be the best and the smallest; on validation it is 1 pp under student-fp32.
+    assert pick(rows).name == "qat-int8"
+    assert pick(rows, tolerance_pp=1.0).name == "pruned-int8"
+    # A candidate without a validation accuracy cannot be compared; naming the model needs none.
+    rows.append(dataclasses.replace(rows[2], name="cluster-int8", val_accuracy=None))
+    with pytest.raises(ValueError, match=r"validation accuracy .*not measured for cluster-int8:"):
+        pick(rows)
+    assert pick(rows, name="cluster-int8") is rows[3]
+    unmeasured = [dataclasses.replace(r, val_accuracy=None) for r in ROWS]
+    assert pick(unmeasured, name="student-int8").name == "student-int8"
+    with pytest.raises(ValueError, match="student-fp32, student-fp16, student-dynamic, student-int8, qat-int8, "
+                                         "pruned-int8: measure it"):
+        pick(unmeasured)  # the teacher's and the Keras rows are no candidates, so they need none
 
 
 def test_pick_by_name_and_unknown_names():

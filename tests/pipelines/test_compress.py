@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edge_kd.keras import keras
-from pipelines import compress
+from pipelines import compress, run_keys, run_models, run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,6 +100,8 @@ BAD_CASES = {
                                        ["stages.export.float_layers", "'nope'", "block1_conv"]),
     "bundle pick not exported": (lambda d: ["--limit-train", "300", "--set", "bundle.pick=qat-fp16"],
                                  ["stages.bundle.pick", "qat-fp16", "qat-int8"]),
+    "bundle pick without validation": (lambda d: ["--limit-train", "300", "--set", "benchmark.validation=false"],
+                                       ["stages.bundle", "validation split", "bundle.pick"]),
     "student option of the wrong kind": (lambda d: ["--limit-train", "300", "--set", "student.options.width=wide"],
                                          ["model 'cnn'", "wide"]),
     "prune end beyond the steps": (lambda d: ["--limit-train", "300", "--set", "prune.end_step=100000"],
@@ -224,7 +226,7 @@ def test_an_image_whose_pixels_do_not_decode_is_a_one_line_error_naming_it(tmp_p
                                                        "student.arch=mlp", "student.options={}"])
     ctx = Context(r, tmp_path / "out", command="test")
     with pytest.raises(UserError) as info:
-        ctx.fit(Distiller(ctx.build_student()), 1, 1e-3)
+        run_training.fit(ctx, Distiller(run_models.build_student(ctx)), 1, 1e-3)
     msg = str(info.value)
     assert "\n" not in msg and "cannot decode image" in msg and str(broken) in msg and "{{" not in msg, msg
 
@@ -303,8 +305,8 @@ def test_the_student_starts_from_its_weights_file_and_the_file_enters_the_finger
     trained.save_weights(tmp_path / "w.h5")
     r = recipe_mod.apply_overrides(recipe_mod.load(), [f"student.weights={tmp_path / 'w.h5'}", "data.limit_train=300"])
     ctx = Context(r, tmp_path / "run", "test")
-    for a, b in zip(trained.get_weights(), ctx.build_student().get_weights()):
+    for a, b in zip(trained.get_weights(), run_models.build_student(ctx).get_weights()):
         np.testing.assert_array_equal(a, b)
-    before = ctx.training_key()["student_weights"]
+    before = run_keys.training_key(ctx)["student_weights"]
     models.build("cnn", (28, 28, 1), 10, filters=[16, 32, 48]).save_weights(tmp_path / "w.h5")  # other weights
-    assert Context(r, tmp_path / "run", "test").training_key()["student_weights"] != before
+    assert run_keys.training_key(Context(r, tmp_path / "run", "test"))["student_weights"] != before

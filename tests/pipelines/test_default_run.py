@@ -246,7 +246,7 @@ def test_a_rerun_skips_what_is_finished_and_reruns_a_changed_stage_and_what_read
     # a fix to the report's code, run as a real process from an edited copy of the source, reruns the
     # report alone (which stages run which file: test_codehash.py); a changed setting: the converter test above
     src = tmp_path / "src"
-    for d in ("edge_kd", "pipelines", "models", "recipes"):
+    for d in ("edge_kd", "pipelines", "models"):
         shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
     with open(src / "edge_kd" / "report" / "report.py", "a") as f:
         f.write("\n# a fix\n")

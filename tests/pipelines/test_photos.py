@@ -1,5 +1,5 @@
 """Photos at phone resolution: a JPEG folder, a BiT-fine-tuned teacher at a larger resolution, a MobileNetV2 student
-through pruning, int8 export, LiteRT benchmark and bundle (recipes/photos_mobilenetv2.yaml; its PQAT is left out
+through pruning, int8 export, LiteRT benchmark and bundle (pipelines/recipes/photos_mobilenetv2.yaml; its PQAT is left out
 here for time: converting a QAT MobileNetV2 takes half a minute, and tests/test_models.py checks what PQAT leaves in
 float)."""
 import json
@@ -11,7 +11,7 @@ import models
 from edge_kd.keras import keras
 from tests.pipelines.test_compress import _main_ok
 
-RECIPE = "recipes/photos_mobilenetv2.yaml"
+RECIPE = "photos_mobilenetv2"  # a shipped recipe, by name
 
 
 def _photos(folder, per_class=16, rng=None):

@@ -1,8 +1,8 @@
 """Recipes: the shipped ones validate; every kind of mistake is one line naming key, value and what is allowed."""
 import pytest
 
-from edge_kd.compress.cluster import ClusterConfig
-from edge_kd.compress.prune import PruneConfig
+from edge_kd.tfmot.cluster import ClusterConfig
+from edge_kd.tfmot.prune import PruneConfig
 from edge_kd.data import DataConfig
 from edge_kd.errors import UserError
 from pipelines import compress, recipe, registry
@@ -87,9 +87,11 @@ def test_a_users_teacher_replaces_the_teacher_stage():
 
 
 def test_fingerprint_is_stable_and_sensitive():
-    a = recipe.fingerprint({"a": 1, "b": [1, 2]})
-    assert a == recipe.fingerprint({"b": [1, 2], "a": 1})
-    assert a != recipe.fingerprint({"a": 1, "b": [2, 1]})
+    from pipelines.fingerprint import fingerprint
+
+    a = fingerprint({"a": 1, "b": [1, 2]})
+    assert a == fingerprint({"b": [1, 2], "a": 1})
+    assert a != fingerprint({"a": 1, "b": [2, 1]})
 
 
 RECIPE_MISTAKES = {
@@ -123,6 +125,7 @@ RECIPE_MISTAKES = {
     "ema decay of one": ("teacher: null\ndistillation: {mode: mean_teacher, ema_decay: 1.0}\n"
                          "stages: {distill: {}, export: {}, benchmark: {}, report: {}}\n", ["ema_decay", "[0, 1)"]),
     "bad mode": ("distillation: {mode: ensemble}\n", ["distillation.mode", "mean_teacher", "ensemble"]),
+    "bad combine": ("distillation: {combine: max}\n", ["distillation.combine", "fixed", "confidence", "max"]),
     "int8_mixed without its layers": ("stages: {teacher: {}, distill: {}, export: {variants: [int8_mixed]}, "
                                       "benchmark: {}, report: {}}\n", ["variants", "int8_mixed", "float_worst"]),
     "unknown strategy": ("training: {strategy: tpu}\n", ["training.strategy", "none", "mirrored", "tpu"]),
@@ -223,6 +226,19 @@ def test_exponent_numbers_are_numbers():
 def test_missing_recipe_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="recipe not found"):
         recipe.load(tmp_path / "nope.yaml")
+
+
+def test_a_shipped_recipe_is_named_by_its_name_and_a_wrong_name_lists_them(tmp_path, monkeypatch):
+    assert recipe.shipped() == sorted(p.stem for p in recipe.RECIPES.glob("*.yaml")) and "mnist" in recipe.shipped()
+    assert recipe.load("mnist") == recipe.load(recipe.RECIPES / "mnist.yaml")
+    monkeypatch.chdir(tmp_path)
+    # a file of that name here is the user's, and wins
+    (tmp_path / "mnist").write_text((recipe.RECIPES / "mnist.yaml").read_text() + "\nname: mine\n")
+    assert recipe.load("mnist").name == "mine"
+    with pytest.raises(UserError) as info:
+        recipe.load("mnits")
+    assert str(info.value) == ("recipe not found: mnits (give a YAML file, or a shipped recipe: "
+                               f"{', '.join(recipe.shipped())})")
 
 
 def test_cli_shortcuts_become_recipe_keys():

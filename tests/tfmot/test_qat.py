@@ -4,14 +4,14 @@ import pytest
 
 from edge_kd.bench import litert
 from edge_kd.bench.stats import tflite_weight_sparsity
-from edge_kd.compress import prune, qat
+from edge_kd.tfmot import prune, qat
 from edge_kd.distill import taps
 from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
 
 import tensorflow_model_optimization as tfmot  # noqa: E402  (after edge_kd.keras)
 
-from .compress_helpers import distiller, export, infer, kernel_layers, tflite_by_layer, tflite_kernels
+from .helpers import distiller, export, infer, kernel_layers, tflite_by_layer, tflite_kernels
 
 QAT_STEPS = 60
 

@@ -9,7 +9,7 @@ Example (runnable; a real run distils from a teacher)::
 
     import numpy as np
     import models
-    from edge_kd.compress import prune
+    from edge_kd.tfmot import prune
     from edge_kd.distill import Distiller
 
     student = models.build("cnn", (28, 28, 1), 10)
@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_kd.compress import common
-from edge_kd.compress.config import PruneConfig
+from edge_kd.tfmot import common
+from edge_kd.tfmot.config import PruneConfig
 from edge_kd.errors import UserError
 from edge_kd.keras import keras
 

@@ -5,7 +5,7 @@ names inside the wrappers (``edge_kd.distill.taps.find_layer`` finds them).
 
 Example::
 
-    from edge_kd.compress import cluster, prune, qat
+    from edge_kd.tfmot import cluster, prune, qat
 
     wrapped = prune.prune(student, prune.PruneConfig(target_sparsity=0.75), total_steps=steps)
     distiller.fit(..., callbacks=prune.callbacks())            # distiller = Distiller(wrapped, teacher, ...)
@@ -15,6 +15,6 @@ Example::
 See each module's docstring for a runnable example.
 """
 # The wrappers (cluster, prune, qat) import tensorflow-model-optimization; they load when first imported.
-from edge_kd.compress.config import ClusterConfig, PruneConfig, QATConfig
+from edge_kd.tfmot.config import ClusterConfig, PruneConfig, QATConfig
 
 __all__ = ["ClusterConfig", "PruneConfig", "QATConfig"]

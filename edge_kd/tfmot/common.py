@@ -1,7 +1,7 @@
 """Helpers shared by prune, qat, cluster and the Distiller: model checks and weight-preserving copies.
 
 >>> import models
->>> from edge_kd.compress import common
+>>> from edge_kd.tfmot import common
 >>> m = models.build("cnn", (28, 28, 1), 10)
 >>> copy = common.clone_with(m)
 >>> [l.name for l in copy.layers] == [l.name for l in m.layers]
@@ -57,11 +57,6 @@ def iter_layers(model) -> Iterator:
         yield layer
         if isinstance(layer, keras.Model):
             yield from iter_layers(layer)
-
-
-def original_name(layer) -> str:
-    """Returns the name of the layer inside a tfmot/Keras wrapper, or the layer's own name."""
-    return layer.layer.name if isinstance(layer, keras.layers.Wrapper) else layer.name
 
 
 def custom_objects(model) -> dict:

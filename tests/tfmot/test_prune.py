@@ -5,7 +5,7 @@ import pytest
 import models
 from edge_kd.bench import litert
 from edge_kd.bench.stats import tflite_weight_sparsity
-from edge_kd.compress import prune
+from edge_kd.tfmot import prune
 from edge_kd.distill import taps
 from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
@@ -13,7 +13,7 @@ from edge_kd.keras import keras, tf
 import tensorflow_model_optimization as tfmot  # noqa: E402  (after edge_kd.keras)
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils  # noqa: E402
 
-from .compress_helpers import PRUNE_STEPS, distiller, export, infer, kernel_layers, tflite_by_layer
+from .helpers import PRUNE_STEPS, distiller, export, infer, kernel_layers, tflite_by_layer
 
 PRUNED = ("block1_conv", "block2_conv", "logits")
 

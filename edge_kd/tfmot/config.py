@@ -1,7 +1,7 @@
 """The settings of pruning, clustering and QAT: typed configs, each the one statement of its rules.
 
 Kept apart from the wrappers so that a recipe is validated without importing
-tensorflow-model-optimization; ``edge_kd.compress.prune.PruneConfig`` and the others are these.
+tensorflow-model-optimization; ``edge_kd.tfmot.prune.PruneConfig`` and the others are these.
 
 >>> PruneConfig(target_sparsity=0.5, frequency=50).end_fraction
 1.0

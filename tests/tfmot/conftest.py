@@ -4,10 +4,10 @@ import dataclasses
 import pytest
 
 import models
-from edge_kd.compress import prune
+from edge_kd.tfmot import prune
 from edge_kd.keras import keras
 
-from .compress_helpers import BATCH, PRUNE_STEPS, distiller
+from .helpers import BATCH, PRUNE_STEPS, distiller
 
 PRUNE_CFG = prune.PruneConfig(target_sparsity=0.75, schedule="polynomial", frequency=50, end_step=200)
 

@@ -10,7 +10,7 @@ Example (runnable; a real run distils from a teacher)::
 
     import numpy as np
     import models
-    from edge_kd.compress import cluster
+    from edge_kd.tfmot import cluster
     from edge_kd.distill import Distiller
 
     student = models.build("cnn", (28, 28, 1), 10)
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_kd.compress import common
-from edge_kd.compress.config import ClusterConfig
+from edge_kd.tfmot import common
+from edge_kd.tfmot.config import ClusterConfig
 from edge_kd.errors import UserError
 from edge_kd.keras import keras
 

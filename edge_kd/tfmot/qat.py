@@ -11,7 +11,7 @@ Example (runnable; a real run fine-tunes a pruned student while distilling)::
 
     import numpy as np
     import models
-    from edge_kd.compress import qat
+    from edge_kd.tfmot import qat
     from edge_kd.distill import Distiller
     from edge_kd.export.tflite import convert
 
@@ -37,8 +37,8 @@ import collections
 import contextlib
 from pathlib import Path
 
-from edge_kd.compress import common
-from edge_kd.compress.config import QATConfig
+from edge_kd.tfmot import common
+from edge_kd.tfmot.config import QATConfig
 from edge_kd.errors import UserError, first_line
 from edge_kd.keras import keras
 

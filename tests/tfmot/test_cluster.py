@@ -4,12 +4,12 @@ import pytest
 
 from edge_kd.bench import litert
 from edge_kd.bench.stats import tflite_weight_sparsity
-from edge_kd.compress import cluster, qat
+from edge_kd.tfmot import cluster, qat
 from edge_kd.distill import taps
 from edge_kd.errors import UserError
 from edge_kd.keras import keras
 
-from .compress_helpers import distiller, export, infer, kernel_layers, tflite_by_layer
+from .helpers import distiller, export, infer, kernel_layers, tflite_by_layer
 
 CLUSTERS = 8
 

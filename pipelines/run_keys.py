@@ -1,0 +1,61 @@
+"""The parts of a stage's fingerprint that several stages share, each rule of "what a result depends on" once.
+
+A stage's own ``key`` combines them; the runner adds its settings, its inputs and its code
+(``pipelines.runner.stage_fingerprint``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_kd.errors import UserError
+from edge_kd.fileio import sha256_file
+from pipelines import codehash, run_data
+
+
+def data_key(ctx) -> dict:
+    """Returns the data's settings and the digest of what they read (the file, folder or dataset)."""
+    r = ctx.recipe
+    return {"seed": r.seed, "data": r.data.model_dump(), "data_digest": run_data.load(ctx).source_digest}
+
+
+def training_key(ctx) -> dict:
+    """Returns what a trained student depends on: the data, the training settings and the student."""
+    r = ctx.recipe
+    weights = None if r.student.weights is None else file_key(ctx, r.student.weights, "student.weights")
+    path = None if r.student.path is None else file_key(ctx, r.student.path, "student.path")
+    return {**data_key(ctx), "training": r.training.model_dump(), "student": r.student.model_dump(),
+            "student_weights": weights, **({"student_file": path} if path else {})}
+
+
+def distillation_key(ctx) -> dict:
+    """Returns what distilling depends on: the loss and the code of its terms, the teacher and the extra teachers'
+    files.
+
+    The terms' code is that of the modules their classes live in (``edge_kd.distill.soft_targets``, ...): a stage
+    that distils with them runs it, one that does not never imports it.
+    """
+    r = ctx.recipe
+    families = sorted({type(t).__module__ for t in r.distillation.build_terms()})
+    return {"distillation": r.distillation.model_dump(), "terms_code": codehash.code_hash(families),
+            "teacher": teacher_key(ctx),
+            "extra_teachers": [file_key(ctx, t.path) for t in r.distillation.extra_teachers]}
+
+
+def teacher_key(ctx):
+    """Returns what identifies the teacher: the teacher stage's result, or the user's file and how it is read."""
+    t = ctx.recipe.teacher
+    if t is None:
+        return None
+    if t.path is None:
+        return {"trained": ctx.manifests.get("teacher", {}).get("fingerprint")}
+    return {"file_sha256": file_key(ctx, t.path), "input_range": t.input_range, "trust": t.trust}
+
+
+def file_key(ctx, path, what: str = "teacher file") -> str:
+    """Returns the sha256 of a user's file (hashed once per run); ``what`` names it in the error of a missing one."""
+    path = str(path)
+    if path not in ctx.file_keys:
+        if not Path(path).is_file():
+            raise UserError(f"{what} not found: {path}")
+        ctx.file_keys[path] = sha256_file(path)
+    return ctx.file_keys[path]
