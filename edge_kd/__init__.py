@@ -1,5 +1,5 @@
 """edge-kd: distil a Keras image classifier into a small, fast TFLite student and report the trade-off."""
-__version__ = "0.1.0"
+from edge_kd.version import __version__  # noqa: F401
 
 
 def __getattr__(name):

@@ -1,7 +1,7 @@
 """``edge_kd.compress_model(...)``: the command's run, from Python (a notebook), on models and arrays in memory.
 
-It runs what ``python -m pipelines.compress`` runs: the same recipe (the default, or a file), the same ``--set``
-overrides, the same stages, fingerprints and resume. Models and arrays given in memory are written once to
+It runs what ``python -m pipelines.compress`` runs: the same recipe (the default, a file or a shipped recipe's
+name), the same ``--set`` overrides, the same stages, fingerprints and resume. Models and arrays given in memory are written once to
 ``<out>/.inputs/`` under a name made of their content (a model's architecture and weights, the arrays' bytes),
 and the recipe points at those files: a notebook cell run again with the same models and data finds the same
 files and fingerprints, and skips what is finished.

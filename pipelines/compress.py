@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="Options other than --recipe, --set and --out are shortcuts for recipe keys (shown in "
                        "brackets) and override the recipe. Defaults are the built-in recipe's (fashion_mnist).")
     g = p.add_argument_group("recipe")
-    g.add_argument("--recipe", default=None, metavar="YAML",
+    g.add_argument("--recipe", default=None, metavar="YAML|NAME",
                    help="the run's recipe (data, teacher, student, stages and their parameters): a YAML file, or "
                         "the name of a shipped recipe (fashion_mnist, mnist, cifar10_resnet8, ...: "
                         "pipelines/recipes/); default: fashion_mnist")

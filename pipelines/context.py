@@ -13,13 +13,26 @@ stages). The stages receive a ``Context`` and never import this module.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipelines import registry
 
 if TYPE_CHECKING:
     from pipelines.recipe import Recipe
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What the ``run_*`` modules load once per run and keep on its context."""
+
+    data: Any = None  # the DataBundle (run_data.load)
+    teachers: dict = dataclasses.field(default_factory=dict)  # per tf.distribute strategy: a model lives with the
+    extra_teachers: dict = dataclasses.field(default_factory=dict)  # strategy it was built under (run_models)
+    strategy: Any = None  # training.strategy's tf.distribute strategy (run_training.strategy)
+    teacher_cache: Any = None  # the teachers' logits of train and val (run_training.teacher_cache)
+    file_keys: dict = dataclasses.field(default_factory=dict)  # the sha256 of each user file (run_keys.file_key)
 
 
 class Context:
@@ -35,15 +48,8 @@ class Context:
         self.resume = None
         #: how the teacher was read and adapted, for the report (``run_models.teacher``)
         self.teacher_info: dict = {}
-        # What the run_* modules load once and keep here: the data; the teachers and the tf.distribute strategy
-        # (per strategy: a model lives with the strategy it was built under); the teachers' cached logits; the
-        # sha256 of each user file.
-        self.data = data
-        self.teachers: dict = {}
-        self.extra_teachers: dict = {}
-        self.strategy = None
-        self.teacher_cache = None
-        self.file_keys: dict[str, str] = {}
+        #: what the run_* modules load once per run (read them through those modules)
+        self.loaded = Loaded(data=data)
 
     # -- where things are --------------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:

@@ -326,13 +326,14 @@ def shipped() -> list[str]:
 
 
 def locate(path) -> Path:
-    """Returns the recipe file ``path`` names: the file itself or, for a name without a folder or suffix that is
-    no file here, the shipped recipe of that name; anything else is a UserError listing the shipped ones."""
+    """Returns the recipe file ``path`` names: the file itself or, where no such file is here, the shipped recipe it
+    names (``mnist``, ``mnist.yaml``, or ``recipes/mnist.yaml`` as the shipped recipes' folder was once named);
+    anything else is a UserError listing the shipped ones."""
     p = Path(path)
     if p.is_file():
         return p
-    if p.suffix == "" and p.name == str(path) and (RECIPES / f"{p.name}.yaml").is_file():
-        return RECIPES / f"{p.name}.yaml"
+    if p.suffix in ("", ".yaml") and p.parent in (Path("."), Path("recipes")) and (RECIPES / f"{p.stem}.yaml").is_file():
+        return RECIPES / f"{p.stem}.yaml"
     raise UserError(f"recipe not found: {path} (give a YAML file, or a shipped recipe: {', '.join(shipped())})")
 
 
@@ -485,12 +486,14 @@ def _check_distillation(r: Recipe):
         if d.export > len(d.peers):
             raise UserError(f"distillation.export must be 0 (the student) to {len(d.peers)} (the last peer), "
                             f"got {d.export}")
-    if any(r.distils(s) for s in r.stages.enabled()):  # the Distiller's own rules, said before anything trains
-        from edge_kd.distill.distiller import KnowledgeError, check_knowledge
+    # the Distiller's own rules, said before anything trains (its terms only where a stage distils with them)
+    from edge_kd.distill.distiller import KnowledgeError, check_knowledge
 
-        teachers = 1 + len(d.extra_teachers) if d.mode == "teacher" and r.teacher is not None else 0
-        try:
-            check_knowledge(built, teachers, d.teacher_weights, d.combine, d.mode == "mean_teacher",
-                            len(d.peers) if d.mode == "mutual" else 0)
-        except KnowledgeError as e:
-            raise UserError(f"distillation: {e}") from None
+    teachers = 1 + len(d.extra_teachers) if d.mode == "teacher" and r.teacher is not None else 0
+    distils = any(r.distils(s) for s in r.stages.enabled())
+    try:
+        check_knowledge(built if distils else [], teachers, d.teacher_weights, d.combine, d.mode == "mean_teacher",
+                        len(d.peers) if d.mode == "mutual" else 0)
+    except KnowledgeError as e:  # its messages start with the argument, which is the recipe's key where there is one
+        key = str(e).split()[0]
+        raise UserError(f"distillation.{e}" if key in DistillationSpec.model_fields else f"distillation: {e}") from None

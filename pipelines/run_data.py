@@ -6,11 +6,11 @@ import numpy as np
 
 def load(ctx):
     """Returns the run's ``DataBundle`` (train, val and test splits), loaded on first use."""
-    if ctx.data is None:
+    if ctx.loaded.data is None:
         from edge_kd import data
 
-        ctx.data = data.load_config(ctx.recipe.data, seed=ctx.recipe.seed)
-    return ctx.data
+        ctx.loaded.data = data.load_config(ctx.recipe.data, seed=ctx.recipe.seed)
+    return ctx.loaded.data
 
 
 def steps_per_epoch(ctx) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edge_kd.errors import UserError
 from edge_kd.fileio import sha256_file
-from pipelines import codehash, run_data
+from pipelines import run_data
 
 
 def data_key(ctx) -> dict:
@@ -28,16 +28,10 @@ def training_key(ctx) -> dict:
 
 
 def distillation_key(ctx) -> dict:
-    """Returns what distilling depends on: the loss and the code of its terms, the teacher and the extra teachers'
-    files.
-
-    The terms' code is that of the modules their classes live in (``edge_kd.distill.soft_targets``, ...): a stage
-    that distils with them runs it, one that does not never imports it.
-    """
+    """Returns what distilling depends on: the loss, the teacher and the extra teachers' files (the code of the
+    loss's terms is the runner's: ``pipelines.runner.stage_modules``)."""
     r = ctx.recipe
-    families = sorted({type(t).__module__ for t in r.distillation.build_terms()})
-    return {"distillation": r.distillation.model_dump(), "terms_code": codehash.code_hash(families),
-            "teacher": teacher_key(ctx),
+    return {"distillation": r.distillation.model_dump(), "teacher": teacher_key(ctx),
             "extra_teachers": [file_key(ctx, t.path) for t in r.distillation.extra_teachers]}
 
 
@@ -54,8 +48,8 @@ def teacher_key(ctx):
 def file_key(ctx, path, what: str = "teacher file") -> str:
     """Returns the sha256 of a user's file (hashed once per run); ``what`` names it in the error of a missing one."""
     path = str(path)
-    if path not in ctx.file_keys:
+    if path not in ctx.loaded.file_keys:
         if not Path(path).is_file():
             raise UserError(f"{what} not found: {path}")
-        ctx.file_keys[path] = sha256_file(path)
-    return ctx.file_keys[path]
+        ctx.loaded.file_keys[path] = sha256_file(path)
+    return ctx.loaded.file_keys[path]

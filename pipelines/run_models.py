@@ -58,32 +58,33 @@ def bit_rule(ctx):
 def teacher(ctx):
     """Returns the frozen teacher taking the student's input and giving logits (loaded once per strategy)."""
     key = _strategy_key()
-    if key not in ctx.teachers:
+    if key not in ctx.loaded.teachers:
         from edge_kd import builtin_teachers, train
 
         t = ctx.recipe.teacher
         # float32 even inside a mixed-precision stage: the adapter's log-probabilities need its range
         with train.precision("float32"):
             model = loaded_teacher(teacher_file(ctx), t.trust)
-            ctx.teachers[key], adapted = adapt(ctx, model, t.input_range, t.path)
+            ctx.loaded.teachers[key], adapted = adapt(ctx, model, t.input_range, t.path)
         shipped = None if t.path is None else builtin_teachers.name_of(t.path)
         by = "edge-kd" if t.path is None else f"edge-kd, shipped ({shipped})" if shipped else "user"
         # a trained teacher's file is named within the run folder (the run's results may be shared: runner)
         where = str(teacher_file(ctx).relative_to(ctx.run_dir)) if t.path is None else str(teacher_file(ctx))
         ctx.teacher_info = {**adapted, "trained_by": by, "file": where}
-    return ctx.teachers[key]
+    return ctx.loaded.teachers[key]
 
 
 def extra_teachers(ctx) -> list:
     """Returns ``distillation.extra_teachers``, each loaded, adapted and frozen."""
     key = _strategy_key()
-    if key not in ctx.extra_teachers:
+    if key not in ctx.loaded.extra_teachers:
         from edge_kd import train
 
         with train.precision("float32"):  # as teacher()
-            ctx.extra_teachers[key] = [adapt(ctx, loaded_teacher(t.path, t.trust), t.input_range, t.path)[0]
-                                       for t in ctx.recipe.distillation.extra_teachers]
-    return ctx.extra_teachers[key]
+            ctx.loaded.extra_teachers[key] = [
+                adapt(ctx, loaded_teacher(t.path, t.trust), t.input_range, t.path)[0]
+                for t in ctx.recipe.distillation.extra_teachers]
+    return ctx.loaded.extra_teachers[key]
 
 
 def teachers(ctx) -> list:

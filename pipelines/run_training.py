@@ -19,11 +19,12 @@ def strategy(ctx):
     """Returns the tf.distribute strategy of ``training.strategy`` (built once), or None for one device."""
     if ctx.recipe.training.strategy == "none":
         return None
-    if ctx.strategy is None:
+    if ctx.loaded.strategy is None:
         from edge_kd.keras import tf
 
-        ctx.strategy = tf.distribute.MirroredStrategy()  # every GPU of this host (the CPU when there is none)
-    return ctx.strategy
+        # every GPU of this host (the CPU when there is none)
+        ctx.loaded.strategy = tf.distribute.MirroredStrategy()
+    return ctx.loaded.strategy
 
 
 def scope(ctx, stage):
@@ -86,15 +87,16 @@ def distiller(ctx, student, stage: str, peers=None, teachers=None, distil: bool 
 
 def teacher_cache(ctx, model) -> dict:
     """Returns the teachers' logits of the train and val images, (images, teachers, classes) each, computed once."""
-    if ctx.teacher_cache is None:
+    if ctx.loaded.teacher_cache is None:
         import time
 
         start = time.perf_counter()
         data = run_data.load(ctx)
-        ctx.teacher_cache = {split: _predict(model.teacher_logits, data, split) for split in ("train", "val")}
-        print(f"  teacher cache: logits of {sum(len(v) for v in ctx.teacher_cache.values())} images in "
+        ctx.loaded.teacher_cache = {split: _predict(model.teacher_logits, data, split)
+                                    for split in ("train", "val")}
+        print(f"  teacher cache: logits of {sum(len(v) for v in ctx.loaded.teacher_cache.values())} images in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
-    return ctx.teacher_cache
+    return ctx.loaded.teacher_cache
 
 
 def fit(ctx, model, epochs: int, learning_rate: float, callbacks=(), optimizer=None) -> dict:

@@ -52,7 +52,7 @@ def stage_fingerprint(ctx: Context, name: str) -> str:
     stage = ctx.stages[name]
     settings = ctx.settings(name)
     key = {"stage": name, "settings": settings.model_dump(), "key": stage.key(ctx),
-           "code": codehash.code_hash(stage_modules(stage)),
+           "code": codehash.code_hash(stage_modules(stage, ctx)),
            # what an input stage wrote, not only how it was configured: a rerun of it that wrote
            # other bytes (training is not bit-reproducible) makes this stage rerun too
            "inputs": {d: fingerprint([ctx.manifests[d]["fingerprint"], ctx.manifests[d]["files"]])
@@ -60,9 +60,14 @@ def stage_fingerprint(ctx: Context, name: str) -> str:
     return fingerprint(key)
 
 
-def stage_modules(stage) -> list[str]:
-    """Returns the modules whose closure is a stage's code: its own module, which imports what the stage runs."""
-    return [type(stage).__module__]
+def stage_modules(stage, ctx=None) -> list[str]:
+    """Returns the modules whose closure is a stage's code: its own module, which imports what the stage runs, and
+    for a stage that distils (in ``ctx``'s recipe) the modules of its loss terms (``edge_kd.distill.soft_targets``,
+    ...), which it reaches through the recipe rather than an import."""
+    modules = [type(stage).__module__]
+    if ctx is not None and ctx.recipe.distils(stage.name):
+        modules += sorted({type(t).__module__ for t in ctx.recipe.distillation.build_terms()})
+    return modules
 
 
 def read_manifest(path: Path) -> dict | None:

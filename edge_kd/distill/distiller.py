@@ -61,8 +61,9 @@ def check_knowledge(terms: Sequence[LossTerm], teachers: int, teacher_weights=No
     if teacher_weights is not None:
         w = [float(v) for v in teacher_weights]
         if len(w) != teachers or any(v < 0 for v in w) or sum(w) <= 0:
-            raise KnowledgeError(f"teacher_weights must be {teachers} non-negative numbers with a positive sum "
-                                 f"(one per teacher), got {list(teacher_weights)!r}")
+            raise KnowledgeError(f"teacher_weights must be {teachers} non-negative numbers with a positive sum (one per "
+                                 f"teacher, in order: in a recipe the teacher, then extra_teachers), got "
+                                 f"{list(teacher_weights)!r}")
 
 
 class _Progress(keras.callbacks.Callback):

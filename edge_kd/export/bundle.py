@@ -14,7 +14,7 @@ Example::
     from edge_kd.export.bundle import measured_from, pick, write_bundle
 
     rows = json.load(open("tflite_out/mnist-cnn/benchmark/models.json"))["models"]
-    row = pick(rows)                                  # a ModelRow: the smallest int8 student within 0.5 pp
+    row = pick(rows)  # the smallest integer student within 0.5 pp on validation (benchmark.validation: true)
     b = data.load("mnist", limit_test=16)
     write_bundle("tflite_out/mnist-cnn/bundle", "tflite_out/mnist-cnn/" + row.path,
                  class_names=b.info.class_names, input_scale=b.info.input_scale,

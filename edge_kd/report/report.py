@@ -17,7 +17,7 @@ import io
 import math
 from pathlib import Path
 
-from edge_kd.bench.results import LATENCY_FIELDS, ModelRow, rows_of
+from edge_kd.bench.results import LATENCY_FIELDS, LATENCY_SUMMARY, ModelRow, rows_of
 from edge_kd.bench.stats import KB
 from edge_kd.fileio import write_bytes, write_json, write_text
 
@@ -341,7 +341,7 @@ def latency_ties(results: dict) -> list[str]:
     for threads in _threads(results):
         timed = sorted((lat["median_ms"], lat["q1_ms"], lat["q3_ms"], m.name) for m in _rows(results)
                        for lat in [_latency(m, threads)]
-                       if lat and all(_num(lat.get(k)) for k in ("median_ms", "q1_ms", "q3_ms")))
+                       if lat and all(_num(lat.get(k)) for k in LATENCY_SUMMARY))
         chains, chain = [], []
         for med, q1, q3, name in timed:
             if chain and q1 > chain[-1][1]:  # this IQR starts above the previous one's end: a rank is shown

@@ -45,8 +45,7 @@ class Baseline(Stage):
         student = run_models.build_student(ctx)  # the same initial weights as the distilled student
         # The distill stage's augmentation, drawn from the same seed: only the teacher differs.
         history = run_training.fit(ctx, run_training.distiller(ctx, student, "distill", distil=False),
-                                   r.stages.baseline.epochs,
-                          r.stages.distill.learning_rate)
+                                   r.stages.baseline.epochs, r.stages.distill.learning_rate)
         saved = save_student(student, out / self.model_file, ctx.stage_dir(self.name).name)
         write_json(out / "history.json", history)
         return {"val_accuracy": history["val_accuracy"][-1], **saved}

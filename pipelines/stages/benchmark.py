@@ -61,7 +61,8 @@ class Benchmark(Stage):
         from edge_kd.export import tflite
         from edge_kd.fileio import write_json
 
-        r, info, data = ctx.recipe, run_data.load(ctx).info, run_data.load(ctx)
+        r, data = ctx.recipe, run_data.load(ctx)
+        info = data.info
         y_test = data.labels("test")
         plan = json.loads((ctx.stage_dir("export") / "exports.json").read_text())
         sources = {}

@@ -12,7 +12,8 @@ from pipelines.types import RuntimeVersion
 
 
 class BundleSettings(StageSettings):
-    #: the exported model to bundle, e.g. qat-int8; default: the smallest int8 model within tolerance_pp of the best
+    #: the exported model to bundle, e.g. qat-int8; default: the smallest integer model within tolerance_pp of the
+    #: best, by validation accuracy
     pick: Optional[Str] = None
     #: accuracy points the default pick may give up for size
     tolerance_pp: Annotated[Float, Field(ge=0)] = 0.5
@@ -51,7 +52,7 @@ class Bundle(Stage):
 
         import numpy as np
 
-        import edge_kd
+        from edge_kd.version import __version__
         from edge_kd.bench.results import rows_of
         from edge_kd.export import bundle as bundle_mod
         r, spec, info = ctx.recipe, ctx.settings(self.name), run_data.load(ctx).info
@@ -62,6 +63,6 @@ class Bundle(Stage):
         bundle_mod.write_bundle(out, ctx.run_dir / chosen.path, class_names=list(info.class_names),
                                 input_scale=info.input_scale, input_offset=info.input_offset, golden_x_raw=x_raw,
                                 measured=bundle_mod.measured_from(chosen), recipe_hash=fingerprint(r.to_dict()),
-                                version=edge_kd.__version__)
+                                version=__version__)
         return {"model": chosen.name, "accuracy": chosen.accuracy, "size_bytes": chosen.size_bytes,
                 "min_runtime": chosen.min_runtime, "for_runtime": spec.min_runtime}

@@ -26,7 +26,8 @@ class Report(Stage):
         from edge_kd.bench.results import rows_of
         from edge_kd.report import report
 
-        r, info, b = ctx.recipe, run_data.load(ctx).info, run_data.load(ctx)
+        r, b = ctx.recipe, run_data.load(ctx)
+        info = b.info
         bench = json.loads((ctx.stage_dir("benchmark") / "models.json").read_text())
         histories, summaries = {}, {}
         for stage in ctx.enabled():

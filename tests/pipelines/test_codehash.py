@@ -14,7 +14,7 @@ FAMILIES = ("edge_kd/distill/losses.py", "edge_kd/distill/soft_targets.py", "edg
             "edge_kd/distill/relational.py")
 #: what decides which stages run with which settings: their result enters a fingerprint as values, never as code
 ORCHESTRATING = ("pipelines/recipe.py", "pipelines/registry.py", "pipelines/runner.py", "pipelines/run.py",
-                 "pipelines/context.py", "pipelines/compress.py", "pipelines/api.py")
+                 "pipelines/context.py", "pipelines/compress.py", "pipelines/api.py", "pipelines/codehash.py")
 
 
 def _closure(name, root=None):
@@ -27,7 +27,7 @@ def test_each_stage_runs_its_own_module_and_what_it_imports_and_nothing_that_orc
         assert {f"pipelines/stages/{name}.py", "pipelines/stage.py"} <= set(files)
         assert all(len(digest) == 64 for digest in files.values())
         assert not set(ORCHESTRATING) & set(files), name
-        # no stage imports a loss family: a stage that distils has its terms' code in its key (run_keys)
+        # no stage imports a loss family: the runner adds the modules of the terms a stage distils with
         assert not set(FAMILIES) & set(files), name
     for name in TRAINING:  # every training stage runs the Distiller and the data code
         files = _closure(name)
@@ -99,14 +99,12 @@ def test_editing_a_loss_family_reruns_the_stages_that_distil_with_it_and_no_othe
     assert {n for n in before if after[n] != before[n]} == changed
 
 
-def _imports(path, module):
-    """Returns the project modules a source file imports: at module level, in functions and under TYPE_CHECKING
-    alike (the lazy names of a package's ``__getattr__`` aside: they import on use, after the package loaded)."""
+def _imports(path, module, modules):
+    """Returns the project modules a source file imports: at module level, in functions, under TYPE_CHECKING and in a
+    package's lazy ``__getattr__`` alike. ``from package import submodule`` counts as the submodule alone (the
+    package's ``__init__`` runs too, and is counted by its own imports)."""
     tree, found = ast.parse(path.read_text()), set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__" and node in tree.body:
-            node.body = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -115,22 +113,26 @@ def _imports(path, module):
             if node.level:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
+            for a in node.names:
+                found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base)
     return found
 
 
-def test_no_module_of_the_project_is_in_an_import_circle():
+def _modules():
     modules = {}
     for pkg in codehash.PACKAGES:
         for f in (codehash.ROOT / pkg).rglob("*.py"):
             rel = f.relative_to(codehash.ROOT).with_suffix("")
-            name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
-            modules[name] = f
+            modules[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = f
+    return modules
+
+
+def test_no_module_of_the_project_is_in_an_import_circle():
+    modules = _modules()
     graph = {}
     for name, f in modules.items():
         targets = set()
-        for imp in _imports(f, name):
+        for imp in _imports(f, name, modules):
             while imp and imp not in modules:  # module.attribute -> module
                 imp = imp.rpartition(".")[0]
             if imp and imp != name:
@@ -175,3 +177,17 @@ def test_the_bundle_readme_templates_are_code_of_the_stage_that_writes_them(tree
         f.write("\nan edit\n")
     after = {n: codehash.code_hash(runner.stage_modules(s), tree) for n, s in registry.STAGES.items()}
     assert {n for n in registry.STAGES if after[n] != before[n]} == {"bundle"}
+
+
+def test_project_code_imports_from_the_module_that_defines_a_name():
+    # a package's lazy names (edge_kd.distill's Distiller, ...) are for users: the code hash follows imports of
+    # modules, so `from edge_kd.distill import Distiller` in project code would hide distiller.py from a stage's hash
+    modules = _modules()
+    lazy = {name for name, f in modules.items() if f.name == "__init__.py" and "def __getattr__" in f.read_text()}
+    wrong = []
+    for name, f in modules.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module in lazy:
+                wrong += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                          if f"{node.module}.{a.name}" not in modules and a.name != "__version__"]
+    assert not [w for w in wrong if not w.startswith(("edge_kd: ", "edge_kd.distill: "))], wrong

@@ -118,7 +118,8 @@ RECIPE_MISTAKES = {
                                    ["distillation.export", "0", "1", "3"]),
     "unknown peer": ("teacher: null\ndistillation: {mode: mutual, peers: [{arch: vgg99}]}\n"
                      "stages: {distill: {}, export: {}, benchmark: {}, report: {}}\n", ["peers.0.arch", "vgg99"]),
-    "teacher weights count": ("distillation: {teacher_weights: [1, 2]}\n", ["teacher_weights", "1 non-negative"]),
+    "teacher weights count": ("distillation: {teacher_weights: [1, 2]}\n",
+                              ["distillation.teacher_weights", "1 non-negative", "teacher, then extra_teachers"]),
     "extra teacher range not numbers": ("distillation: {extra_teachers: [{path: a.keras, input_range: [0, x]}]}\n",
                                         ["extra_teachers.0.input_range", "[lo, hi]"]),
     "bad extra teacher": ("distillation: {extra_teachers: [{file: a.keras}]}\n", ["extra_teachers.0", "path"]),
@@ -230,8 +231,10 @@ def test_missing_recipe_file_is_a_user_error(tmp_path):
 
 def test_a_shipped_recipe_is_named_by_its_name_and_a_wrong_name_lists_them(tmp_path, monkeypatch):
     assert recipe.shipped() == sorted(p.stem for p in recipe.RECIPES.glob("*.yaml")) and "mnist" in recipe.shipped()
-    assert recipe.load("mnist") == recipe.load(recipe.RECIPES / "mnist.yaml")
     monkeypatch.chdir(tmp_path)
+    assert recipe.load("mnist") == recipe.load(recipe.RECIPES / "mnist.yaml")
+    # the recipes' folder as it was once named, or the file's name, where no such file is here
+    assert recipe.load("mnist.yaml") == recipe.load("recipes/mnist.yaml") == recipe.load("mnist")
     # a file of that name here is the user's, and wins
     (tmp_path / "mnist").write_text((recipe.RECIPES / "mnist.yaml").read_text() + "\nname: mine\n")
     assert recipe.load("mnist").name == "mine"
