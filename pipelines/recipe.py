@@ -494,6 +494,5 @@ def _check_distillation(r: Recipe):
     try:
         check_knowledge(built if distils else [], teachers, d.teacher_weights, d.combine, d.mode == "mean_teacher",
                         len(d.peers) if d.mode == "mutual" else 0)
-    except KnowledgeError as e:  # its messages start with the argument, which is the recipe's key where there is one
-        key = str(e).split()[0]
-        raise UserError(f"distillation.{e}" if key in DistillationSpec.model_fields else f"distillation: {e}") from None
+    except KnowledgeError as e:  # the argument at fault is the recipe key of the same name
+        raise UserError(f"distillation.{e}" if e.key else f"distillation: {e}") from None

@@ -36,7 +36,12 @@ from edge_kd.keras import keras, tf
 
 class KnowledgeError(UserError, ValueError):
     """Terms and sources of knowledge that do not fit together (a ValueError to the Python API, a one-line
-    UserError to the pipeline, whose recipe keys are the Distiller's argument names)."""
+    UserError to the pipeline). ``key`` is the argument at fault where one is (``combine``, ``teacher_weights``):
+    the recipe's ``distillation`` section has keys of the same names."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(f"{key} {message}" if key else message)
+        self.key = key
 
 
 def check_knowledge(terms: Sequence[LossTerm], teachers: int, teacher_weights=None, combine: str = "fixed",
@@ -51,7 +56,7 @@ def check_knowledge(terms: Sequence[LossTerm], teachers: int, teacher_weights=No
     if sources > 1:
         raise KnowledgeError("give one source of knowledge: teacher(s), ema_decay (mean teacher) or peers (DML)")
     if combine not in COMBINE:
-        raise KnowledgeError(f"combine must be one of {', '.join(COMBINE)}, got {combine!r}")
+        raise KnowledgeError(f"must be one of {', '.join(COMBINE)}, got {combine!r}", key="combine")
     if any(t.needs_teacher for t in terms) and not sources:
         raise KnowledgeError("distillation terms need a teacher (or ema_decay, or peers)")
     if peers and not all(t.reads_only_logits() for t in terms):
@@ -61,9 +66,9 @@ def check_knowledge(terms: Sequence[LossTerm], teachers: int, teacher_weights=No
     if teacher_weights is not None:
         w = [float(v) for v in teacher_weights]
         if len(w) != teachers or any(v < 0 for v in w) or sum(w) <= 0:
-            raise KnowledgeError(f"teacher_weights must be {teachers} non-negative numbers with a positive sum (one per "
-                                 f"teacher, in order: in a recipe the teacher, then extra_teachers), got "
-                                 f"{list(teacher_weights)!r}")
+            raise KnowledgeError(f"must be {teachers} non-negative numbers with a positive sum (one per teacher, in "
+                                 f"order: in a recipe the teacher, then extra_teachers), got {list(teacher_weights)!r}",
+                                 key="teacher_weights")
 
 
 class _Progress(keras.callbacks.Callback):

@@ -52,13 +52,14 @@ class Bundle(Stage):
 
         import numpy as np
 
-        from edge_kd.version import __version__
         from edge_kd.bench.results import rows_of
         from edge_kd.export import bundle as bundle_mod
-        r, spec, info = ctx.recipe, ctx.settings(self.name), run_data.load(ctx).info
+        from edge_kd.version import __version__
+
+        r, spec, data = ctx.recipe, ctx.settings(self.name), run_data.load(ctx)
+        info = data.info
         rows = rows_of(json.loads((ctx.stage_dir("benchmark") / "models.json").read_text())["models"])
         chosen = bundle_mod.pick(rows, tolerance_pp=spec.tolerance_pp, name=spec.pick, min_runtime=spec.min_runtime)
-        data = run_data.load(ctx)
         x_raw = data.raw("test", np.random.default_rng(r.seed).permutation(data.count("test"))[: spec.golden])
         bundle_mod.write_bundle(out, ctx.run_dir / chosen.path, class_names=list(info.class_names),
                                 input_scale=info.input_scale, input_offset=info.input_offset, golden_x_raw=x_raw,
