@@ -1,0 +1,108 @@
+"""Images from a teacher alone (DeepInversion): the BN-statistics loss against NumPy, determinism, and that the
+optimisation moves a batch's statistics towards the ones the teacher recorded."""
+import numpy as np
+import pytest
+
+from edge_kd import datafree
+from edge_kd.errors import UserError
+from edge_kd.keras import keras
+
+layers = keras.layers
+
+
+def _bn_teacher(seed=0):
+    """conv → BN → ReLU → conv → BN → ReLU → GAP → logits, its BN moving statistics set to known values."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8, 8, 1))
+    x = layers.Conv2D(4, 3, padding="same", name="c1")(inp)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.ReLU()(x)
+    x = layers.Conv2D(6, 3, padding="same", name="c2")(x)
+    x = layers.BatchNormalization(name="bn2")(x)
+    x = layers.ReLU()(x)
+    out = layers.Dense(3, name="logits")(layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(seed)
+    for name, c in (("bn1", 4), ("bn2", 6)):
+        bn = model.get_layer(name)
+        bn.moving_mean.assign(rng.normal(0.0, 0.2, c).astype(np.float32))
+        bn.moving_variance.assign(rng.uniform(0.02, 0.1, c).astype(np.float32))
+    return model
+
+
+def _reference(model, x):
+    """The loss in NumPy: the BN inputs computed layer by layer (conv as a sum over the 3×3 window)."""
+    def conv(a, layer):
+        k, b = (w.numpy() for w in layer.weights)
+        p = np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        out = np.zeros(a.shape[:3] + (k.shape[-1],))
+        for i in range(3):
+            for j in range(3):
+                out += p[:, i:i + a.shape[1], j:j + a.shape[2]] @ k[i, j]
+        return out + b
+
+    def bn(a, layer):
+        g, beta, m, v = (w.numpy() for w in layer.weights)
+        return np.maximum(g * (a - m) / np.sqrt(v + layer.epsilon) + beta, 0)
+
+    total, a = 0.0, x.astype(np.float64)
+    for c, b in (("c1", "bn1"), ("c2", "bn2")):
+        a = conv(a, model.get_layer(c))
+        layer = model.get_layer(b)
+        total += np.linalg.norm(a.mean((0, 1, 2)) - layer.moving_mean.numpy())
+        total += np.linalg.norm(a.var((0, 1, 2)) - layer.moving_variance.numpy())
+        a = bn(a, layer)
+    return total
+
+
+def test_bn_statistics_loss_matches_numpy_and_the_layers_are_restored():
+    model = _bn_teacher()
+    x = np.random.default_rng(1).uniform(0, 1, (5, 8, 8, 1)).astype(np.float32)
+    bn = datafree.batchnorm_layers(model)
+    assert [layer.name for layer in bn] == ["bn1", "bn2"]
+    with datafree.recording(bn) as seen:
+        model(x, training=False)
+    assert [layer.name for layer, _ in seen] == ["bn1", "bn2"]
+    np.testing.assert_allclose(float(datafree.bn_statistics_loss(seen)), _reference(model, x), rtol=1e-5)
+    with datafree.recording(bn) as again:
+        pass
+    model(x, training=False)
+    assert again == []  # outside the block nothing is recorded
+
+
+def test_the_bn_layers_of_a_nested_model_are_found():
+    inner = _bn_teacher()
+    inp = keras.Input((8, 8, 1))
+    outer = keras.Model(inp, inner(inp))
+    assert [layer.name for layer in datafree.batchnorm_layers(outer)] == ["bn1", "bn2"]
+
+
+def _config(**kw):
+    return datafree.InversionConfig(**{"steps": 30, "learning_rate": 0.1, "jitter": 1, **kw})
+
+
+def test_synthesis_is_the_same_for_a_seed_and_moves_the_statistics_towards_the_recorded_ones():
+    model = _bn_teacher()
+    labels = datafree.balanced_labels(12, 3, seed=0)
+    images = datafree.Inverter(model, (8, 8, 1), config=_config()).synthesize(labels, seed=3)
+    assert images.dtype == np.uint8 and images.shape == (12, 8, 8, 1)
+    again = datafree.Inverter(model, (8, 8, 1), config=_config()).synthesize(labels, seed=3)
+    np.testing.assert_array_equal(images, again)
+    other = datafree.Inverter(model, (8, 8, 1), config=_config()).synthesize(labels, seed=4)
+    assert not np.array_equal(images, other)
+    noise = np.random.default_rng(0).integers(0, 256, images.shape).astype(np.float32) / 255
+    assert _reference(model, images.astype(np.float32) / 255) < 0.5 * _reference(model, noise)
+
+
+def test_a_teacher_without_batch_normalization_is_refused_with_the_reason():
+    inp = keras.Input((8, 8, 1))
+    model = keras.Model(inp, layers.Dense(3)(layers.Flatten()(inp)))
+    with pytest.raises(UserError, match="no BatchNormalization layer: DeepInversion matches the statistics"):
+        datafree.Inverter(model, (8, 8, 1))
+
+
+def test_balanced_labels_hold_every_class_equally_and_depend_on_the_seed():
+    labels = datafree.balanced_labels(23, 10, seed=0)
+    counts = np.bincount(labels, minlength=10)
+    assert counts.sum() == 23 and set(counts) == {2, 3} and (counts == 3).sum() == 3
+    assert not np.array_equal(labels, datafree.balanced_labels(23, 10, seed=1))
