@@ -35,23 +35,24 @@ MIN_GAIN_PP, MAX_INT8_BYTES, MAX_GAP_PP, MAX_MINUTES = 0.5, 30_000, 2.0, 10.0
 
 def _run(r, out: Path, what: str):
     start = time.perf_counter()
-    run_dir = run(r, out=out, command=f"benchmarks/default_gain.py ({what})", stream=io.StringIO())
+    run_dir = run(r, out=out, command=f"benchmarks/{Path(sys.argv[0]).name} ({what})", stream=io.StringIO())
     seconds = time.perf_counter() - start
     return run_dir, seconds, {m.name: m for m in rows_of(json.loads((run_dir / "results.json").read_text())["models"])}
 
 
-def tfmot_only(seed: int, out: Path) -> dict:
-    """Runs the default's stages without a teacher at ``seed``; returns its final int8 model's figures."""
-    r = recipe_mod.load(recipe_mod.RECIPES / "fashion_mnist_tfmot_only.yaml")
-    r = recipe_mod.apply_overrides(r, [f"seed={seed}", f"name=tfmot-only-seed{seed}"])
+def tfmot_only(seed: int, out: Path, recipe: str = "fashion_mnist_tfmot_only", name: str = "tfmot-only",
+               extra=()) -> dict:
+    """Runs ``recipe`` (the distilling recipe's stages without a teacher) at ``seed``; returns its final int8
+    model's figures."""
+    r = recipe_mod.apply_overrides(recipe_mod.load(recipe), [f"seed={seed}", f"name={name}-seed{seed}", *extra])
     run_dir, seconds, models = _run(r, out, f"tfmot-only, seed {seed}")
     return {"tfmot_int8": models["qat-int8"].accuracy, "tfmot_int8_bytes": models["qat-int8"].size_bytes,
             "tfmot_seconds": round(seconds, 1), "tfmot_run": str(run_dir)}
 
 
-def one(seed: int, out: Path, extra: list[str]) -> dict:
-    """Runs the default recipe at ``seed``; returns what it measured."""
-    r = recipe_mod.apply_overrides(recipe_mod.load(), [f"seed={seed}", f"name=default-seed{seed}", *extra])
+def one(seed: int, out: Path, extra: list[str], recipe: str | None = None, name: str = "default") -> dict:
+    """Runs ``recipe`` (the default one when None) at ``seed``; returns what it measured."""
+    r = recipe_mod.apply_overrides(recipe_mod.load(recipe), [f"seed={seed}", f"name={name}-seed{seed}", *extra])
     run_dir, seconds, models = _run(r, out, f"seed {seed}")
     val = {s: json.loads((run_dir / "manifests" / f"{s}.json").read_text()).get("summary", {}).get("val_accuracy")
            for s in ("distill", "baseline")}

@@ -13,6 +13,7 @@ FOLDER = Path(__file__).parent / "_data" / "teachers"
 #: name → (file in FOLDER, the recipe that trained it)
 BUILTIN_TEACHERS = {
     "fashion_mnist": ("fashion_mnist_resnet8w2.keras", "pipelines/recipes/fashion_mnist_teacher.yaml"),
+    "cifar10": ("cifar10_fastcnn.keras", "pipelines/recipes/cifar10_teacher.yaml"),
 }
 PREFIX = "builtin:"
 

@@ -57,9 +57,18 @@ def test_resnet8_has_mlperf_tiny_parameter_count():
     # conv 3×3×1→12 (no bias) + BN(12) 4·12, conv 3×3×12→24 + BN 4·24, flatten 7·7·24 → 10
     ("cnn", {}, 9 * 12 + 48 + 9 * 12 * 24 + 96 + 7 * 7 * 24 * 10 + 10),
     ("cnn", {"width": 0.5, "head": "gap"}, 9 * 8 + 32 + 9 * 8 * 12 + 48 + 12 * 10 + 10),
+    # stem 3×3×1→8 + BN; per width w (from c): 3×3×c→w + BN, 3×3×w→w + BN; max-pooled w → 10
+    ("fastcnn", {"widths": (8, 16), "stem": 8},
+     9 * 8 + 32 + (9 * 8 * 8 + 32 + 9 * 8 * 8 + 32) + (9 * 8 * 16 + 64 + 9 * 16 * 16 + 64) + 16 * 10 + 10),
 ])
 def test_parameter_counts_follow_the_options(name, kw, ref):
     assert models.build(name, (28, 28, 1), 10, **kw).count_params() == ref
+
+
+def test_fastcnn_halves_the_map_per_block_and_has_its_documented_size():
+    model = models.build("fastcnn", (32, 32, 3), 10)
+    assert model.count_params() == 1_980_384 + 10  # 1.98 M (the logits keep their bias)
+    assert model.get_layer("block3_b_relu").output_shape == (None, 4, 4, 256)
 
 
 def test_mobilenet_stem_strides_only_on_larger_inputs():
