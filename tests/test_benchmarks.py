@@ -119,3 +119,33 @@ def test_streaming_quick_mode_trains_from_a_streamed_folder_and_times_both_paths
     # the folder is reused when it matches what is asked
     spec = streaming.make_folder(tmp_path / "images", 32, 1000)
     assert spec == big["folder"]
+
+
+def test_multiworker_times_the_epochs_after_the_first_and_counts_whole_global_batches_across_replicas():
+    multiworker = _script("multiworker")
+    got = multiworker.images_per_second([9.0, 2.0, 4.0, 3.0], 600)  # the first epoch traces: left out
+    assert got["images_per_second"] == pytest.approx(200.0) and got["timed_epochs"] == 3
+    with pytest.raises(ValueError):
+        multiworker.images_per_second([5.0], 600)
+    assert multiworker.epoch_images(5399, replicated=False) == 5399
+    assert multiworker.epoch_images(5399, replicated=True) == 42 * 128  # each epoch drops its short last batch
+    assert multiworker.contention((0.3, 0.2, 0.1), 2) is None
+    assert "load average 2.96 on 2 cores" in multiworker.contention((2.96, 2.9, 2.9), 2)
+
+
+def test_cifar10_targets_need_the_mean_gain_every_seed_and_the_mlperf_size_and_accuracy():
+    cifar10 = _script("cifar10")
+
+    def row(gain, final, tfmot, size=98_000):
+        return {"teacher": 0.86, "distilled": 0.84 + gain / 100, "baseline": 0.84, "distilled_val": 0.85,
+                "baseline_val": 0.84, "gain_pp": gain, "final_int8": final, "final_int8_bytes": size,
+                "tfmot_int8": tfmot, "tfmot_gain_pp": 100 * (final - tfmot), "seconds": 1.0, "tfmot_seconds": 1.0}
+
+    met = cifar10.summarise([row(1.5, 0.86, 0.845), row(1.2, 0.85, 0.835), row(0.9, 0.855, 0.84)])
+    assert met["stats"]["gain_pp"]["mean"] == pytest.approx(1.2)
+    assert met["stats"]["gain_pp"]["std"] == pytest.approx(np.std([1.5, 1.2, 0.9], ddof=1))
+    assert all(met["targets"].values()), met["targets"]
+    missed = cifar10.summarise([row(3.0, 0.86, 0.85), row(-0.1, 0.84, 0.84), row(1.0, 0.86, 0.85, size=98_497)])
+    assert missed["targets"] == {"distilled_beats_alone_by_1.0_pp": True, "distilled_beats_alone_at_every_seed": False,
+                                 "kd_prune_pqat_int8_beats_tfmot_alone_by_1.0_pp": False,
+                                 "int8_at_most_98496_bytes_reaches_85_%": False}
