@@ -156,7 +156,8 @@ class DataBundle:
             yield self.normalise(x[start:start + batch_size]), y[start:start + batch_size]
 
     def dataset(self, split: str, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
-                teacher_logits: np.ndarray | None = None, drop_remainder: bool = False, epochs: range | None = None):
+                teacher_logits: np.ndarray | None = None, drop_remainder: bool = False, epochs: range | None = None,
+                input_context=None):
         """Returns a batched tf.data pipeline of ``(normalised images, labels)`` for ``split``: one pass, or with
         ``epochs`` the passes of those epochs of a fit, one after another.
 
@@ -167,6 +168,14 @@ class DataBundle:
         ``{"image": images, "teacher_logits": rows}``: each image travels with its teachers' logits. A streamed
         split shuffles its images' addresses (every one, for files; within a buffer of
         ``TfdsImages.SHUFFLE_BUFFER`` records, for tfds) and reads and decodes them after.
+
+        ``input_context`` (a ``tf.distribute.InputContext``: one worker of a multi-worker job, given by
+        ``strategy.distribute_datasets_from_function``) makes it that worker's share of each batch of
+        ``batch_size`` (the global batch, which needs ``drop_remainder``): every worker draws the same order and
+        keeps the slice of its replicas (replica r takes examples ``r·b .. (r+1)·b - 1`` of each global batch, b =
+        ``batch_size`` / replicas), one batch per replica in turn. Only that slice is read: a streamed split
+        decodes only this worker's images (a tfds split reads every record's bytes, to shuffle them, and decodes
+        its own). The replicas' batches together are the one-process batches, in the same order.
         """
         from edge_kd.keras import tf
 
@@ -192,6 +201,8 @@ class DataBundle:
             # opened it once before its first epoch and once per epoch (tf_keras' DataHandler), so epoch e of every
             # run before this option existed saw that order; keeping it keeps their figures.
             ds = ds.repeat(epochs.stop + 1).skip((epochs.start + 1) * steps)
+        if input_context is not None and input_context.num_replicas_in_sync > 1:
+            ds = _replicas_share(ds, batch_size, drop_remainder, input_context)
 
         def inputs(pos, images):
             images = tf.cast(images, tf.float32) * scale + offset
@@ -210,10 +221,51 @@ class DataBundle:
 
         return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
+    def content_digest(self) -> str:
+        """Returns a sha256 of what the splits hold, wherever they lie: the info, the labels and the images (the pixels
+        in memory; for an image folder each file's path below the folder and size; for tfds the dataset, its
+        version and the records taken). Identical copies of the data in other places give the same digest."""
+        h = hashlib.sha256(repr(dataclasses.astuple(self.info)).encode())
+        stores = [self._split(s)[0] for s in ("train", "val", "test")]
+        files = [x.paths for x in stores if isinstance(x, ImageFiles)]
+        root = os.path.commonpath([p for paths in files for p in paths]) if files else ""
+        for split, x in zip(("train", "val", "test"), stores):
+            h.update(f"\n{split}:{len(x)}:".encode())
+            h.update(np.ascontiguousarray(self._split(split)[1]).tobytes())
+            if isinstance(x, ImageFiles):
+                for path in x.paths:
+                    h.update(f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}\n".encode())
+            elif isinstance(x, TfdsImages):
+                h.update(f"{self.source_digest}:{x.split}:{x.total}:".encode())
+                h.update(np.ascontiguousarray(x.positions).tobytes())
+            else:
+                h.update(np.ascontiguousarray(x).tobytes())
+        return h.hexdigest()
+
     def _split(self, split):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
         return getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+
+
+def _replicas_share(ds, batch_size: int, drop_remainder: bool, input_context):
+    """Returns batched ``ds`` (positions, or (position, address) pairs) cut to the slices of each global batch that
+    ``input_context``'s worker feeds to its replicas: one batch per replica, in the order of the replicas' ids."""
+    from edge_kd.keras import tf
+
+    if not drop_remainder:
+        raise ValueError("a global batch shared by replicas needs drop_remainder=True: a short last batch would leave "
+                         "some replica fewer examples than the others, or none")
+    per = input_context.get_per_replica_batch_size(batch_size)  # a ValueError unless the replicas divide it
+    local = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+    start = input_context.input_pipeline_id * local * per
+
+    def cut(*batch):
+        part = tf.nest.map_structure(lambda t: t[start:start + local * per], batch)
+        return part if len(part) > 1 else part[0]
+
+    ds = ds.map(cut)
+    return ds if local == 1 else ds.unbatch().batch(per, drop_remainder=True)
 
 
 class ImageStore:

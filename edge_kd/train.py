@@ -16,6 +16,7 @@ The optimizer and its schedule are ``edge_kd.optim.OptimizerConfig``'s.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import shutil
@@ -159,6 +160,11 @@ def fit(model, train, epochs: int, learning_rate: float, validation=None, callba
     (which needs the function), the state after each epoch is saved there, and a fit that finds a state of its
     key continues after its last finished epoch. A non-finite loss raises ``Diverged``; a Ctrl-C swallowed where
     it arrived (``edge_kd.interrupt``) is honoured at the end of the batch.
+
+    Under a multi-worker strategy (``tf.distribute.MultiWorkerMirroredStrategy`` over several workers), a function
+    ``train`` that takes an ``input_context`` argument is called with each worker's ``tf.distribute.InputContext``
+    and returns that worker's share of every global batch (``DataBundle.dataset(..., input_context=...)``); called
+    without it, it returns the global batches, which give the steps per epoch.
     """
     by_epoch = callable(train) and not isinstance(train, tf.data.Dataset)
     if resume is not None and not by_epoch:
@@ -173,7 +179,7 @@ def fit(model, train, epochs: int, learning_rate: float, validation=None, callba
         return done
     # An endless stream, so that Keras opens it once: it reopens a pipeline of one epoch's length before every
     # epoch, and one opened twice would draw its shuffled orders twice, so that no epoch sees its own.
-    batches = train(range(start, epochs)).repeat() if by_epoch else train
+    batches = _epochs_of(train, range(start, epochs)) if by_epoch else train
     history = model.fit(batches, validation_data=validation,
                         epochs=epochs, initial_epoch=start, steps_per_epoch=per_epoch if by_epoch else None,
                         verbose=verbosity() if verbose is None else verbose,
@@ -181,6 +187,16 @@ def fit(model, train, epochs: int, learning_rate: float, validation=None, callba
     if resume is not None:
         return done
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+def _epochs_of(train, epochs: range):
+    """Returns the batches of ``epochs`` as one endless stream: of the global batches, or under a multi-worker strategy
+    (where ``train`` takes an ``input_context``) each worker's own share of them."""
+    strategy = tf.distribute.get_strategy()
+    several_workers = getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)()
+    if not several_workers or "input_context" not in inspect.signature(train).parameters:
+        return train(epochs).repeat()
+    return strategy.distribute_datasets_from_function(lambda ctx: train(epochs, input_context=ctx).repeat())
 
 
 MIXED = "mixed_float16"

@@ -39,7 +39,7 @@ class RunResult:
 
 
 def compress_model(teacher=None, student=None, data=None, recipe=None, overrides=(), out="tflite_out",
-                   name: str | None = None, stream=None) -> RunResult:
+                   name: str | None = None, stream=None) -> RunResult | None:
     """Runs the pipeline and returns its ``RunResult``.
 
     - ``teacher``: a model file (as ``--teacher``), a tf_keras or Keras 3 model, or None for the recipe's;
@@ -50,7 +50,8 @@ def compress_model(teacher=None, student=None, data=None, recipe=None, overrides
     - ``out`` and ``name``: as ``--out`` and ``--run-name``; ``stream``: where progress goes (stdout).
 
     A user mistake raises ``UserError`` (one line); Ctrl-C raises ``KeyboardInterrupt`` after what finished was
-    kept, as the command does.
+    kept, as the command does. In a multi-worker job (``training.strategy: multi_worker``), which must be joined
+    before TensorFlow runs (so the models come as files), a worker other than the chief returns None.
     """
     from pipelines import recipe as recipe_mod
     from pipelines.run import run
@@ -72,6 +73,8 @@ def compress_model(teacher=None, student=None, data=None, recipe=None, overrides
         sets.append(f"name={json.dumps(name)}")
     r = recipe_mod.apply_overrides(recipe_mod.load(recipe), sets + list(overrides))
     run_dir = run(r, out=out, command="edge_kd.compress_model(...)", stream=stream or sys.stdout)
+    if run_dir is None:  # a worker of a multi-worker job that is not its chief: the chief has the results
+        return None
     from edge_kd.bench.results import rows_of
 
     results = json.loads((run_dir / "results.json").read_text())

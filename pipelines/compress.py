@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="[hinton weight, hard_weight = 1 - alpha] weight of the soft term: "
                         "loss = (1-alpha)*CE + alpha*T^2*KL, alpha in [0, 1]")
     g.add_argument("--seed", type=int, help="[seed] seed of weights, shuffling and the validation split")
+    g.add_argument("--worker-timeout", type=float, metavar="SECONDS",
+                   help="[training.worker_timeout] with training.strategy multi_worker: how long a worker waits for "
+                        "the others (to start, at each step) before it gives up with one line (default 600)")
     g = p.add_argument_group("export and benchmark")
     g.add_argument("--int8-float-io", action="store_true", default=None,
                    help="[stages.export.int8_io: false] keep float32 input/output on int8 models")
@@ -119,7 +122,7 @@ def _shortcut_overrides(args) -> list[str]:
               "teacher_arch": "teacher.arch", "teacher_epochs": "teacher.epochs", "student": "student.arch",
               "student_width": "student.options.width", "epochs": "stages.distill.epochs",
               "batch_size": "training.batch_size", "learning_rate": "training.learning_rate", "seed": "seed",
-              "threads": "stages.benchmark.threads", "run_name": "name"}
+              "threads": "stages.benchmark.threads", "run_name": "name", "worker_timeout": "training.worker_timeout"}
     out = []
     for attr, key in simple.items():
         if getattr(args, attr) is not None:
@@ -198,8 +201,8 @@ def main(argv=None, quiet_native: bool = False) -> int:
         recipe = load_recipe(args)
         from pipelines.run import run
 
-        run_dir = run(recipe, out=args.out, command=command)
-        if quiet_native:
+        run_dir = run(recipe, out=args.out, command=command)  # None on a worker of a multi-worker job but the chief
+        if quiet_native and run_dir is not None:
             shutil.copyfile(native_log, run_dir / "native.log")
         return 0
 

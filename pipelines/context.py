@@ -38,9 +38,12 @@ class Loaded:
 class Context:
     """The recipe, the run folder and the stages of one run, with what its stages load once (in ``pipelines.run_*``)."""
 
-    def __init__(self, recipe: "Recipe", run_dir: Path, command: str, data=None):
-        """``data``: the recipe's data, already loaded (runs of one search share it); default: loaded when used."""
+    def __init__(self, recipe: "Recipe", run_dir: Path, command: str, data=None, cluster=None):
+        """``data``: the recipe's data, already loaded (runs of one search share it); default: loaded when used.
+        ``cluster``: the multi-worker job this process is a worker of (``pipelines.multiworker.Cluster``), or None; on a
+        worker other than the chief, ``run_dir`` is its scratch folder."""
         self.recipe, self.run_dir, self.command = recipe, Path(run_dir), command
+        self.cluster = cluster
         self.stages = registry.STAGES
         #: the manifest of each stage finished (or found finished) in this run, by name
         self.manifests: dict[str, dict] = {}

@@ -132,9 +132,12 @@ class TrainingSpec(OptimizerConfig):
     learning_rate: Annotated[Float, Field(gt=0)] = 2e-3
     #: label smoothing of the students' cross-entropy (the teacher has its own, teacher.label_smoothing)
     label_smoothing: Annotated[Float, Field(ge=0, le=1)] = 0.0
-    #: tf.distribute for the stages that train: none (one device) or mirrored (this host's GPUs);
-    #: batch_size is then the global batch
-    strategy: Literal["none", "mirrored"] = "none"
+    #: tf.distribute for the stages that train: none (one device), mirrored (this host's GPUs) or multi_worker (the
+    #: hosts TF_CONFIG names, docs/distribution.md); batch_size is then the global batch
+    strategy: Literal["none", "mirrored", "multi_worker"] = "none"
+    #: multi_worker: the seconds a worker waits for the others: to start, at a barrier, at a collective step; a
+    #: worker that died is noticed sooner (heartbeats). Not part of any fingerprint
+    worker_timeout: Annotated[Float, Field(gt=0)] = 600.0
     #: the teacher, distill and baseline stages compute in mixed_float16 (for GPUs; loss terms stay float32,
     #: models are saved in float32); pruning and QAT stay in float32
     mixed_precision: Bool = False
@@ -486,6 +489,16 @@ def _check_distillation(r: Recipe):
         if d.export > len(d.peers):
             raise UserError(f"distillation.export must be 0 (the student) to {len(d.peers)} (the last peer), "
                             f"got {d.export}")
+    if r.training.strategy != "none":  # what the Distiller refuses across replicas, said before anything trains
+        if d.mode == "mean_teacher":
+            raise UserError(f"distillation.mode mean_teacher updates its teacher inside each step, which is not done "
+                            f"across replicas; training.strategy {r.training.strategy} needs another mode, or use "
+                            f"training.strategy: none")
+        banked = [t.name for t in built if getattr(t, "bank_size", 0)]
+        if banked:
+            raise UserError(f"distillation.terms {', '.join(banked)} with a memory bank (bank_size > 0) would be "
+                            f"written apart by the replicas of training.strategy {r.training.strategy}; use "
+                            f"bank_size: 0 (in-batch negatives) or training.strategy: none")
     # the Distiller's own rules, said before anything trains (its terms only where a stage distils with them)
     from edge_kd.distill.distiller import KnowledgeError, check_knowledge
 

@@ -23,8 +23,20 @@ def training_key(ctx) -> dict:
     r = ctx.recipe
     weights = None if r.student.weights is None else file_key(ctx, r.student.weights, "student.weights")
     path = None if r.student.path is None else file_key(ctx, r.student.path, "student.path")
-    return {**data_key(ctx), "training": r.training.model_dump(), "student": r.student.model_dump(),
-            "student_weights": weights, **({"student_file": path} if path else {})}
+    return {**data_key(ctx), "training": r.training.model_dump(exclude={"worker_timeout"}), **replicas_key(ctx),
+            "student": r.student.model_dump(), "student_weights": weights, **({"student_file": path} if path else {})}
+
+
+def replicas_key(ctx) -> dict:
+    """Returns, for a multi-worker job, its replicas (each replica takes its share of every batch, draws its own
+    augmentation and keeps its own batch statistics, so their count shapes the result: a job restarted on another
+    number of workers trains its stages again); else nothing."""
+    if ctx.recipe.training.strategy != "multi_worker":
+        return {}
+    if ctx.cluster is None:
+        raise UserError("training.strategy: multi_worker runs through pipelines.run.run, which joins the workers of "
+                        "TF_CONFIG before TensorFlow runs anything")
+    return {"replicas": ctx.cluster.replicas}
 
 
 def distillation_key(ctx) -> dict:

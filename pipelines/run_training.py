@@ -16,9 +16,18 @@ from pipelines import run_data, run_models
 
 
 def strategy(ctx):
-    """Returns the tf.distribute strategy of ``training.strategy`` (built once), or None for one device."""
+    """Returns the tf.distribute strategy of ``training.strategy`` (built once), or None for one device.
+
+    A multi-worker job's strategy is the process's, made when the run began (``ctx.cluster``,
+    ``pipelines.multiworker``).
+    """
     if ctx.recipe.training.strategy == "none":
         return None
+    if ctx.recipe.training.strategy == "multi_worker":
+        if ctx.cluster is None:
+            raise UserError("training.strategy: multi_worker runs through pipelines.run.run, which joins the workers "
+                            "of TF_CONFIG before TensorFlow runs anything")
+        return ctx.cluster.strategy
     if ctx.loaded.strategy is None:
         from edge_kd.keras import tf
 
@@ -35,7 +44,10 @@ def scope(ctx, stage):
         return scopes
     s = strategy(ctx)
     if s is not None:
-        print(f"  {stage.name}: {type(s).__name__} over {s.num_replicas_in_sync} replicas", flush=True)
+        # (MultiWorkerMirroredStrategy's class is named CollectiveAllReduceStrategy)
+        kind = (f"MultiWorkerMirroredStrategy over {s.num_replicas_in_sync} replicas on {ctx.cluster.count} workers"
+                if ctx.cluster is not None else f"{type(s).__name__} over {s.num_replicas_in_sync} replicas")
+        print(f"  {stage.name}: {kind}", flush=True)
         scopes.enter_context(s.scope())
     if ctx.recipe.training.mixed_precision and stage.mixed_precision:
         from edge_kd import train
@@ -118,9 +130,10 @@ def fit(ctx, model, epochs: int, learning_rate: float, callbacks=(), optimizer=N
     # Across replicas a short last batch could leave one replica no examples (NaN batch statistics)
     replicated = model.distribute_strategy.num_replicas_in_sync > 1
 
-    def batches(epochs):  # each epoch's order from the seed and its number: a resumed fit sees the same
+    def batches(epochs, input_context=None):  # each epoch's order from the seed and its number: a resumed fit sees
+        # the same; in a multi-worker job each worker takes its replicas' slices of every global batch
         return b.dataset("train", tr.batch_size, seed=ctx.recipe.seed, teacher_logits=cache["train"],
-                         drop_remainder=replicated, epochs=epochs)
+                         drop_remainder=replicated, epochs=epochs, input_context=input_context)
 
     try:
         return train.fit(model, batches, epochs, learning_rate,

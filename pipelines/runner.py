@@ -12,6 +12,11 @@ A stage that trains saves its state after each epoch in ``.resume/<stage>/`` (``
 keyed by the stage's fingerprint): a stage killed or interrupted mid-training reruns from the epoch it had
 reached, not from its start, and gives what an uninterrupted run would have. A finished stage removes it.
 
+In a multi-worker job (``training.strategy: multi_worker``, ``pipelines.multiworker``) every worker walks the same
+stages: the chief decides each training stage's fate from its run folder and sends the others what they lack (the
+results of the earlier stages the stage reads, its saved epochs), every worker trains it in step, and the chief
+alone runs the stages that do not train. The other workers write into their scratch folder only.
+
 Runs that share a ``store`` folder (the candidates of ``pipelines.search``) share their stages: a stage
 one run finished is copied into the store under its fingerprint, and another run whose stage has that
 very fingerprint (the same settings, recipe parts, inputs and code) takes it from there instead of
@@ -31,7 +36,7 @@ from pathlib import Path
 from edge_kd import interrupt
 from edge_kd.errors import UserError
 from edge_kd.fileio import clean_leftovers, sha256_file, staging_dir, swap_dir, write_json
-from pipelines import codehash, run_training
+from pipelines import codehash, multiworker, run_training
 from pipelines.context import Context
 from pipelines.fingerprint import fingerprint
 
@@ -132,6 +137,44 @@ def _link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
 
 
+def _reads_all(ctx: Context, name: str) -> list[str]:
+    """Returns the stages whose files stage ``name`` reads, directly or through the stages it reads."""
+    found, todo = [], list(ctx.stages[name].reads(ctx))
+    while todo:
+        d = todo.pop()
+        if d not in found:
+            found.append(d)
+            todo.extend(ctx.stages[d].reads(ctx))
+    return found
+
+
+def _for_workers(ctx: Context, name: str, fp: str, held: set) -> dict:
+    """Returns the files (path in the run folder: file) the other workers of a job lack to run stage ``name`` with
+    fingerprint ``fp`` as the chief does: the results (and manifests) of the stages it reads that they do not hold
+    (``held``, which grows by those), and the epochs of it saved so far."""
+    files = {}
+    for d in _reads_all(ctx, name):
+        if d in held:
+            continue
+        held.add(d)
+        for path in [*sorted(ctx.stage_dir(d).rglob("*")), ctx.manifest_path(d)]:
+            if path.is_file():
+                files[path.relative_to(ctx.run_dir).as_posix()] = path
+    saved = ctx.epoch_checkpoints(name, fp)
+    if saved.epochs_done():
+        for path in sorted(saved.folder.rglob("*")):
+            if path.is_file():
+                files[path.relative_to(ctx.run_dir).as_posix()] = path
+    return files
+
+
+def _resume_line(name: str, saved: int) -> str:
+    if saved:
+        return (f"its finished epochs are kept: start the same command on every worker again to resume stage "
+                f"'{name}' after its epoch {saved}")
+    return f"start the same command on every worker again to run stage '{name}' (no epoch of it had finished)"
+
+
 def _forget_epochs(ctx: Context, resume) -> None:
     """Removes a finished stage's saved epochs, and ``.resume`` itself once no stage is part-way."""
     resume.clear()
@@ -147,18 +190,35 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
     """
     stream = stream or sys.stdout
     names = ctx.enabled()
+    job = ctx.cluster  # a multi-worker job, or None
+    lead = job is None or job.is_chief  # this process decides, from the run folder
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     clean_leftovers(ctx.run_dir)
     if store is not None:
         Path(store).mkdir(parents=True, exist_ok=True)
         clean_leftovers(store)
+    trained = [n for n in names if ctx.stages[n].trains] if job is not None else []
+    held: set[str] = set()  # the stages whose results the other workers of the job hold
     records = []
     for i, name in enumerate(names, 1):
         stage = ctx.stages[name]
-        fp = stage_fingerprint(ctx, name)
         folder = ctx.stage_dir(name)
-        manifest = is_finished(folder, ctx.manifest_path(name), fp)
         label = f"[{i}/{len(names)}] {name}"
+        if not lead and not stage.trains:
+            print(f"{label}: left to the chief, {job.name(0)}", file=stream, flush=True)
+            records.append(StageRecord(name, skipped=True))
+            continue
+        if lead:
+            fp = stage_fingerprint(ctx, name)
+            manifest = is_finished(folder, ctx.manifest_path(name), fp)
+            if job is not None and stage.trains:  # the others skip it, or train it from what this run folder holds
+                job.decide(name, fp, manifest is not None, {} if manifest else _for_workers(ctx, name, fp, held))
+        else:
+            fp, finished = job.follow(name, ctx.run_dir)
+            manifest = {"stage": name, "fingerprint": fp} if finished else None
+            for d in names:  # the manifests of the stages the chief sent
+                if d not in ctx.manifests and (m := read_manifest(ctx.manifest_path(d))) is not None:
+                    ctx.manifests[d] = m
         if manifest is not None:
             print(f"{label}: finished earlier with the same settings, inputs and code, skipped", file=stream,
                   flush=True)
@@ -167,6 +227,8 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
             if store is not None and stage.shareable:  # a run killed between its manifest and the store
                 put_in_store(store, name, folder, manifest)
             records.append(StageRecord(name, skipped=True))
+            if trained and name == trained[-1]:
+                job.release()
             continue
         if store is not None and stage.shareable:
             manifest = take_from_store(store, name, fp, folder, ctx.manifest_path(name))
@@ -194,6 +256,8 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
                 saved = resume.epochs_done()
                 raise interrupt.Interrupted(f"stage '{name}'", f"'{name}'" + (f", after its epoch {saved}" if saved
                                                                              else "")) from None
+            if job is not None and multiworker.is_lost(e):  # another worker died or stopped answering
+                raise job.lost(e, f"stage '{name}'", _resume_line(name, resume.epochs_done())) from None
             if isinstance(e, UserError):
                 raise UserError(f"stage '{name}': {e}") from None
             raise
@@ -211,7 +275,12 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
         if store is not None and stage.shareable:
             put_in_store(store, name, folder, manifest)
         records.append(StageRecord(name, skipped=False, seconds=seconds))
+        if stage.trains:  # every worker trained it, each into its own folder
+            held.add(name)
         print(f"{label}: done in {seconds:.1f} s", file=stream, flush=True)
-    for name in names:
-        ctx.stages[name].publish(ctx)
+        if trained and name == trained[-1]:
+            job.release()
+    if lead:
+        for name in names:
+            ctx.stages[name].publish(ctx)
     return records

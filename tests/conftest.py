@@ -64,7 +64,8 @@ def teacher(mnist):
 #: The test files that take longest (measured: `pytest --durations`), longest first. The suite runs in two worker
 #: processes, each taking whole files in turn (pyproject.toml); starting with these keeps the two busy to the end
 #: instead of one finishing a long file alone. Only an order: a file missing here runs after them, as collected.
-LONGEST_FIRST = ("tests/pipelines/test_search.py", "tests/pipelines/test_default_run.py", "tests/test_models.py",
+LONGEST_FIRST = ("tests/pipelines/test_search.py", "tests/pipelines/test_default_run.py",
+                 "tests/pipelines/test_multiworker.py", "tests/test_models.py",
                  "tests/pipelines/test_photos.py", "tests/distill/test_distribute.py", "tests/pipelines/test_compress.py",
                  "tests/pipelines/test_families_pipeline.py", "tests/distill/test_families.py",
                  "tests/pipelines/test_ctrl_c.py", "tests/test_keras3.py")

@@ -30,7 +30,8 @@ class Teacher(Stage):
                                       "label_smoothing"}) if t.finetune else t.model_dump())
         return {**run_keys.data_key(ctx), "batch_size": tr.batch_size, "strategy": tr.strategy,
                 "mixed_precision": tr.mixed_precision, "teacher": spec,
-                "weights": None if t.weights is None else run_keys.file_key(ctx, t.weights, "teacher.weights")}
+                "weights": None if t.weights is None else run_keys.file_key(ctx, t.weights, "teacher.weights"),
+                **run_keys.replicas_key(ctx)}
 
     def check(self, ctx):
         # the architecture and its options build for this data (at the rule's crop), its weights file loads

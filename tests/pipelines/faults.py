@@ -2,6 +2,8 @@
 (compress or search) in a real process that signals itself at a point the test chooses, not one a sleep guesses at:
 
 - ``kill <stage> <n>``: SIGKILL (as ``kill -9``) right after stage ``<stage>`` saved its epoch ``<n>``;
+- ``kill batch:<stage>:<e> <n>``: SIGKILL at the end of training batch ``<n>`` of stage ``<stage>``'s epoch ``<e>``
+  (mid-epoch: in a multi-worker job, after the other workers began that epoch with this one);
 - ``sigint batch:<stage> <n>``: Ctrl-C (SIGINT) at the end of training batch ``<n>`` of stage ``<stage>``'s first
   epoch, inside the Keras callback that TensorFlow calls there;
 - ``sigint convert <n>``: Ctrl-C when the TFLite converter's calibration loop asks for its sample ``<n>``;
@@ -27,6 +29,28 @@ def _kill_after_saving(stage, epoch):
             os.kill(os.getpid(), signal.SIGKILL)
 
     train.EpochCheckpoints.save = save_then_die
+
+
+def _kill_at_batch(stage, epoch, n):
+    from edge_kd import interrupt, train
+    from edge_kd.keras import keras
+
+    real = train.fit
+
+    class AtBatch(keras.callbacks.Callback):
+        def on_epoch_begin(self, e, logs=None):
+            self.epoch = e + 1
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch == epoch and batch == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def fit(*args, callbacks=(), **kw):
+        if (interrupt.where() or "").startswith(f"stage '{stage}'"):
+            callbacks = [*callbacks, AtBatch()]
+        return real(*args, callbacks=callbacks, **kw)
+
+    train.fit = fit
 
 
 def _sigint_at_batch(stage, n):
@@ -88,7 +112,10 @@ def main(argv):
     fault, where, n, sep, command, *args = argv
     assert sep == "--" and command in ("compress", "search"), argv
     n = int(n)
-    if fault == "kill":
+    if fault == "kill" and where.startswith("batch:"):
+        _, stage, epoch = where.split(":")
+        _kill_at_batch(stage, int(epoch), n)
+    elif fault == "kill":
         _kill_after_saving(where, n)
     elif fault == "sigint" and where.startswith("batch:"):
         _sigint_at_batch(where.split(":", 1)[1], n)

@@ -14,7 +14,8 @@ FAMILIES = ("edge_kd/distill/losses.py", "edge_kd/distill/soft_targets.py", "edg
             "edge_kd/distill/relational.py")
 #: what decides which stages run with which settings: their result enters a fingerprint as values, never as code
 ORCHESTRATING = ("pipelines/recipe.py", "pipelines/registry.py", "pipelines/runner.py", "pipelines/run.py",
-                 "pipelines/context.py", "pipelines/compress.py", "pipelines/api.py", "pipelines/codehash.py")
+                 "pipelines/context.py", "pipelines/compress.py", "pipelines/api.py", "pipelines/codehash.py",
+                 "pipelines/multiworker.py")
 
 
 def _closure(name, root=None):
