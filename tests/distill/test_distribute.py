@@ -159,33 +159,8 @@ def test_mixed_precision_terms_agree_with_float32_and_the_loss_is_scaled():
         keras.mixed_precision.set_global_policy("float32")
 
 
-PIPELINE = textwrap.dedent("""
-    import json, sys
-    from edge_kd.keras import tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from pipelines import recipe as recipe_mod
-    from pipelines.run import run
-
-    r = recipe_mod.apply_overrides(recipe_mod.load(), [
-        "training.strategy=mirrored", "data.limit_train=320", "data.limit_test=128", "stages.distill.epochs=1",
-        "prune.epochs=1", "prune.frequency=1", "qat.epochs=1", "export.variants=[int8]", "bundle=false",
-        "benchmark.threads=[1]", "benchmark.min_seconds=0.05", "benchmark.warmup_seconds=0.01", "benchmark.rounds=3"])
-    run_dir = run(r, out=sys.argv[1])
-    models = json.loads((run_dir / "results.json").read_text())["models"]
-    print("RESULT " + json.dumps({m["name"]: [m["accuracy"], m.get("sparsity")] for m in models}))
-""")
-
-
-def test_the_pipeline_trains_under_mirrored_strategy_on_two_devices(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", PIPELINE, str(tmp_path)], capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("MirroredStrategy over 2 replicas") == 4  # distill, baseline, prune, qat
-    got = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    assert set(got) >= {"student", "baseline", "student-int8", "pruned-int8", "qat-int8"}
-    assert got["pruned-int8"][1] == pytest.approx(0.75, abs=0.02)  # pruning under the strategy reached its target
-    assert all(0 <= acc <= 1 for acc, _ in got.values())
+# The pipeline's stages under MirroredStrategy over two logical CPU devices, run as a command: the one-process
+# reference of tests/pipelines/test_multiworker.py (test_the_pipeline_trains_under_mirrored_strategy_on_two_devices).
 
 
 def test_the_pipeline_trains_in_mixed_precision_and_saves_and_exports_float32(tmp_path, capsys):

@@ -172,9 +172,10 @@ def job(recipe, tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(recipe), str(base / "one")], cwd=ROOT,
                           capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got_one = proc.stdout
     chief, other = _compress(recipe, base / "w0"), _compress(recipe, base / "w1")
     killed = ["tests.pipelines.faults", "kill", "batch:qat:2", "3", "--", "compress", *other[1:]]
-    got = {"one": base / "one" / "r", "run": base / "w0" / "r", "other_out": base / "w1"}
+    got = {"one": base / "one" / "r", "one_stdout": got_one, "run": base / "w0" / "r", "other_out": base / "w1"}
     for step, commands in (("killed", [chief, killed]), ("resumed", [chief, other]), ("again", [chief, other])):
         (base / step).mkdir()
         got[step] = _job(base / step, commands)
@@ -243,6 +244,17 @@ def test_the_chief_has_what_one_process_trains_over_the_same_two_replicas(job):
     assert ours.keys() == theirs.keys()
     for name in ours:  # a test image whose top two logits tie within 1e-6 may go either way (1 of 100 is 0.01)
         assert ours[name] == theirs[name] if not name.startswith("qat") else abs(ours[name] - theirs[name]) <= 0.02
+
+
+@pytest.mark.slow
+def test_the_pipeline_trains_under_mirrored_strategy_on_two_devices(job):
+    # the one-process reference itself: every stage that trains ran under MirroredStrategy over two logical CPU
+    # devices, and pruning under the strategy reached its target in the exported file
+    assert job["one_stdout"].count("MirroredStrategy over 2 replicas") == 3  # distill, prune, qat
+    models = {m["name"]: m for m in json.loads((job["one"] / "results.json").read_text())["models"]}
+    assert {"student", "student-dynamic", "pruned-dynamic", "qat-int8"} <= set(models)
+    assert models["pruned-dynamic"]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert all(0 <= m["accuracy"] <= 1 for m in models.values())
 
 
 @pytest.mark.slow
