@@ -178,7 +178,7 @@ def summary_lines(results: dict) -> list[str]:
     lines = [f"- **Ship `{b.get('path', 'bundle')}/{ship.name}.tflite`**: {_int(ship.size_bytes)} bytes, "
              f"{_pct(ship.accuracy)} % top-1 on the test set"
              + (f", {lat:.3f} ms a batch-1 inference at {threads} thread(s) (median)" if _num(lat) else "")
-             + (f", loads on TFLite / LiteRT {runtime} or later" if runtime else "") + "."]
+             + (f", loads on TFLite / LiteRT {runtime} or later" if runtime else "") + "." + _picked(b)]
     teacher = next((m for m in rows if m.role == "teacher" and m.format == "tflite"), None) or \
         next((m for m in rows if m.role == "teacher"), None)
     if teacher is not None and _num(teacher.accuracy) and _num(ship.accuracy):
@@ -193,6 +193,18 @@ def summary_lines(results: dict) -> list[str]:
                      f"against {_pct(alone)} %), in this one run: one seed, so not yet a gain or a loss (under the "
                      "table).")
     return lines
+
+
+def _picked(bundle: dict) -> str:
+    """Returns how the bundle's file was chosen, as a sentence after the ship line ("" for a bundle recorded
+    without it)."""
+    if bundle.get("picked_by") == "name":
+        return " Named by the recipe (`stages.bundle.pick`)."
+    if bundle.get("picked_by") == "validation" and _num(bundle.get("val_accuracy")):
+        return (f" Picked on the validation split, never the test split: the smallest file within "
+                f"{bundle.get('tolerance_pp', 0.5):g} pp of the best student file's validation accuracy, integer "
+                f"ones first (its own: {_pct(bundle['val_accuracy'])} %).")
+    return ""
 
 
 def _distilled_and_alone(results: dict) -> tuple[float, float] | None:

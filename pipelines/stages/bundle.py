@@ -66,4 +66,7 @@ class Bundle(Stage):
                                 measured=bundle_mod.measured_from(chosen), recipe_hash=fingerprint(r.to_dict()),
                                 version=__version__)
         return {"model": chosen.name, "accuracy": chosen.accuracy, "size_bytes": chosen.size_bytes,
-                "min_runtime": chosen.min_runtime, "for_runtime": spec.min_runtime}
+                "min_runtime": chosen.min_runtime, "for_runtime": spec.min_runtime,
+                # how it was chosen, for the report: named in the recipe, or on the validation split
+                "picked_by": "name" if spec.pick is not None else "validation",
+                "tolerance_pp": spec.tolerance_pp, "val_accuracy": chosen.val_accuracy}

@@ -122,6 +122,9 @@ def test_the_default_recipe_end_to_end_with_the_shipped_teacher(default_run):
     shipped = by_name[results["bundle"]["model"]]  # the report's answer, also the last lines on the terminal
     assert (f"- Ship bundle/{shipped['name']}.tflite: {shipped['size_bytes']:,} bytes, "
             f"{100 * shipped['accuracy']:.2f} % top-1 on the test set") in stdout
+    assert (f"Picked on the validation split, never the test split: the smallest file within 0.5 pp of the best "
+            f"student file's validation accuracy, integer ones first (its own: "
+            f"{100 * shipped['val_accuracy']:.2f} %).") in stdout
     assert "- Against the teacher (teacher-fp32, " in stdout and "- Distillation: " in stdout and " pp over the same student trained alone (" in stdout
     assert (run / "bundle" / f"{shipped['name']}.tflite").is_file()
     from edge_kd.bench import litert

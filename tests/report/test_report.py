@@ -154,6 +154,17 @@ def test_stage_parity_and_distillation_sections(results):
     assert "**Ship `bundle/qat-int8.tflite`**: 18,900 bytes, 98.80 % top-1 on the test set, 0.010 ms a batch-1 " \
            "inference at 1 thread(s) (median)" in short
     assert "- Against the teacher (teacher-fp32, 99.12 %): -0.32 pp, at 1.6 % of its 1,200,000 bytes." in short
+    assert "Picked on" not in short and "Named by" not in short  # a bundle recorded before it said how it was chosen
+    # how the file was chosen: on the validation split by default, or named by the recipe
+    from edge_kd.report.report import summary_lines
+
+    chosen = {**results, "bundle": {**results["bundle"], "picked_by": "validation", "tolerance_pp": 0.5,
+                                    "val_accuracy": 0.9874}}
+    assert summary_lines(chosen)[0].endswith(
+        "(median). Picked on the validation split, never the test split: the smallest file within 0.5 pp of the best "
+        "student file's validation accuracy, integer ones first (its own: 98.74 %).")
+    named = {**results, "bundle": {**results["bundle"], "picked_by": "name"}}
+    assert summary_lines(named)[0].endswith(" Named by the recipe (`stages.bundle.pick`).")
     assert ("- Distillation: +0.04 pp over the same student trained alone (98.90 % against 98.86 %), in this one run: "
             "one seed, so not yet a gain or a loss (under the table).") in short
     assert md.index("## In short") < md.index("| model | role |")
