@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_kd.fileio import write_json  # noqa: E402
+from pipelines.multiworker import loopback_job  # noqa: E402
 
 BATCH = 128
 #: the distill stage alone; what the run needs after it (export, benchmark, report) as short as it goes
@@ -137,23 +137,12 @@ def worker(spec: dict) -> int:
 
 
 # -- the runs ---------------------------------------------------------------------------------------------------------
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def run(name: str, strategy: str, cores: list, folder: Path, args, env=None) -> dict:
     """Runs the distill stage with ``strategy`` as one process per entry of ``cores`` (a core, or None for every core);
     returns the chief's epoch times and the processes' exit status."""
     sets = [*SETS, f"training.strategy={strategy}", f"distill.epochs={args.epochs}",
             f"data.limit_train={args.limit_train}", f"name={name.replace(' ', '_')}"]
-    ports = _free_ports(len(cores))
+    tf_configs = loopback_job(len(cores))
     procs = []
     try:
         for i, core in enumerate(cores):
@@ -162,8 +151,7 @@ def run(name: str, strategy: str, cores: list, folder: Path, args, env=None) -> 
                     "args": ["--out", str(folder / f"out{i}"), *[a for s in sets for a in ("--set", s)]]}
             worker_env = {**os.environ, **(env or {})}
             if strategy == "multi_worker":
-                worker_env["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                                                      "task": {"type": "worker", "index": i}})
+                worker_env["TF_CONFIG"] = tf_configs[i]
             log = open(folder / f"{name}-{i}.log", "w")
             procs.append((subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], cwd=ROOT,
                                            env=worker_env, stdout=log, stderr=subprocess.STDOUT,

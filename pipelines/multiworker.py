@@ -311,6 +311,23 @@ def read_tf_config(text: str | None = None) -> tuple[list, int]:
     return tasks, place[0]
 
 
+def loopback_job(n: int) -> list[str]:
+    """Returns TF_CONFIG for each of ``n`` workers of a job on this machine, on ports of 127.0.0.1 free now (another
+    program may still take one before the worker listens on it): a job to try on one host, as the tests and
+    ``benchmarks/multiworker.py`` do."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        hosts = [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    return [json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}) for i in range(n)]
+
+
 #: the watchdog of the wait for the workers: TensorFlow waits holding Python's lock, so no thread of this process can
 #: run meanwhile (not even Ctrl-C's): a small process of its own ends this one, with one line, after the timeout or at
 #: Ctrl-C; it ends quietly when its stdin closes (the wait is over, or this process ended)

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 
 from edge_kd.errors import UserError
+from pipelines.multiworker import loopback_job
 
 ROOT = Path(__file__).resolve().parents[2]
 #: a small job: 360 training images, a global batch of 32 (16 a replica), a CNN with batch normalisation, a shift
@@ -63,22 +63,6 @@ ONE_PROCESS = textwrap.dedent("""
 """)
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _tf_config(ports, index):
-    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                       "task": {"type": "worker", "index": index}})
-
-
 class Worker:
     """One finished worker process: its exit status, stdout and stderr."""
 
@@ -97,14 +81,14 @@ def _job(tmp_path, commands, timeout=420, attempts=3):
     127.0.0.1; returns a ``Worker`` each. Every process is killed when the call ends, however it ends. Should another
     program take a port first (a worker cannot listen on it), the job starts again on other ports at once."""
     for attempt in range(attempts):
-        ports = _free_ports(len(commands))
+        tf_configs = loopback_job(len(commands))
         procs, logs = [], []
         try:
             for i, cmd in enumerate(commands):
                 logs.append((tmp_path / f"worker{i}.out", tmp_path / f"worker{i}.err"))
                 with open(logs[-1][0], "w") as o, open(logs[-1][1], "w") as e:
                     procs.append(subprocess.Popen([sys.executable, "-m", *cmd], cwd=ROOT, stdout=o, stderr=e,
-                                                  env={**os.environ, "TF_CONFIG": _tf_config(ports, i)},
+                                                  env={**os.environ, "TF_CONFIG": tf_configs[i]},
                                                   start_new_session=True))
             deadline, taken = time.monotonic() + timeout, False
             while any(p.poll() is None for p in procs) and not taken:
@@ -281,15 +265,15 @@ def test_workers_that_differ_are_refused_before_training_with_one_line_on_each(r
 
 @pytest.mark.slow
 def test_a_worker_whose_peers_never_start_gives_up_after_worker_timeout_with_one_line(recipe, tmp_path):
-    ports = _free_ports(2)
+    tf_config = loopback_job(2)[0]
+    a, b = json.loads(tf_config)["cluster"]["worker"]
     proc = subprocess.run([sys.executable, "-m", *_compress(recipe, tmp_path / "w0", "--worker-timeout", "3")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TF_CONFIG": _tf_config(ports, 0)})
+                          env={**os.environ, "TF_CONFIG": tf_config})
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"python -m pipelines.compress: error: worker 0 of 2 (127.0.0.1:{ports[0]}): not every worker of TF_CONFIG "
-        f"started within 3 s (training.worker_timeout): start the same command on each of 127.0.0.1:{ports[0]}, "
-        f"127.0.0.1:{ports[1]}")
+        f"python -m pipelines.compress: error: worker 0 of 2 ({a}): not every worker of TF_CONFIG "
+        f"started within 3 s (training.worker_timeout): start the same command on each of {a}, {b}")
     assert not (tmp_path / "w0").exists()
 
 
