@@ -17,6 +17,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_kd.errors import UserError
 from pipelines import registry
 
 if TYPE_CHECKING:
@@ -41,7 +42,11 @@ class Context:
     def __init__(self, recipe: "Recipe", run_dir: Path, command: str, data=None, cluster=None):
         """``data``: the recipe's data, already loaded (runs of one search share it); default: loaded when used.
         ``cluster``: the multi-worker job this process is a worker of (``pipelines.multiworker.Cluster``), or None; on a
-        worker other than the chief, ``run_dir`` is its scratch folder."""
+        worker other than the chief, ``run_dir`` is its scratch folder; a recipe of ``training.strategy: multi_worker``
+        needs it."""
+        if recipe.training.strategy == "multi_worker" and cluster is None:
+            raise UserError("training.strategy: multi_worker runs through pipelines.run.run, which joins the workers of "
+                            "TF_CONFIG before TensorFlow runs anything")
         self.recipe, self.run_dir, self.command = recipe, Path(run_dir), command
         self.cluster = cluster
         self.stages = registry.STAGES

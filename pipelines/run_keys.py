@@ -33,9 +33,6 @@ def replicas_key(ctx) -> dict:
     number of workers trains its stages again); else nothing."""
     if ctx.recipe.training.strategy != "multi_worker":
         return {}
-    if ctx.cluster is None:
-        raise UserError("training.strategy: multi_worker runs through pipelines.run.run, which joins the workers of "
-                        "TF_CONFIG before TensorFlow runs anything")
     return {"replicas": ctx.cluster.replicas}
 
 

@@ -23,10 +23,7 @@ def strategy(ctx):
     """
     if ctx.recipe.training.strategy == "none":
         return None
-    if ctx.recipe.training.strategy == "multi_worker":
-        if ctx.cluster is None:
-            raise UserError("training.strategy: multi_worker runs through pipelines.run.run, which joins the workers "
-                            "of TF_CONFIG before TensorFlow runs anything")
+    if ctx.recipe.training.strategy == "multi_worker":  # (a Context of such a recipe holds its job)
         return ctx.cluster.strategy
     if ctx.loaded.strategy is None:
         from edge_kd.keras import tf
