@@ -8,7 +8,7 @@ DeepInversion (Yin et al., CVPR 2020) optimises a batch of images, from noise, s
   ``‖μ_batch − μ_moving‖₂ + ‖σ²_batch − σ²_moving‖₂`` (``bn_statistics_loss``), the term that carries what
   the teacher knows about its data;
 - the images are smooth (the squared differences of neighbouring pixels) and not extreme (an l2 prior);
-- with ``adaptive`` > 0 (Adaptive DeepInversion) and a student, the images are also pulled to where the
+- given a student and ``adaptive`` > 0 (Adaptive DeepInversion), the images are also pulled to where the
   student and the teacher disagree: ``adaptive · (1 − JS(teacher ‖ student))``.
 
 Every step sees the batch jittered (a random roll of up to ``jitter`` pixels) and randomly flipped, so the
@@ -20,11 +20,11 @@ Everything random is drawn from ``seed``: the same seed gives the same images.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Annotated, ClassVar, Sequence
 
 import numpy as np
 
+from edge_kd.config import Bool, Config, Field, Float, Int
 from edge_kd.errors import UserError
 from edge_kd.keras import keras, tf
 
@@ -79,21 +79,19 @@ def _js_divergence(p_logits, q_logits) -> tf.Tensor:
     return tf.reduce_mean(0.5 * kl(p, m) + 0.5 * kl(q, m))
 
 
-@dataclass(frozen=True)
-class InversionConfig:
-    """The weights and schedule of one batch's optimisation (defaults measured on MNIST and Fashion-MNIST)."""
+class InversionConfig(Config):
+    """The weights and schedule of one batch's optimisation; a wrong value is a one-line UserError."""
 
-    steps: int = 200
-    learning_rate: float = 0.1
-    bn_weight: float = 1.0
+    KEY: ClassVar[str] = "synthesize"
+    steps: Annotated[Int, Field(ge=1)] = 200
+    learning_rate: Annotated[Float, Field(gt=0)] = 0.1
+    bn_weight: Annotated[Float, Field(ge=0)] = 1.0
     #: of the mean squared difference of neighbouring pixels (pixels in [0, 1])
-    tv_weight: float = 1.0
+    tv_weight: Annotated[Float, Field(ge=0)] = 1.0
     #: of the mean squared distance of the pixels (in [0, 1]) from mid-grey
-    l2_weight: float = 0.0
-    #: Adaptive DeepInversion's weight of 1 − JS(teacher ‖ student); 0 leaves the student out
-    adaptive: float = 0.0
-    jitter: int = 2
-    flip: bool = True
+    l2_weight: Annotated[Float, Field(ge=0)] = 0.0
+    jitter: Annotated[Int, Field(ge=0)] = 2
+    flip: Bool = True
 
 
 class Inverter:
@@ -118,8 +116,9 @@ class Inverter:
     def _inputs(self, z):
         return 255.0 * tf.sigmoid(z) * self.scale + self.offset
 
-    def losses(self, x, labels, student=None) -> dict:
-        """Returns the terms of the loss on model inputs ``x`` of classes ``labels`` (one forward pass)."""
+    def losses(self, x, labels, student=None, adaptive: float = 0.0) -> dict:
+        """Returns the terms of the loss on model inputs ``x`` of classes ``labels`` (one forward pass); with a
+        ``student`` and ``adaptive`` > 0, Adaptive DeepInversion's ``adaptive · (1 − JS(teacher ‖ student))`` too."""
         c = self.config
         with recording(self.bn) as seen:
             logits = self.teacher(x, training=False)
@@ -131,15 +130,22 @@ class Inverter:
         terms["l2"] = tf.reduce_mean(tf.square(raw - 0.5))
         terms["total"] = (terms["ce"] + c.bn_weight * terms["bn"] + c.tv_weight * terms["tv"]
                           + c.l2_weight * terms["l2"])
-        if student is not None and c.adaptive:
+        if student is not None and adaptive:
             terms["js"] = _js_divergence(logits, student(x, training=False))
-            terms["total"] += c.adaptive * (1.0 - terms["js"])
+            terms["total"] += adaptive * (1.0 - terms["js"])
         terms["accuracy"] = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
                                                    tf.float32))
         return terms
 
-    def synthesize(self, labels, seed: int, student=None, callback=None) -> np.ndarray:
-        """Returns uint8 images (N, H, W, C), one of each class in ``labels``, made from the seed ``seed``.
+    def statistics_loss(self, x) -> float:
+        """Returns ``bn_statistics_loss`` of the batch of model inputs ``x`` (as the teacher sees it, unjittered)."""
+        with recording(self.bn) as seen:
+            self.teacher(tf.constant(x, tf.float32), training=False)
+        return float(bn_statistics_loss(seen))
+
+    def synthesize(self, labels, seed: int, student=None, adaptive: float = 0.0, callback=None) -> np.ndarray:
+        """Returns uint8 images (N, H, W, C), one of each class in ``labels``, made from the seed ``seed`` (with a
+        ``student`` and ``adaptive`` > 0, also pulled to where it disagrees with the teacher: ``losses``).
 
         ``callback(step, terms)``, when given, is called every 50 steps and at the last.
         """
@@ -160,7 +166,7 @@ class Inverter:
                 if c.flip:
                     flip = tf.random.stateless_uniform((), s + 7) < 0.5
                     x = tf.cond(flip, lambda: tf.reverse(x, [2]), lambda: x)
-                terms = self.losses(x, labels, student)
+                terms = self.losses(x, labels, student, adaptive)
             opt.apply_gradients([(tape.gradient(terms["total"], z), z)])
             return terms
 

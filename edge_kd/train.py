@@ -25,7 +25,7 @@ from pathlib import Path
 
 from edge_kd import interrupt
 from edge_kd.errors import UserError
-from edge_kd.fileio import staging_dir, swap_dir, write_json
+from edge_kd.fileio import staging_dir, swap_dir, write_bytes, write_json
 from edge_kd.keras import keras, tf
 from edge_kd.optim import OptimizerConfig
 
@@ -104,6 +104,27 @@ class EpochCheckpoints:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+
+    def save_arrays(self, done: int, arrays: dict) -> None:
+        """For a stage that works in parts rather than epochs (``synthesize``'s batches): keeps the arrays of part
+        ``done`` (numbered from 1) and records that ``done`` parts are finished. The part's file is written whole
+        before the record names it, so a kill at any moment leaves the record and its parts consistent."""
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_bytes(self.folder / f"part-{done}.npz", buf.getvalue())
+        write_json(self.folder / self.STATE, {"key": self.key, "epochs": int(done), "history": {}})
+
+    def load_arrays(self, part: int) -> dict:
+        """Returns the arrays ``save_arrays`` kept of ``part``."""
+        import numpy as np
+
+        with np.load(self.folder / f"part-{part}.npz") as f:
+            return {k: f[k] for k in f.files}
 
     def epochs_done(self) -> int:
         """Returns the epochs the saved state holds (0 when there is none of this key)."""

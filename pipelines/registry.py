@@ -6,10 +6,12 @@ and one entry here, at the place in the order where it runs.
 from __future__ import annotations
 
 from pipelines.stage import Stage, StudentStage
-from pipelines.stages import baseline, benchmark, bundle, cluster, distill, export, prune, qat, report, teacher
+from pipelines.stages import (baseline, benchmark, bundle, cluster, distill, export, prune, qat, report, synthesize,
+                              teacher)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     teacher.Teacher(),
+    synthesize.Synthesize(),
     distill.Distill(),
     baseline.Baseline(),
     prune.Prune(),

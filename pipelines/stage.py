@@ -78,6 +78,8 @@ class Stage:
     #: its result holds nothing of the run it belongs to beyond its fingerprint, so runs sharing a store
     #: (``pipelines.runner``) may share it
     shareable: ClassVar[bool] = True
+    #: what the stage saves as it goes (``Context.begin_stage``'s checkpoints), in its resume line: epoch, or batch
+    resume_unit: ClassVar[str] = "epoch"
 
     def title(self, recipe) -> str:
         """Returns what the stage does, in a few words, for its progress line."""

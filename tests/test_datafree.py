@@ -106,3 +106,23 @@ def test_balanced_labels_hold_every_class_equally_and_depend_on_the_seed():
     counts = np.bincount(labels, minlength=10)
     assert counts.sum() == 23 and set(counts) == {2, 3} and (counts == 3).sum() == 3
     assert not np.array_equal(labels, datafree.balanced_labels(23, 10, seed=1))
+
+
+def test_the_adaptive_term_adds_its_weight_times_one_minus_the_js_divergence():
+    teacher = _bn_teacher(0)
+    inp = keras.Input((8, 8, 1))
+    student = keras.Model(inp, layers.Dense(3)(layers.Flatten()(inp)))
+    x = np.random.default_rng(2).uniform(0, 1, (6, 8, 8, 1)).astype(np.float32)
+    labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
+    inv = datafree.Inverter(teacher, (8, 8, 1), config=_config())
+    plain, adaptive = inv.losses(x, labels), inv.losses(x, labels, student, adaptive=0.5)
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(teacher(x).numpy().astype(np.float64)), softmax(student(x).numpy().astype(np.float64))
+    m = (p + q) / 2
+    js = np.mean(0.5 * (p * np.log(p / m)).sum(-1) + 0.5 * (q * np.log(q / m)).sum(-1))
+    assert "js" not in plain and float(adaptive["js"]) == pytest.approx(js, rel=1e-4)
+    assert float(adaptive["total"]) == pytest.approx(float(plain["total"]) + 0.5 * (1 - js), rel=1e-5)

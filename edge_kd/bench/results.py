@@ -51,6 +51,7 @@ class ModelRow:
     memory: Optional[dict] = None  # {peak_bytes, method}: peak memory at inference
     layer_error: Optional[dict] = None  # per-layer error against float (integer variants; edge_kd.bench.layer_error)
     float_layers: Optional[list] = None  # the layers an int8_mixed file keeps in float
+    calibration: Optional[str] = None  # what a calibrated .tflite was calibrated on: "train" or "synthetic" images
     val_accuracy: Optional[float] = None  # top-1 on the whole validation split (benchmark.validation)
 
     def __post_init__(self):

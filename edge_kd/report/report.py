@@ -94,6 +94,7 @@ def report_markdown(results: dict) -> str:
     if short:
         out += ["", "## In short", "", *short]
     out += ["", "## Every model", "", markdown_table(results)]
+    out += calibration_lines(results)
     out += _distillation_lines(results)
     for stage, summary in (results.get("stage_summaries") or {}).items():
         if (summary or {}).get("float_note"):
@@ -123,6 +124,7 @@ def report_markdown(results: dict) -> str:
                 f"On {_int(sample.get('samples'))} test images. Method: {sample.get('method')}. The float reference is "
                 "the float TFLite graph of the same Keras model (for QAT models, that model's own graph with its "
                 "fake quantization). [layer_error.png](layer_error.png)", "", errors]
+    out += synthetic_lines(results)
     k3 = keras3_lines(results)
     if k3:
         out += ["## Keras 3 copies of the float students", "", *k3, ""]
@@ -205,6 +207,30 @@ def _picked(bundle: dict) -> str:
                 f"{bundle.get('tolerance_pp', 0.5):g} pp of the best student file's validation accuracy, integer "
                 f"ones first (its own: {_pct(bundle['val_accuracy'])} %).")
     return ""
+
+
+def calibration_lines(results: dict) -> list[str]:
+    """Returns the lines that name, per set, the calibrated files (int8, int8_mixed, int16x8) calibrated on it."""
+    words = {"train": "training images", "synthetic": "synthetic images made from the teacher alone (below)"}
+    by = {}
+    for m in _rows(results):
+        if m.calibration:
+            by.setdefault(m.calibration, []).append(m.name)
+    return [f"Calibrated on {words.get(k, k)}: {', '.join(f'`{n}`' for n in names)}.  " for k, names in by.items()] + (
+        [""] if by else [])
+
+
+def synthetic_lines(results: dict) -> list[str]:
+    """Returns the section on the synthesize stage's images (how they were made, how data-like, their grid), or []."""
+    s = (results.get("stage_summaries") or {}).get("synthesize")
+    if not s:
+        return []
+    return ["## Images made from the teacher alone (stage synthesize)", "",
+            f"{_int(s['images'])} images, {s['steps']} steps of DeepInversion a batch of {s['batch_size']}: the "
+            f"teacher gives {s['teacher_agreement']:.1%} of them the class each was made for. Their BatchNormalization "
+            f"statistics loss (the distance of the teacher's per-layer batch mean and variance from the ones it "
+            f"recorded in training, one batch) is {s['bn_loss']:.3g}; uniform noise scores {s['bn_loss_noise']:.3g}. "
+            "A row per class: [synthetic.png](synthetic.png)", "", "![synthetic images](synthetic.png)", ""]
 
 
 def _distilled_and_alone(results: dict) -> tuple[float, float] | None:

@@ -143,7 +143,7 @@ class Benchmark(Stage):
                                                  keras_outputs=outputs[item["stage"]]),
                             ops=parity.ops(file), min_runtime=found["min_runtime"], op_versions=found["ops"],
                             memory=litert.peak_memory(file), layer_error=error,
-                            float_layers=item.get("float_layers")))
+                            float_layers=item.get("float_layers"), calibration=item.get("calibration")))
         teacher_acc = rows[0].accuracy if r.teacher is not None else None
         for m in rows:
             m.gap_to_teacher = None if teacher_acc is None else teacher_acc - m.accuracy

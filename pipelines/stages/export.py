@@ -17,12 +17,16 @@ from pipelines import run_data, run_keys, run_models
 from pipelines.stage import Stage, StageSettings
 
 Models = Literal["all", "final"]
+Representative = Literal["train", "synthetic"]
 
 
 class ExportSettings(StageSettings):
     variants: Annotated[list[Variant], Field(min_length=1)] = ["fp32", "fp16", "dynamic", "int8"]
     int8_io: Bool = True
     representative_samples: Annotated[Int, Field(ge=1)] = 500
+    #: what the calibrated variants (int8, int8_mixed, int16x8) are calibrated on: training images, or the images
+    #: stages.synthesize makes from the teacher alone (for a user who cannot use the training data)
+    representative: Representative = "train"
     #: int8_mixed: these Keras layers stay in float (both keys are unused without int8_mixed in variants)
     float_layers: list[Str] = []
     #: int8_mixed: and so do the N layers that add the most error (measured on validation images)
@@ -52,7 +56,9 @@ class Export(Stage):
         return "export TFLite models"
 
     def reads(self, ctx):
-        return [n for n in ctx.enabled() if n == "teacher" or n in ctx.student_stages()]
+        synthetic = ctx.settings(self.name).representative == "synthetic"
+        return [n for n in ctx.enabled() if n == "teacher" or n in ctx.student_stages()
+                or (n == "synthesize" and synthetic)]
 
     def key(self, ctx):
         return {**run_keys.data_key(ctx), "teacher": run_keys.teacher_key(ctx)}
@@ -70,6 +76,9 @@ class Export(Stage):
 
     def check(self, ctx):
         spec = ctx.settings(self.name)
+        if spec.representative == "synthetic" and "synthesize" not in ctx.enabled():
+            raise UserError("stages.export.representative: synthetic calibrates on the images stages.synthesize makes "
+                            "from the teacher; add that stage (--set stages.synthesize={})")
         if spec.float_layers and "int8_mixed" in spec.variants:  # Keras layer names: an untrained student has them
             import numpy as np
 
@@ -107,9 +116,7 @@ class Export(Stage):
         from edge_kd.fileio import write_bytes, write_json
 
         spec = ctx.settings(self.name)
-        picked = np.random.default_rng(ctx.recipe.seed).permutation(run_data.load(ctx).count("train"))
-        # read only these, streamed or not
-        rep, _ = run_data.load(ctx).arrays("train", picked[: spec.representative_samples])
+        rep = self.representative(ctx, spec)
         loaded, flats = {}, {}
         plan = self.plan(ctx)
         # int8_mixed is made from the stage's int8 and fp32 files, so those come first
@@ -126,8 +133,25 @@ class Export(Stage):
             flats[(stage, variant)] = flat
             write_bytes(out / f"{item['name']}.tflite", flat)
             item["path"] = f"{self.folder}/{item['name']}.tflite"
+            item["calibration"] = spec.representative if variant in tflite.CALIBRATED else None
         write_json(out / "exports.json", plan)
         return {"files": len(plan)}
+
+    @staticmethod
+    def representative(ctx, spec):
+        """Returns the model inputs the calibrated variants are calibrated on: ``representative_samples`` training
+        images drawn by the seed, or the first of the synthetic ones (their classes are shuffled and balanced)."""
+        import numpy as np
+
+        data = run_data.load(ctx)
+        if spec.representative == "synthetic":
+            from pipelines.stages import synthesize
+
+            x, _ = synthesize.images(ctx)
+            return data.normalise(x[: spec.representative_samples])
+        picked = np.random.default_rng(ctx.recipe.seed).permutation(data.count("train"))
+        rep, _ = data.arrays("train", picked[: spec.representative_samples])  # reads only these, streamed or not
+        return rep
 
     def float_tensors(self, ctx, spec, model, rep, flats, stage) -> tuple[list[str], list[str]]:
         """Returns (the op output tensors int8_mixed keeps in float, their layer names) for ``stage``'s model."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pipelines import run_data
 from pipelines.stage import Stage
 
-PUBLISHED = ("report.md", "results.json", "results.csv", "pareto.png", "layer_error.png")
+PUBLISHED = ("report.md", "results.json", "results.csv", "pareto.png", "layer_error.png", "synthetic.png")
 
 
 class Report(Stage):
@@ -16,7 +16,7 @@ class Report(Stage):
         return "write report"
 
     def reads(self, ctx):
-        return ["benchmark", *(["bundle"] if "bundle" in ctx.enabled() else [])]
+        return ["benchmark", *[n for n in ("bundle", "synthesize") if n in ctx.enabled()]]
 
     def run(self, ctx, out):
         import datetime as dt
@@ -24,6 +24,7 @@ class Report(Stage):
         import os
 
         from edge_kd.bench.results import rows_of
+        from edge_kd.fileio import write_bytes
         from edge_kd.report import report
 
         r, b = ctx.recipe, run_data.load(ctx)
@@ -53,6 +54,8 @@ class Report(Stage):
             "history": histories,
         }
         report.write_report(out, results)
+        if "synthesize" in ctx.enabled():  # the grid of synthetic images report.md shows
+            write_bytes(out / "synthetic.png", (ctx.stage_dir("synthesize") / "grid.png").read_bytes())
         return {"published": list(PUBLISHED)}
 
 

@@ -58,6 +58,7 @@ def tree(tmp_path):
     ("edge_kd/export/tflite.py", {"export", "benchmark", "bundle"}),
     ("edge_kd/bench/layer_error.py", {"export", "benchmark"}),  # int8_mixed's worst layers; the report's errors
     ("edge_kd/report/report.py", {"report"}),
+    ("edge_kd/datafree.py", {"synthesize", "export"}),  # export reads the synthetic images with the stage's code
     ("edge_kd/distill/soft_targets.py", set()),  # a loss family: in the key of the stages that distil with it
     ("edge_kd/distill/distiller.py", set(TRAINING)),
     ("edge_kd/tfmot/prune.py", {"prune"}),
