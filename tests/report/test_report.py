@@ -246,3 +246,22 @@ def test_pareto_labels_never_cover_each_other_and_the_shipped_file_is_named(resu
     named = [text for text, _ in panels[0]]
     assert {"v5-int8", "teacher-fp32"} <= set(named)  # the shipped file and the front's most accurate end
     assert "v6-int8" not in named and len(named) == len(results["models"])  # the rest by number, every point written
+
+
+def test_the_report_names_the_set_each_calibrated_file_was_calibrated_on_and_shows_the_synthetic_images(results):
+    from edge_kd.report.report import report_markdown
+
+    results["models"][2]["calibration"] = "synthetic"
+    results["models"][3]["calibration"] = "train"
+    md = report_markdown(results)
+    assert "Calibrated on synthetic images made from the teacher alone (below): `student-int8`.  " in md
+    assert "Calibrated on training images: `baseline-int8`.  " in md
+    assert "## Images made from the teacher alone" not in md  # no synthesize stage: no section
+    results["stage_summaries"] = {"synthesize": {"images": 512, "steps": 200, "batch_size": 128,
+                                                 "teacher_agreement": 0.998, "bn_loss": 8.54, "bn_loss_noise": 46.3}}
+    md = report_markdown(results)
+    assert ("512 images, 200 steps of DeepInversion a batch of 128: the teacher gives 99.8% of them the class each "
+            "was made for. Their BatchNormalization statistics loss") in md
+    assert "is 8.54; uniform noise scores 46.3." in md and "![synthetic images](synthetic.png)" in md
+    results["models"][2]["calibration"] = results["models"][3]["calibration"] = None
+    assert "Calibrated on" not in report_markdown(results)
