@@ -24,8 +24,17 @@ def build_student(ctx):
 
 
 def load_student(ctx, stage: str):
-    """Returns the student model saved by ``stage``."""
+    """Returns the student model saved by ``stage``, loaded anew (a stage that trains gets its own copy)."""
     return ctx.stages[stage].load(ctx)
+
+
+def saved_student(ctx, stage: str):
+    """Returns the student model saved by ``stage``, loaded once per run for the stages that only read it (export,
+    benchmark): loading a quantization-aware model rebuilds it through tfmot, seconds each time. Never train it."""
+    key = (stage, ctx.manifests.get(stage, {}).get("fingerprint"))
+    if key not in ctx.loaded.students:
+        ctx.loaded.students[key] = load_student(ctx, stage)
+    return ctx.loaded.students[key]
 
 
 def build_teacher(ctx, input_shape=None):

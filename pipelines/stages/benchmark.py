@@ -69,7 +69,7 @@ class Benchmark(Stage):
 
         def source_model(stage):
             if stage not in sources:
-                sources[stage] = run_models.teacher(ctx) if stage == "teacher" else run_models.load_student(ctx, stage)
+                sources[stage] = run_models.teacher(ctx) if stage == "teacher" else run_models.saved_student(ctx, stage)
             return sources[stage]
 
         def row(name, role, fmt, variant, stage, rel, file, acc, **figures):

@@ -124,7 +124,7 @@ class Export(Stage):
             interrupt.check()
             stage, variant = item["stage"], item["variant"]
             if stage not in loaded:
-                loaded[stage] = run_models.teacher(ctx) if stage == "teacher" else run_models.load_student(ctx, stage)
+                loaded[stage] = run_models.teacher(ctx) if stage == "teacher" else run_models.saved_student(ctx, stage)
             float_tensors = None
             if variant == "int8_mixed":
                 float_tensors, item["float_layers"] = self.float_tensors(ctx, spec, loaded[stage], rep, flats, stage)
