@@ -35,6 +35,16 @@ def batchnorm_layers(model: keras.Model) -> list:
             if isinstance(layer, keras.layers.BatchNormalization)]
 
 
+def require_batchnorm(model: keras.Model) -> list:
+    """Returns ``batchnorm_layers(model)``; none is a UserError saying why DeepInversion needs them."""
+    bn = batchnorm_layers(model)
+    if not bn:
+        raise UserError(f"teacher '{model.name}' has no BatchNormalization layer: DeepInversion matches the "
+                        "statistics those layers recorded in training, and without them it has nothing of the "
+                        "data to match; bring a teacher with batch normalization, or the training images")
+    return bn
+
+
 @contextlib.contextmanager
 def recording(bn: Sequence) -> list:
     """Within the block, each call of a layer of ``bn`` appends ``(layer, its input)`` to the list yielded."""
@@ -103,11 +113,7 @@ class Inverter:
     def __init__(self, teacher: keras.Model, input_shape: Sequence[int], scale: float = 1 / 255.0,
                  offset: float = 0.0, config: InversionConfig | None = None):
         self.teacher = teacher
-        self.bn = batchnorm_layers(teacher)
-        if not self.bn:
-            raise UserError(f"teacher '{teacher.name}' has no BatchNormalization layer: DeepInversion matches the "
-                            "statistics those layers recorded in training, and without them it has nothing of the "
-                            "data to match; bring a teacher with batch normalization, or the training images")
+        self.bn = require_batchnorm(teacher)
         self.input_shape = tuple(int(d) for d in input_shape)
         self.scale, self.offset = float(scale), float(offset)
         self.config = config or InversionConfig()

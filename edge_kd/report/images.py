@@ -8,14 +8,21 @@ from __future__ import annotations
 import io
 
 
+#: the most classes a grid shows, a row each (a picture of a thousand rows is read by nobody)
+MAX_ROWS = 20
+
+
 def image_grid_png(images, labels, class_names, per_class: int, title: str) -> bytes:
-    """Returns PNG bytes of a grid of uint8 ``images`` (N, H, W, C): a row per class of ``labels``, its first
-    ``per_class`` images, the class named at the row's start."""
+    """Returns PNG bytes of a grid of uint8 ``images`` (N, H, W, C): a row per class of ``labels`` (the first
+    ``MAX_ROWS`` classes, the title then saying so), its first ``per_class`` images, the class named at the row's
+    start."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    classes = len(class_names)
+    classes = min(len(class_names), MAX_ROWS)
+    if classes < len(class_names):
+        title = f"{title}: the first {classes} of {len(class_names)} classes"
     per_class = max(1, min(per_class, max(int(np.sum(np.asarray(labels) == c)) for c in range(classes))))
     cell = 0.9 if images.shape[1] <= 64 else 1.4
     fig = Figure(figsize=(1.8 + per_class * cell, 0.5 + classes * cell), layout="constrained")

@@ -62,7 +62,11 @@ class Synthesize(Stage):
     def check(self, ctx):
         if ctx.recipe.teacher is None:
             raise UserError("stages.synthesize makes images from the teacher, and the recipe has none (teacher: null)")
-        if "teacher" not in ctx.enabled():  # a user's file: its BatchNormalization layers are read now
+        if "teacher" in ctx.enabled():  # the architecture the teacher stage will train
+            from edge_kd.datafree import require_batchnorm
+
+            require_batchnorm(run_models.build_teacher(ctx))
+        else:  # a user's file: its BatchNormalization layers are read now
             self._inverter(ctx)
 
     def _inverter(self, ctx):

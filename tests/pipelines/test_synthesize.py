@@ -128,3 +128,24 @@ def test_a_teacher_without_batch_normalization_is_refused_before_anything_runs(t
     with pytest.raises(UserError, match="^teacher '.*' has no BatchNormalization layer: DeepInversion matches"):
         run(recipe_mod.from_dict(d), out=tmp_path / "out", stream=io.StringIO())
     assert not list((tmp_path / "out").glob("*/distill"))
+
+
+def test_a_teacher_the_run_would_train_without_batch_normalization_is_refused_before_it_trains(tmp_path):
+    d = json.loads(json.dumps(RECIPE))
+    d["teacher"] = {"path": None, "arch": "mlp", "epochs": 1}
+    d["stages"]["teacher"] = {}
+    with pytest.raises(UserError, match="^teacher '.*' has no BatchNormalization layer: DeepInversion matches"):
+        run(recipe_mod.from_dict(d), out=tmp_path, stream=io.StringIO())
+    assert not list(tmp_path.glob("*/teacher"))
+
+
+def test_the_grid_shows_at_most_twenty_classes():
+    from matplotlib.image import imread
+
+    from edge_kd.report.images import image_grid_png
+
+    x = np.zeros((60, 8, 8, 3), np.uint8)
+    png = image_grid_png(x, np.arange(60) % 30, [f"c{i}" for i in range(30)], 2, "t")
+    few = image_grid_png(x, np.arange(60) % 10, [f"c{i}" for i in range(10)], 2, "t")
+    rows_30, rows_10 = imread(io.BytesIO(png)).shape[0], imread(io.BytesIO(few)).shape[0]
+    assert rows_10 < rows_30 < 2.2 * rows_10  # 20 rows, not 30
