@@ -42,11 +42,6 @@ def _run(overrides: list[str], out: Path, what: str) -> tuple[Path, float, dict]
     return run_dir, seconds, rows
 
 
-def _stage_seconds(run_dir: Path, stage: str) -> float | None:
-    m = run_dir / "manifests" / f"{stage}.json"
-    return json.loads(m.read_text()).get("seconds") if m.is_file() else None
-
-
 def _made_in(run_dir: Path) -> dict:
     """Returns the seconds each stage of the run took when it ran (in this call or an earlier one), and their sum."""
     stages = {m.stem: json.loads(m.read_text()).get("seconds") for m in sorted((run_dir / "manifests").glob("*.json"))}
@@ -78,9 +73,10 @@ def main(argv=None) -> int:
                                        f"stages.synthesize.seed={s}", "stages.export.representative=synthetic",
                                        *args.overrides], out, f"synthetic images, seed {s}")
         summary = json.loads((run_dir / "manifests" / "synthesize.json").read_text())["summary"]
+        made = _made_in(run_dir)["stages"]
         runs.append({"synth_seed": s, "run": str(run_dir), "seconds_this_call": round(seconds, 1),
-                     "synthesize_seconds": _stage_seconds(run_dir, "synthesize"),
-                     "export_seconds": _stage_seconds(run_dir, "export"), "synthesize": summary,
+                     "synthesize_seconds": made.get("synthesize"),
+                     "export_seconds": made.get("export"), "synthesize": summary,
                      "files": {n: {"test": rows[n].accuracy, "val": rows[n].val_accuracy,
                                    "calibration": rows[n].calibration} for n in files}})
 

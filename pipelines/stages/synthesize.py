@@ -62,12 +62,10 @@ class Synthesize(Stage):
     def check(self, ctx):
         if ctx.recipe.teacher is None:
             raise UserError("stages.synthesize makes images from the teacher, and the recipe has none (teacher: null)")
-        if "teacher" in ctx.enabled():  # the architecture the teacher stage will train
-            from edge_kd.datafree import require_batchnorm
+        from edge_kd.datafree import require_batchnorm
 
-            require_batchnorm(run_models.build_teacher(ctx))
-        else:  # a user's file: its BatchNormalization layers are read now
-            self._inverter(ctx)
+        # the architecture the teacher stage will train, or the user's file
+        require_batchnorm(run_models.build_teacher(ctx) if "teacher" in ctx.enabled() else run_models.teacher(ctx))
 
     def _inverter(self, ctx):
         from edge_kd.datafree import Inverter
@@ -83,7 +81,8 @@ class Synthesize(Stage):
         from edge_kd.fileio import write_bytes
         from edge_kd.report.images import image_grid_png
 
-        spec, info = ctx.settings(self.name), run_data.load(ctx).info
+        spec, data = ctx.settings(self.name), run_data.load(ctx)
+        info = data.info
         inverter = self._inverter(ctx)
         labels = datafree.balanced_labels(spec.images, info.num_classes, spec.seed)
         starts = list(range(0, spec.images, spec.batch_size))
@@ -103,16 +102,15 @@ class Synthesize(Stage):
             x = inverter.synthesize(labels[start:start + spec.batch_size], seed=seed, callback=progress)
             batches.save_arrays(i + 1, {"x": x})
         x = np.concatenate([batches.load_arrays(i + 1)["x"] for i in range(len(starts))])
-        y = labels
-        teacher = np.argmax(run_models.teacher(ctx).predict(run_data.load(ctx).normalise(x), verbose=0), -1)
+        teacher = np.argmax(run_models.teacher(ctx).predict(data.normalise(x), verbose=0), -1)
         noise = np.random.default_rng(spec.seed).integers(0, 256, x[:spec.batch_size].shape, dtype=np.uint8)
-        np.savez_compressed(out / "images.npz", x=x, y=y.astype(np.int32), teacher=teacher.astype(np.int32))
-        write_bytes(out / "grid.png", image_grid_png(x, y, info.class_names, GRID_PER_CLASS,
+        np.savez_compressed(out / "images.npz", x=x, y=labels.astype(np.int32), teacher=teacher.astype(np.int32))
+        write_bytes(out / "grid.png", image_grid_png(x, labels, info.class_names, GRID_PER_CLASS,
                                                      "images made from the teacher alone (DeepInversion)"))
         return {"images": int(len(x)), "steps": spec.steps, "batch_size": spec.batch_size,
-                "teacher_agreement": float(np.mean(teacher == y)),
-                "bn_loss": inverter.statistics_loss(run_data.load(ctx).normalise(x[:spec.batch_size])),
-                "bn_loss_noise": inverter.statistics_loss(run_data.load(ctx).normalise(noise))}
+                "teacher_agreement": float(np.mean(teacher == labels)),
+                "bn_loss": inverter.statistics_loss(data.normalise(x[:spec.batch_size])),
+                "bn_loss_noise": inverter.statistics_loss(data.normalise(noise))}
 
 
 def images(ctx):
