@@ -2,7 +2,10 @@
 
 Sources: ``fashion_mnist`` (the default) and ``mnist`` (both built in, shipped inside the package), a path to an ``.npz`` with
 ``x_train, y_train, x_test, y_test``, a folder of images with one subfolder per class (optionally
-``train/`` and ``test/`` subfolders), or ``tfds:<name>`` for tensorflow-datasets.
+``train/`` and ``test/`` subfolders), or ``tfds:<name>`` for tensorflow-datasets; or ``synthetic``: no training
+images at all, only the classes and the input shape, the train and validation splits being images made from the
+teacher (``synthetic_bundle``; a run makes them in its ``synthesize`` stage) and the test split, where the user has
+one, another source's (``test``), never trained on.
 
 Images are raw uint8 pixels (N, H, W, C); models see ``raw * input_scale + input_offset`` (by
 default raw / 255, so inputs lie in [0, 1]). Built-in and ``.npz`` data are held in memory as arrays
@@ -24,10 +27,10 @@ import hashlib
 import os
 import zipfile
 from pathlib import Path
-from typing import Annotated, ClassVar, Optional, Sequence
+from typing import Annotated, ClassVar, Optional, Sequence, Union
 
 import numpy as np
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from edge_kd.config import Config, Field, Float, Int, Invalid, Str
 from edge_kd.errors import UserError, first_line
@@ -35,6 +38,8 @@ from edge_kd.fileio import sha256_file
 
 BUILTIN = {name: Path(__file__).parent / "_data" / f"{name}.npz" for name in ("fashion_mnist", "mnist")}
 #: the class names of the built-in sets (their files are the canonical bytes, which name none)
+#: the source of a run without training images (``synthetic_bundle``)
+SYNTHETIC = "synthetic"
 BUILTIN_CLASSES = {
     "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                       "Ankle boot"),
@@ -53,6 +58,40 @@ class DataConfig(Config):
     limit_train: Optional[Annotated[Int, Field(ge=1)]] = None
     limit_test: Optional[Annotated[Int, Field(ge=1)]] = None
     test_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.2
+    #: source synthetic: the classes, their count or their names (in the order of the teacher's outputs)
+    classes: Optional[Union[Annotated[Int, Field(ge=2)], Annotated[list[Str], Field(min_length=2)]]] = None
+    #: source synthetic: the input [H, W, C] of the models (the teacher's, or what its input adapter takes)
+    input_shape: Optional[Annotated[list[Annotated[Int, Field(gt=0)]], Field(min_length=3, max_length=3)]] = None
+    #: source synthetic: a labelled source (any of the above) whose test split measures the run and is never trained
+    #: on; null: no test set, and the report gives the agreement with the teacher on held-out synthetic images
+    test: Optional[Str] = None
+
+    @model_validator(mode="after")
+    def _synthetic(self):
+        keys = ("classes", "input_shape", "test")
+        if self.source != SYNTHETIC:
+            given = [k for k in keys if getattr(self, k) is not None]
+            if given:
+                raise Invalid(given[0], f"is read only with data.source: {SYNTHETIC} (a run without training images)")
+            return self
+        for k in ("classes", "input_shape"):
+            if getattr(self, k) is None:
+                raise Invalid(k, f"must be given with data.source: {SYNTHETIC}: "
+                                 + ("the number of classes, or their names" if k == "classes"
+                                    else "the models' input [H, W, C]"))
+        if self.input_shape[-1] not in (1, 3):
+            raise Invalid("input_shape", f"must end in 1 or 3 channels, got {self.input_shape}")
+        if self.image_size is not None or self.limit_train is not None:
+            raise Invalid("image_size" if self.image_size is not None else "limit_train",
+                          f"has no training images to act on with data.source: {SYNTHETIC} (input_shape sets the size)")
+        if self.test == SYNTHETIC:
+            raise Invalid("test", "must be a labelled source (a file, folder, built-in or tfds set)")
+        return self
+
+    def class_names(self) -> tuple[str, ...]:
+        """Returns the names of ``classes`` (their numbers when only a count is given)."""
+        c = self.classes
+        return tuple(str(i) for i in range(c)) if isinstance(c, int) else tuple(c)
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -453,7 +492,9 @@ def load(source: str = "fashion_mnist", *, val_fraction: float = 0.1, seed: int 
 
 
 def load_config(cfg: DataConfig, seed: int = 0) -> DataBundle:
-    """Returns the DataBundle ``cfg`` describes (see ``load``)."""
+    """Returns the DataBundle ``cfg`` describes (see ``load``); for ``synthetic``, without its images yet."""
+    if cfg.source == SYNTHETIC:
+        return synthetic_bundle(cfg, seed=seed)
     source, image_size = cfg.source, cfg.image_size
     if source in BUILTIN:
         name = source
@@ -513,6 +554,45 @@ def load_config(cfg: DataConfig, seed: int = 0) -> DataBundle:
                       source_digest=digest)
 
 
+def synthetic_bundle(cfg: DataConfig, x=None, y=None, seed: int = 0, digest: str = "") -> DataBundle:
+    """Returns the DataBundle of a run without training images (``cfg.source`` synthetic): uint8 images ``x`` made
+    from the teacher, of the classes ``y`` the teacher gives them, split into train and validation (``val_fraction``,
+    stratified by ``seed``), so that validation accuracy is the agreement with the teacher on images trained on by no
+    model; and the test split of the source ``cfg.test`` (resized to the input shape), or none. Without ``x``, the
+    splits are empty: the shape and classes are all a run needs before its images are made. ``digest`` names what
+    the images were read from (the synthesize stage's result).
+    """
+    h, w, c = cfg.input_shape
+    names = cfg.class_names()
+    empty = np.zeros((0, h, w, c), np.uint8), np.zeros(0, np.int64)
+    x_te, y_te = empty
+    test_digest = ""
+    if cfg.test is not None:
+        try:
+            real = load_config(DataConfig(source=cfg.test, val_fraction=0, limit_test=cfg.limit_test, image_size=[h, w],
+                                          test_fraction=cfg.test_fraction), seed=seed)
+        except UserError as e:
+            raise UserError(f"data.test: {e}") from None
+        if real.info.input_shape[-1] != c:
+            raise UserError(f"data.test '{cfg.test}' has {real.info.input_shape[-1]}-channel images and "
+                            f"data.input_shape {list(cfg.input_shape)} {c}")
+        if real.info.num_classes > len(names):
+            raise UserError(f"data.test '{cfg.test}' has {real.info.num_classes} classes and data.classes "
+                            f"{len(names)}")
+        x_te, y_te = real.raw("test"), real.labels("test")
+        test_digest = real.source_digest
+    if x is None:
+        x, y = empty
+    x, y = np.asarray(x, np.uint8), np.asarray(y, np.int64)
+    val_idx = _stratified_holdout(y, cfg.val_fraction, np.random.default_rng(seed))
+    train_mask = np.ones(len(y), bool)
+    train_mask[val_idx] = False
+    info = DataInfo(name=SYNTHETIC, num_classes=len(names), input_shape=(h, w, c), class_names=names,
+                    source_size=(h, w))
+    return DataBundle(info, x[train_mask], y[train_mask], x[val_idx], y[val_idx], x_te, y_te,
+                      source_digest=hashlib.sha256(f"{digest}:{test_digest}".encode()).hexdigest())
+
+
 def resize_uint8(images, size):
     """Returns uint8 image(s) (H, W, C or N, H, W, C) resized to ``size`` (H, W): bicubic, antialiased, rounded
     and clipped back to uint8; how every source's images are resized (``image_size``)."""
@@ -548,7 +628,7 @@ def _stratified_holdout(y, fraction, rng) -> np.ndarray:
         idx = np.flatnonzero(y == c)
         n = int(round(len(idx) * fraction))
         picked.append(rng.permutation(idx)[:n])
-    return np.sort(np.concatenate(picked))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
 def _as_images(x, where: str) -> np.ndarray:

@@ -189,3 +189,166 @@ def balanced_labels(n: int, num_classes: int, seed: int) -> np.ndarray:
     labels = np.concatenate([np.arange(num_classes).repeat(n // num_classes),
                              rng.choice(num_classes, n % num_classes, replace=False)])
     return rng.permutation(labels).astype(np.int32)
+
+
+class GeneratorConfig(Config):
+    """Adversarial synthesis: a class-conditional generator trained against the teacher and a companion student.
+
+    Each iteration takes one generator step, on the teacher's cross-entropy for the asked class, its
+    BN-statistics loss (``bn_weight``) and, with ``adversarial`` > 0, minus the mean absolute difference of
+    the teacher's and the companion student's logits (DFAD, Fang et al. 2019: the generator seeks the images
+    the student still gets wrong); then ``student_steps`` steps of the companion student, which imitates the
+    teacher's logits (the same l1) on fresh images. The generator's images are kept at the end of each of
+    ``rounds`` equal parts of the training (the bank the student is distilled on, as CMI and Fast-DFKD keep).
+    """
+
+    KEY: ClassVar[str] = "synthesize"
+    #: iterations in all (each a generator step and ``student_steps`` student steps)
+    steps: Annotated[Int, Field(ge=1)] = 1000
+    learning_rate: Annotated[Float, Field(gt=0)] = 1e-3
+    bn_weight: Annotated[Float, Field(ge=0)] = 1.0
+    adversarial: Annotated[Float, Field(ge=0)] = 1.0
+    student_steps: Annotated[Int, Field(ge=1)] = 5
+    student_learning_rate: Annotated[Float, Field(gt=0)] = 1e-3
+    #: the size of the generator's noise vector
+    latent: Annotated[Int, Field(ge=1)] = 64
+    #: the training is split in this many equal parts; at the end of each, the images are drawn (an equal share of
+    #: them) and the state kept, so a stopped run resumes after its last finished part
+    rounds: Annotated[Int, Field(ge=1)] = 8
+
+
+def build_generator(input_shape: Sequence[int], num_classes: int, latent: int, seed: int) -> keras.Model:
+    """Returns a class-conditional generator: (noise (latent,), class (int)) → images in [0, 1] of ``input_shape``.
+
+    Dense to a map of a quarter of the size, then two ×2 upsamplings each followed by conv → BN → LeakyReLU, a
+    3×3 conv to the channels and a sigmoid; cropped to (H, W) where H or W is not a multiple of 4.
+    """
+    layers = keras.layers
+    h, w, c = (int(d) for d in input_shape)
+    h0, w0 = -(-h // 4), -(-w // 4)
+    init = keras.initializers.GlorotUniform(seed=seed)
+    z = keras.Input((latent,), name="noise")
+    y = keras.Input((), dtype="int32", name="label")
+    x = layers.Concatenate()([z, layers.Embedding(num_classes, latent, embeddings_initializer=keras.initializers
+                                                  .RandomNormal(seed=seed + 1))(y)])
+    x = layers.Dense(h0 * w0 * 128, kernel_initializer=init)(x)
+    x = layers.Reshape((h0, w0, 128))(layers.BatchNormalization()(x))
+    for i, filters in enumerate((128, 64)):
+        x = layers.UpSampling2D()(x)
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                          kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2 + i))(x)
+        x = layers.LeakyReLU(0.2)(layers.BatchNormalization()(x))
+    x = layers.Conv2D(c, 3, padding="same", kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 9))(x)
+    x = layers.Activation("sigmoid")(x)
+    if (h0 * 4, w0 * 4) != (h, w):
+        x = layers.Cropping2D(((0, h0 * 4 - h), (0, w0 * 4 - w)))(x)
+    return keras.Model([z, y], x, name="generator")
+
+
+class AdversarialSynthesizer:
+    """Trains a generator of images for ``teacher`` (data input → logits, with BatchNormalization layers) against
+    ``student`` (a fresh model of the same input and classes, trained here to imitate the teacher), a round at a
+    time; ``sample`` draws images from the generator as it stands.
+
+    ``input_shape``, ``scale`` and ``offset`` are the data's (models see ``raw * scale + offset``). Everything random
+    is drawn from ``seed`` and the step's number, so the same seed gives the same rounds, whether or not the
+    training stopped between them (``state``/``restore`` carry the models and optimizers across).
+    """
+
+    def __init__(self, teacher: keras.Model, student: keras.Model, input_shape: Sequence[int], num_classes: int,
+                 scale: float = 1 / 255.0, offset: float = 0.0, config: GeneratorConfig | None = None,
+                 batch_size: int = 128, seed: int = 0):
+        self.teacher, self.student = teacher, student
+        self.bn = require_batchnorm(teacher)
+        self.config = c = config or GeneratorConfig()
+        self.num_classes, self.batch_size, self.seed = int(num_classes), int(batch_size), int(seed)
+        self.scale, self.offset = float(scale), float(offset)
+        self.generator = build_generator(input_shape, num_classes, c.latent, seed)
+        self.g_opt = keras.optimizers.Adam(c.learning_rate, beta_1=0.5, beta_2=0.999)
+        self.s_opt = keras.optimizers.Adam(c.student_learning_rate)
+        self.g_opt.build(self.generator.trainable_variables)
+        self.s_opt.build(self.student.trainable_variables)
+        self.step = 0  # generator steps taken
+        self._g_step = tf.function(self._generator_step)
+        self._s_step = tf.function(self._student_step)
+
+    def _draw(self, step, k):
+        """(noise, balanced-at-random labels) of the step's k-th batch, from the seed."""
+        s = tf.stack([tf.constant(self.seed, tf.int32), step, k])
+        z = tf.random.stateless_normal((self.batch_size, self.config.latent), s[:2] * 7919 + s[1:] + 3)
+        y = tf.random.stateless_uniform((self.batch_size,), s[1:] + s[0] * 31 + 11, 0, self.num_classes,
+                                        dtype=tf.int32)
+        return z, y
+
+    def _inputs(self, raw01):
+        return 255.0 * raw01 * self.scale + self.offset
+
+    def _generator_step(self, step):
+        c = self.config
+        z, y = self._draw(step, 0)
+        with tf.GradientTape() as tape:
+            x = self._inputs(self.generator([z, y], training=True))
+            with recording(self.bn) as seen:
+                t = self.teacher(x, training=False)
+            ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, t))
+            bn = bn_statistics_loss(seen)
+            gap = tf.reduce_mean(tf.abs(t - self.student(x, training=False)))
+            total = ce + c.bn_weight * bn - c.adversarial * gap
+        variables = self.generator.trainable_variables
+        self.g_opt.apply_gradients(zip(tape.gradient(total, variables), variables))
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(t, -1, output_type=tf.int32), y), tf.float32))
+        return {"ce": ce, "bn": bn, "gap": gap, "accuracy": accuracy}
+
+    def _student_step(self, step, k):
+        z, y = self._draw(step, k)
+        x = self._inputs(self.generator([z, y], training=True))
+        t = self.teacher(x, training=False)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.abs(t - self.student(x, training=True)))
+        variables = self.student.trainable_variables
+        self.s_opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss
+
+    def train(self, steps: int, callback=None) -> dict:
+        """Takes ``steps`` more iterations (a generator step, then the student's); returns the last one's terms.
+        ``callback(step, terms)``, when given, is called every 50 iterations and at the last."""
+        terms = {}
+        for i in range(steps):
+            step = tf.constant(self.step, tf.int32)
+            terms = self._g_step(step)
+            for k in range(self.config.student_steps):
+                terms["student_l1"] = self._s_step(step, tf.constant(k + 1, tf.int32))
+            self.step += 1
+            if callback is not None and ((i + 1) % 50 == 0 or i + 1 == steps):
+                callback(self.step, {k: float(v) for k, v in terms.items()})
+        return {k: float(v) for k, v in terms.items()}
+
+    def sample(self, labels, seed: int) -> np.ndarray:
+        """Returns uint8 images (N, H, W, C) of the classes ``labels`` from the generator as it stands (its batch
+        statistics, a batch of ``batch_size`` at a time: the statistics it was trained to match)."""
+        labels = np.asarray(labels, np.int32)
+        z = tf.random.stateless_normal((len(labels), self.config.latent), [seed, 1])
+        out = [self.generator([z[i:i + self.batch_size], labels[i:i + self.batch_size]], training=True).numpy()
+               for i in range(0, len(labels), self.batch_size)]
+        return np.round(255.0 * np.concatenate(out)).astype(np.uint8)
+
+    def state(self) -> dict:
+        """Returns the arrays that ``restore`` continues from: both models' weights and both optimizers'."""
+        arrays = {"step": np.array(self.step)}
+        for prefix, objs in (("g", (self.generator, self.g_opt)), ("s", (self.student, self.s_opt))):
+            model, opt = objs
+            for i, w in enumerate(model.weights):
+                arrays[f"{prefix}_w{i}"] = w.numpy()
+            for i, v in enumerate(opt.variables):
+                arrays[f"{prefix}_o{i}"] = v.numpy()
+        return arrays
+
+    def restore(self, arrays: dict) -> None:
+        """Continues from ``state()``'s arrays."""
+        self.step = int(arrays["step"])
+        for prefix, objs in (("g", (self.generator, self.g_opt)), ("s", (self.student, self.s_opt))):
+            model, opt = objs
+            for i, w in enumerate(model.weights):
+                w.assign(arrays[f"{prefix}_w{i}"])
+            for i, v in enumerate(opt.variables):
+                v.assign(arrays[f"{prefix}_o{i}"])

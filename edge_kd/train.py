@@ -119,6 +119,17 @@ class EpochCheckpoints:
         write_bytes(self.folder / f"part-{done}.npz", buf.getvalue())
         write_json(self.folder / self.STATE, {"key": self.key, "epochs": int(done), "history": {}})
 
+    def trim_arrays(self, part: int, keep) -> None:
+        """Rewrites ``part``'s file with only the arrays named in ``keep`` (what a later part has made obsolete)."""
+        import io
+
+        import numpy as np
+
+        arrays = {k: v for k, v in self.load_arrays(part).items() if k in keep}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_bytes(self.folder / f"part-{part}.npz", buf.getvalue())
+
     def load_arrays(self, part: int) -> dict:
         """Returns the arrays ``save_arrays`` kept of ``part``."""
         import numpy as np

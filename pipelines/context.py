@@ -29,6 +29,7 @@ class Loaded:
     """What the ``run_*`` modules load once per run and keep on its context."""
 
     data: Any = None  # the DataBundle (run_data.load)
+    data_made: Any = None  # for data.source synthetic: the synthesize stage's result that bundle holds
     teachers: dict = dataclasses.field(default_factory=dict)  # per tf.distribute strategy: a model lives with the
     extra_teachers: dict = dataclasses.field(default_factory=dict)  # strategy it was built under (run_models)
     strategy: Any = None  # training.strategy's tf.distribute strategy (run_training.strategy)

@@ -25,7 +25,7 @@ from pydantic import BeforeValidator, PrivateAttr, create_model, field_validator
 
 from edge_kd.augment import AugmentConfig
 from edge_kd.config import Bool, Config, Field, Float, Int, Invalid, Str
-from edge_kd.data import DataConfig
+from edge_kd.data import SYNTHETIC, DataConfig
 from edge_kd.distill.options import COMBINE
 from edge_kd.errors import UserError
 from edge_kd.optim import OptimizerConfig
@@ -429,6 +429,8 @@ def _check(r: Recipe):
         if n not in names:
             raise UserError(f"stages.{n} is required (a run trains a student, exports, benchmarks and reports: "
                             f"stages {', '.join(required)}); stages given: {', '.join(names) or 'none'}")
+    if r.data.source == SYNTHETIC:
+        _check_synthetic(r, names)
     if r.data.val_fraction <= 0:
         raise UserError("data.val_fraction must be > 0: every stage reports its validation accuracy, and settings "
                         f"are chosen on the validation split, never the test split; got {r.data.val_fraction:g}")
@@ -452,6 +454,23 @@ def _check(r: Recipe):
     if "baseline" in names and not r.distils("distill"):
         raise UserError("stages.baseline compares with the student trained without distillation, but the distill "
                         "stage does not distil (no teacher and no teacher-free term); remove stages.baseline")
+
+
+def _check_synthetic(r: Recipe, names: list[str]):
+    """A run without training images: a teacher file to make images from and distil, and no stage that needs labels."""
+    why = f"data.source {SYNTHETIC} has no training images"
+    if r.teacher is None or r.teacher.path is None:
+        raise UserError(f"{why}: give the teacher's file in teacher.path (the images are made from it, and no "
+                        "teacher can be trained here)")
+    if "synthesize" not in names:
+        raise UserError(f"{why}: add stages.synthesize, which makes the images the student is distilled on")
+    if "baseline" in names:
+        raise UserError(f"{why}, and stages.baseline trains the student on labelled ones: remove stages.baseline")
+    if r.distillation.mode != "teacher":
+        raise UserError(f"{why}: distillation.mode must be teacher (the teacher's knowledge is all there is)")
+    alone = [n for n in r.stages.enabled() if getattr(getattr(r.stages, n), "distill", None) is False]
+    if alone:
+        raise UserError(f"{why}: stages.{alone[0]}.distill must stay true (its labels are only the teacher's)")
 
 
 def _check_distillation(r: Recipe):

@@ -120,9 +120,15 @@ def adapt(ctx, model, input_range, source=None):
     if input_range is not None:
         lo, hi = input_range
         scale, offset = (hi - lo) / 255.0, float(lo)
+    if data.count("train"):
+        sample = data.first("train", 8)[0]
+    else:  # a run without training images (before its synthesize stage): what its outputs look like on noise
+        import numpy as np
+
+        sample = data.normalise(np.random.default_rng(0).integers(0, 256, (8, *info.input_shape), dtype=np.uint8))
     try:
         return adapt_teacher(model, info.input_shape, info.num_classes, info.input_scale, info.input_offset,
-                             teacher_scale=scale, teacher_offset=offset, sample=data.first("train", 8)[0])
+                             teacher_scale=scale, teacher_offset=offset, sample=sample)
     except UserError as e:
         if source is None:
             raise

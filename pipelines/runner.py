@@ -240,7 +240,8 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
                 continue
         resume = ctx.begin_stage(name, fp)
         done = resume.epochs_done()
-        print(f"{label}: {stage.title(ctx.recipe)}{f' (resumed after {stage.resume_unit} {done})' if done else ''} ...",
+        unit = stage.resume_unit(ctx.recipe)
+        print(f"{label}: {stage.title(ctx.recipe)}{f' (resumed after {unit} {done})' if done else ''} ...",
               file=stream, flush=True)
         interrupt.at(f"stage '{name}'")
         work = staging_dir(folder)
@@ -254,8 +255,8 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
             # a Ctrl-C, or whatever error a library made of it where it arrived
             if isinstance(e, KeyboardInterrupt) or interrupt.requested():
                 saved = resume.epochs_done()
-                raise interrupt.Interrupted(f"stage '{name}'", f"'{name}'" + (f", after its {stage.resume_unit} {saved}" if saved
-                                                                             else "")) from None
+                raise interrupt.Interrupted(f"stage '{name}'",
+                                            f"'{name}'" + (f", after its {unit} {saved}" if saved else "")) from None
             if job is not None and multiworker.is_lost(e):  # another worker died or stopped answering
                 raise job.lost(e, f"stage '{name}'", _resume_line(name, resume.epochs_done())) from None
             if isinstance(e, UserError):

@@ -78,12 +78,14 @@ class Stage:
     #: its result holds nothing of the run it belongs to beyond its fingerprint, so runs sharing a store
     #: (``pipelines.runner``) may share it
     shareable: ClassVar[bool] = True
-    #: what the stage saves as it goes (``Context.begin_stage``'s checkpoints), in its resume line: epoch, or batch
-    resume_unit: ClassVar[str] = "epoch"
 
     def title(self, recipe) -> str:
         """Returns what the stage does, in a few words, for its progress line."""
         return self.name
+
+    def resume_unit(self, recipe) -> str:
+        """Returns what the stage saves as it goes (``Context.begin_stage``'s checkpoints), for its resume lines."""
+        return "epoch"
 
     def resolve(self, settings: StageSettings, recipe) -> list[str]:
         """Fills in, when the recipe loads, the settings whose default comes from elsewhere in the recipe.

@@ -32,7 +32,7 @@ class ModelRow:
     format: str  # keras or tflite
     variant: str  # fp32, fp16, dynamic or int8
     path: str  # relative to the run folder (a user's teacher: absolute)
-    accuracy: float  # top-1 on the whole test set
+    accuracy: Optional[float]  # top-1 on the whole test set; None: the run had no test set
     size_bytes: int
     gzip_bytes: int
     params: int

@@ -212,8 +212,10 @@ def write_bundle(dest_dir, model_path, *, class_names, input_scale: float, input
     missing = [k for k in MEASURED_KEYS if k not in measured]
     if missing:
         raise ValueError(f"measured lacks {', '.join(missing)}; it needs {', '.join(MEASURED_KEYS)}")
-    if not (isinstance(measured["accuracy"], (int, float)) and 0 <= measured["accuracy"] <= 1):
-        raise ValueError(f"measured accuracy is a fraction 0..1 (as in models.json); got {measured['accuracy']!r}")
+    if measured["accuracy"] is not None and not (isinstance(measured["accuracy"], (int, float))
+                                                 and 0 <= measured["accuracy"] <= 1):
+        raise ValueError(f"measured accuracy is a fraction 0..1 (as in models.json), or None where the run had no "
+                         f"test set; got {measured['accuracy']!r}")
 
     in_q, out_q = quantization(inp), quantization(out)
     runtime = compat_runtime(model_path)

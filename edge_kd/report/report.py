@@ -79,8 +79,14 @@ def report_markdown(results: dict) -> str:
     out = [f"# edge-kd report: {results.get('run', '?')}", ""]
     if results.get("command"):
         out += ["Command:", "", "```", str(results["command"]), "```", ""]
-    out.append(f"Data: {data.get('name', '?')}, {data.get('num_classes', '?')} classes, input {shape}, "
-               f"{_int(test_size)} test images.  ")
+    if untested(results):
+        out.append(f"Data: no training images (data.source synthetic) and no test set, {data.get('num_classes', '?')} "
+                   f"classes, input {shape}: **accuracy is unknown**. Each model is measured instead by its agreement "
+                   f"with the teacher (the share of images on which it picks the teacher's class) on "
+                   f"{_int(data.get('val_size'))} synthetic images that no model trained on.  ")
+    else:
+        out.append(f"Data: {data.get('name', '?')}, {data.get('num_classes', '?')} classes, input {shape}, "
+                   f"{_int(test_size)} test images.  ")
     out.append(f"Runtime: {runtime.get('cpu', '?')}, {runtime.get('cores', '?')} cores, "
                f"LiteRT {runtime.get('litert_version', '?')} (TensorFlow {runtime.get('tensorflow_version', '?')}, "
                f"Python {runtime.get('python', '?')}); latency measured at "
@@ -94,6 +100,7 @@ def report_markdown(results: dict) -> str:
     if short:
         out += ["", "## In short", "", *short]
     out += ["", "## Every model", "", markdown_table(results)]
+    out += agreement_lines(results)
     out += calibration_lines(results)
     out += _distillation_lines(results)
     for stage, summary in (results.get("stage_summaries") or {}).items():
@@ -134,9 +141,14 @@ def report_markdown(results: dict) -> str:
         out += ["Latencies this run cannot rank (ordered by median, each one's interquartile range overlaps the "
                 "next one's): " + " | ".join(ties) + ".", ""]
     out += ["## How to read this", ""]
-    out.append(f"- **accuracy %**: top-1 on the whole test set ({_int(test_size)} images); `tflite` rows are run "
-               "through the LiteRT interpreter exactly as they would be deployed (int8 inputs quantized with the "
-               "model's own scale and zero point), `keras` rows through Keras.")
+    if untested(results):
+        out.append("- **accuracy %**: unknown, as the run had no test set (`data.test`); the agreement with the "
+                   "teacher above and in the plot stands in for it, measured the same way: `tflite` rows through the "
+                   "LiteRT interpreter exactly as they would be deployed, `keras` rows through Keras.")
+    else:
+        out.append(f"- **accuracy %**: top-1 on the whole test set ({_int(test_size)} images); `tflite` rows are run "
+                   "through the LiteRT interpreter exactly as they would be deployed (int8 inputs quantized with the "
+                   "model's own scale and zero point), `keras` rows through Keras.")
     out.append("- **Δ vs teacher (pp)**: this row's accuracy minus the teacher's, in percentage points "
                "(negative = worse than the teacher).")
     out.append(f"- **size / gzip (KB)**: the file on disk and the same bytes after gzip -9 (1 KB = {KB} bytes); "
@@ -160,7 +172,8 @@ def report_markdown(results: dict) -> str:
                "reference kernels on the phone too.")
     out.append("- **params / MACs**: weights of the Keras model the row comes from, and multiply-accumulates of "
                "one forward pass of one image (conv, depthwise, separable and dense layers).")
-    out += ["", "Accuracy against size and against 1-thread latency, with each panel's Pareto front: "
+    out += ["", ("Agreement with the teacher" if untested(results) else "Accuracy")
+            + " against size and against 1-thread latency, with each panel's Pareto front: "
                 "[pareto.png](pareto.png)", "", "![Pareto fronts](pareto.png)", ""]
     return "\n".join(out)
 
@@ -178,7 +191,9 @@ def summary_lines(results: dict) -> list[str]:
     lat = (_latency(ship, threads) or {}).get("median_ms")
     runtime = ship.min_runtime or b.get("min_runtime")
     lines = [f"- **Ship `{b.get('path', 'bundle')}/{ship.name}.tflite`**: {_int(ship.size_bytes)} bytes, "
-             f"{_pct(ship.accuracy)} % top-1 on the test set"
+             + (f"{_pct(ship.accuracy)} % top-1 on the test set" if not untested(results) else
+                f"accuracy unknown (no test set), {_pct(ship.val_accuracy)} % agreement with the teacher on held-out "
+                "synthetic images")
              + (f", {lat:.3f} ms a batch-1 inference at {threads} thread(s) (median)" if _num(lat) else "")
              + (f", loads on TFLite / LiteRT {runtime} or later" if runtime else "") + "." + _picked(b)]
     teacher = next((m for m in rows if m.role == "teacher" and m.format == "tflite"), None) or \
@@ -226,11 +241,32 @@ def synthetic_lines(results: dict) -> list[str]:
     if not s:
         return []
     return ["## Images made from the teacher alone (stage synthesize)", "",
-            f"{_int(s['images'])} images, {s['steps']} steps of DeepInversion a batch of {s['batch_size']}: the "
+            f"{_int(s['images'])} images, "
+            + (f"drawn from a generator trained {s['steps']} iterations against a student in {s.get('rounds')} "
+               f"rounds (an equal share at the end of each)" if s.get("method") == "generator"
+               else f"{s['steps']} steps of DeepInversion a batch of {s['batch_size']}") + ": the "
             f"teacher gives {s['teacher_agreement']:.1%} of them the class each was made for. Their BatchNormalization "
             f"statistics loss (the distance of the teacher's per-layer batch mean and variance from the ones it "
             f"recorded in training, one batch) is {s['bn_loss']:.3g}; uniform noise scores {s['bn_loss_noise']:.3g}. "
             "A row per class: [synthetic.png](synthetic.png)", "", "![synthetic images](synthetic.png)", ""]
+
+
+def untested(results: dict) -> bool:
+    """Returns whether the run had no test set (data.source synthetic without data.test): accuracy is unknown."""
+    data = results.get("data") or {}
+    return data.get("test_size") == 0
+
+
+def agreement_lines(results: dict) -> list[str]:
+    """Returns, for a run without a test set, each model's agreement with the teacher on the held-out synthetic
+    images (what stands in for accuracy there), or []."""
+    if not untested(results):
+        return []
+    rows = [m for m in _rows(results) if _num(m.val_accuracy)]
+    return ["Agreement with the teacher on the held-out synthetic images (no test set, so no accuracy): "
+            + ", ".join(f"`{m.name}` {_pct(m.val_accuracy)} %" for m in rows) + ". Agreement on images made from the "
+            "teacher is not accuracy on real images: a student can agree with the teacher there and still miss on "
+            "the user's data; a labelled test set (data.test) measures that.", ""]
 
 
 def _distilled_and_alone(results: dict) -> tuple[float, float] | None:
@@ -496,9 +532,11 @@ def pareto_figure(results: dict):
     ax_size, ax_lat = fig.subplots(2, 1)
     shipped = (results.get("bundle") or {}).get("model")
     size_points, lat_points = _plot_points(results)
-    labels = [_panel(ax_size, size_points, "size (KB)", shipped),
+    ylabel = ("agreement with the teacher, held-out synthetic images (%)" if untested(results)
+              else "top-1 accuracy (%)")
+    labels = [_panel(ax_size, size_points, "size (KB)", shipped, ylabel),
               _panel(ax_lat, lat_points, f"latency, batch 1, {_plot_threads(results)} thread(s) (ms, median over rounds)",
-                     shipped)]
+                     shipped, ylabel)]
     fig.suptitle(f"edge-kd: {results.get('run', '')}")
     fig.draw_without_rendering()  # lays the figure out, so that the labels are placed where they will be drawn
     return fig, [_place_labels(ax, items) for ax, items in zip((ax_size, ax_lat), labels)]
@@ -547,12 +585,13 @@ def layer_error_png(results: dict) -> bytes:
 def _plot_points(results):
     """(size KB, accuracy %, model) and (median ms at the fewest threads timed, accuracy %, model) for the rows that
     have them."""
-    size_points = [(m.size_bytes / KB, m.accuracy * 100, m) for m in _rows(results)
-                   if _num(m.size_bytes) and _num(m.accuracy)]
+    field = "val_accuracy" if untested(results) else "accuracy"
+    size_points = [(m.size_bytes / KB, getattr(m, field) * 100, m) for m in _rows(results)
+                   if _num(m.size_bytes) and _num(getattr(m, field))]
     threads = _plot_threads(results)
     # keras rows carry no latency, so they drop out of the latency panel here.
-    lat_points = [(_latency(m, threads)["median_ms"], m.accuracy * 100, m) for m in _rows(results)
-                  if _latency(m, threads) and _num(_latency(m, threads).get("median_ms")) and _num(m.accuracy)]
+    lat_points = [(_latency(m, threads)["median_ms"], getattr(m, field) * 100, m) for m in _rows(results)
+                  if _latency(m, threads) and _num(_latency(m, threads).get("median_ms")) and _num(getattr(m, field))]
     return size_points, lat_points
 
 
@@ -572,12 +611,12 @@ def pareto_front(points):
     return front
 
 
-def _panel(ax, points, xlabel, shipped):
+def _panel(ax, points, xlabel, shipped, ylabel="top-1 accuracy (%)"):
     """Draws ``points`` (cost, accuracy %, row) on ``ax`` with their Pareto front and a key; returns the labels to
     place once the figure is laid out: (x, y, text, bold) for the front's points and the shipped one."""
     from matplotlib.lines import Line2D
 
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     if not points:
         ax.set_xlabel(xlabel)
@@ -607,9 +646,10 @@ def _panel(ax, points, xlabel, shipped):
     named = {p[2].name for p in front} | {shipped}
     keyed = sorted((p for p in points if p[2].name not in named), key=lambda p: (-p[1], p[0]))
     handles, texts = ax.get_legend_handles_labels()
-    for i, (_, _, m) in enumerate(keyed, 1):
+    for i, p in enumerate(keyed, 1):
+        m = p[2]
         handles.append(Line2D([], [], linestyle="none", marker=f"${i}$", color="black", markersize=7))
-        texts.append(f"{m.name} ({_pct(m.accuracy)} %)")
+        texts.append(f"{m.name} ({p[1]:.2f} %)")
     ax.legend(handles, texts, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
               title="numbered: not on the front" if keyed else None, title_fontsize=7)
     if log or any(p[0] < 1 for p in points):  # plain numbers (0.05, 100), not 5×10⁻²

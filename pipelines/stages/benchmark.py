@@ -1,5 +1,9 @@
 """The benchmark stage: every model of the run measured with LiteRT (Keras rows with Keras) on the whole test set.
 
+A run without a test set (``data.source: synthetic`` without ``data.test``) has no accuracy: each model's
+``val_accuracy`` is then its agreement with the teacher on the held-out synthetic images, and the validation split
+stands in for the test images that latency and the per-layer error run on.
+
 Per .tflite: accuracy, latency (all files in interleaved rounds), peak memory, minimum runtime and op
 versions, sparsity, parity with its Keras model, ops and XNNPACK fallbacks, and for the integer
 variants each layer's error against the float graph of the same Keras model (on a test sample).
@@ -64,6 +68,7 @@ class Benchmark(Stage):
         r, data = ctx.recipe, run_data.load(ctx)
         info = data.info
         y_test = data.labels("test")
+        tested = len(y_test) > 0  # a run without training images may have no test set (data.test null)
         plan = json.loads((ctx.stage_dir("export") / "exports.json").read_text())
         sources = {}
 
@@ -72,11 +77,14 @@ class Benchmark(Stage):
                 sources[stage] = run_models.teacher(ctx) if stage == "teacher" else run_models.saved_student(ctx, stage)
             return sources[stage]
 
+        def top1(out):
+            return litert.top1(out, y_test) if tested else None
+
         def row(name, role, fmt, variant, stage, rel, file, acc, **figures):
             size, gz = stats.file_sizes(file)
             model = source_model(stage if stage == "teacher" else ctx.stages[stage].weights_stage(ctx))
             return ModelRow(name=name, role=role, format=fmt, variant=variant, stage=stage, path=rel,
-                            accuracy=float(acc), size_bytes=int(size), gzip_bytes=int(gz),
+                            accuracy=None if acc is None else float(acc), size_bytes=int(size), gzip_bytes=int(gz),
                             params=stats.count_params(model), macs=stats.count_macs(model),
                             input_scale=float(info.input_scale), input_offset=float(info.input_offset), **figures)
 
@@ -101,11 +109,12 @@ class Benchmark(Stage):
                     outputs[name].append(lite[name].predict(x, batch_size=lite_batch))
             return {k: np.concatenate(v) for k, v in outputs.items()}
 
-        outputs = outputs_of("test")
+        # without a test set, the validation split is all there is to measure on (parity included)
+        outputs = outputs_of("test" if tested else "val")
         b = r.stages.benchmark
         val = None
-        if b.validation:
-            y_val, val_outputs = data.labels("val"), outputs_of("val")
+        if b.validation or not tested:
+            y_val, val_outputs = data.labels("val"), outputs_of("val") if tested else outputs
             val = {k: litert.top1(v, y_val) for k, v in val_outputs.items()}
             del val_outputs
         lite.clear()
@@ -114,9 +123,9 @@ class Benchmark(Stage):
             file = (run_models.teacher_file(ctx) if stage == "teacher"
                     else ctx.stage_dir(stage) / ctx.stages[stage].model_file)
             rel = os.path.relpath(file, ctx.run_dir) if stage != "teacher" or r.teacher.path is None else str(file)
-            rows.append(row(name, role, "keras", "fp32", stage, rel, file, litert.top1(outputs[stage], y_test),
+            rows.append(row(name, role, "keras", "fp32", stage, rel, file, top1(outputs[stage]),
                             val_accuracy=val and val[stage]))
-        x_error, _ = data.first("test", b.layer_error_samples)
+        x_error, _ = data.first("test" if tested else "val", b.layer_error_samples)
         print(f"  timing {len(files)} models at {', '.join(map(str, b.threads))} thread(s) in {b.rounds} interleaved "
               "rounds", flush=True)
         latencies = litert.latency_rounds(files, x_error[0], b.threads, rounds=b.rounds,
@@ -135,7 +144,7 @@ class Benchmark(Stage):
                                              else tflite.convert(source_model(item["stage"]), "fp32"))
                 error = layer_error.layer_errors(floats[item["stage"]], file, x_error)
             rows.append(row(item["name"], item["role"], "tflite", item["variant"], item["stage"], item["path"], file,
-                            litert.top1(outputs[item["name"]], y_test), val_accuracy=val and val[item["name"]],
+                            top1(outputs[item["name"]]), val_accuracy=val and val[item["name"]],
                             latency=latencies[item["name"]],
                             sparsity=sparsity["overall"],
                             sparsity_layers={stats.layer_of(k): v["sparsity"] for k, v in sparsity["layers"].items()},
@@ -146,7 +155,7 @@ class Benchmark(Stage):
                             float_layers=item.get("float_layers"), calibration=item.get("calibration")))
         teacher_acc = rows[0].accuracy if r.teacher is not None else None
         for m in rows:
-            m.gap_to_teacher = None if teacher_acc is None else teacher_acc - m.accuracy
+            m.gap_to_teacher = None if teacher_acc is None or m.accuracy is None else teacher_acc - m.accuracy
         write_json(out / "models.json", {"models": [m.to_dict() for m in rows], "runtime": litert.runtime_info(),
                                          "teacher": ctx.teacher_info if r.teacher is not None else None})
         return {"models": len(rows)}

@@ -6,11 +6,12 @@ float file on the validation split (never the test split, which only the benchma
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 from pydantic import model_validator
 
 from edge_kd.config import Bool, Field, Int, Invalid, Literal, Str
+from edge_kd.data import SYNTHETIC
 from edge_kd.errors import UserError
 from edge_kd.export.variants import Variant
 from pipelines import run_data, run_keys, run_models
@@ -25,8 +26,9 @@ class ExportSettings(StageSettings):
     int8_io: Bool = True
     representative_samples: Annotated[Int, Field(ge=1)] = 500
     #: what the calibrated variants (int8, int8_mixed, int16x8) are calibrated on: training images, or the images
-    #: stages.synthesize makes from the teacher alone (for a user who cannot use the training data)
-    representative: Representative = "train"
+    #: stages.synthesize makes from the teacher alone (for a user who cannot use the training data); null: train, or
+    #: synthetic where the data is (data.source: synthetic)
+    representative: Optional[Representative] = None
     #: int8_mixed: these Keras layers stay in float (both keys are unused without int8_mixed in variants)
     float_layers: list[Str] = []
     #: int8_mixed: and so do the N layers that add the most error (measured on validation images)
@@ -54,6 +56,15 @@ class Export(Stage):
 
     def title(self, recipe):
         return "export TFLite models"
+
+    def resolve(self, settings, recipe):
+        if settings.representative is None:
+            settings.representative = "synthetic" if recipe.data.source == SYNTHETIC else "train"
+            return ["representative"]
+        if settings.representative == "train" and recipe.data.source == SYNTHETIC:
+            raise UserError(f"stages.export.representative: train has no training images with data.source "
+                            f"{SYNTHETIC}; use synthetic (the default)")
+        return []
 
     def reads(self, ctx):
         synthetic = ctx.settings(self.name).representative == "synthetic"

@@ -1,18 +1,20 @@
-"""The synthesize stage: images made from the teacher alone (DeepInversion, ``edge_kd.datafree``).
+"""The synthesize stage: images made from the teacher alone (``edge_kd.datafree``), by DeepInversion (each batch
+optimised from noise) or by a generator trained against a companion student (``method: generator``).
 
 It writes ``synthetic/images.npz`` (``x``: uint8 images of the data's shape; ``y``: the class each was made for;
 ``teacher``: the class the teacher gives it) and ``synthetic/grid.png`` (a row of images per class, which the
 report shows). ``stages.export.representative: synthetic`` calibrates the int8 files on them instead of training
-images. The images are made a batch at a time from the recipe's seed and the batch's number; each finished batch
-is kept in ``.resume/synthesize/``, so a stopped run goes on after its last finished batch and makes the same
-images as an uninterrupted one.
+images, and ``data.source: synthetic`` trains the run's student on them (``pipelines.run_data``). The images are
+made a part at a time (a DeepInversion batch, a generator round) from the stage's seed and the part's number; each
+finished part is kept in ``.resume/synthesize/``, so a stopped run goes on after its last finished part and makes
+the same images as an uninterrupted one.
 """
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 from edge_kd.config import Field, Int
-from edge_kd.datafree import InversionConfig
+from edge_kd.datafree import GeneratorConfig, InversionConfig
 from edge_kd.errors import UserError
 from pipelines import run_data, run_keys, run_models
 from pipelines.stage import Stage, StageSettings, library_config
@@ -22,25 +24,36 @@ GRID_PER_CLASS = 8
 
 
 class SynthesizeSettings(StageSettings, InversionConfig):
-    """How many images, in batches of how many (a batch's BatchNormalization statistics are what is matched), and
-    the optimisation of each batch (``edge_kd.datafree.InversionConfig``)."""
+    """How many images, by which method, and how each method works: DeepInversion's optimisation of each batch
+    (the keys of ``edge_kd.datafree.InversionConfig``, at the top level) or the adversarial generator's training
+    (``generator``, ``edge_kd.datafree.GeneratorConfig``)."""
 
     KEY: ClassVar[str] = "stages.synthesize"
+    #: deepinversion: optimise each batch of images from noise; generator: train a generator against a student
+    method: Literal["deepinversion", "generator"] = "deepinversion"
     images: Annotated[Int, Field(ge=1)] = 512
+    #: images optimised together (DeepInversion), or the generator's batch: a batch's BatchNormalization
+    #: statistics are what is matched
     batch_size: Annotated[Int, Field(ge=2)] = 128
     #: the seed the images are drawn from; null: the recipe's seed
     seed: Optional[Int] = None
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
 
 
 class Synthesize(Stage):
     name = "synthesize"
     settings = SynthesizeSettings
     folder = "synthetic"
-    resume_unit = "batch"
 
     def title(self, recipe):
         s = recipe.stages.synthesize
+        if s.method == "generator":
+            return (f"synthesize {s.images} images from the teacher (a generator trained against a student, "
+                    f"{s.generator.steps} iterations)")
         return f"synthesize {s.images} images from the teacher (DeepInversion, {s.steps} steps a batch)"
+
+    def resume_unit(self, recipe):
+        return "round" if recipe.stages.synthesize.method == "generator" else "batch"
 
     def resolve(self, settings, recipe):
         if settings.seed is None:
@@ -77,19 +90,39 @@ class Synthesize(Stage):
     def run(self, ctx, out):
         import numpy as np
 
-        from edge_kd import datafree, interrupt
         from edge_kd.fileio import write_bytes
         from edge_kd.report.images import image_grid_png
 
         spec, data = ctx.settings(self.name), run_data.load(ctx)
         info = data.info
-        inverter = self._inverter(ctx)
+        from edge_kd import datafree
+
         labels = datafree.balanced_labels(spec.images, info.num_classes, spec.seed)
+        make = self._by_generator if spec.method == "generator" else self._by_inversion
+        x, figures = make(ctx, spec, labels)
+        inverter = self._inverter(ctx)  # the BN-statistics loss of either method's images, measured alike
+        teacher = np.argmax(run_models.teacher(ctx).predict(data.normalise(x), verbose=0), -1)
+        noise = np.random.default_rng(spec.seed).integers(0, 256, x[:spec.batch_size].shape, dtype=np.uint8)
+        np.savez_compressed(out / "images.npz", x=x, y=labels.astype(np.int32), teacher=teacher.astype(np.int32))
+        how = "a generator trained against a student" if spec.method == "generator" else "DeepInversion"
+        write_bytes(out / "grid.png", image_grid_png(x, labels, info.class_names, GRID_PER_CLASS,
+                                                     f"images made from the teacher alone ({how})"))
+        return {"method": spec.method, "images": int(len(x)), "batch_size": spec.batch_size,
+                "teacher_agreement": float(np.mean(teacher == labels)),
+                "bn_loss": inverter.statistics_loss(data.normalise(x[-spec.batch_size:])),
+                "bn_loss_noise": inverter.statistics_loss(data.normalise(noise)), **figures}
+
+    def _by_inversion(self, ctx, spec, labels):
+        """DeepInversion: each batch optimised from noise, kept as it finishes."""
+        import numpy as np
+
+        from edge_kd import interrupt
+
+        inverter = self._inverter(ctx)
         starts = list(range(0, spec.images, spec.batch_size))
         batches = ctx.resume  # this stage's resume folder (Context.begin_stage): a file per finished batch
-        done = batches.epochs_done()
         for i, start in enumerate(starts):
-            if i < done:
+            if i < batches.epochs_done():
                 continue
             interrupt.check()
             seed = int(np.random.SeedSequence([spec.seed, i]).generate_state(1)[0] % 2**31)
@@ -101,16 +134,43 @@ class Synthesize(Stage):
 
             x = inverter.synthesize(labels[start:start + spec.batch_size], seed=seed, callback=progress)
             batches.save_arrays(i + 1, {"x": x})
-        x = np.concatenate([batches.load_arrays(i + 1)["x"] for i in range(len(starts))])
-        teacher = np.argmax(run_models.teacher(ctx).predict(data.normalise(x), verbose=0), -1)
-        noise = np.random.default_rng(spec.seed).integers(0, 256, x[:spec.batch_size].shape, dtype=np.uint8)
-        np.savez_compressed(out / "images.npz", x=x, y=labels.astype(np.int32), teacher=teacher.astype(np.int32))
-        write_bytes(out / "grid.png", image_grid_png(x, labels, info.class_names, GRID_PER_CLASS,
-                                                     "images made from the teacher alone (DeepInversion)"))
-        return {"images": int(len(x)), "steps": spec.steps, "batch_size": spec.batch_size,
-                "teacher_agreement": float(np.mean(teacher == labels)),
-                "bn_loss": inverter.statistics_loss(data.normalise(x[:spec.batch_size])),
-                "bn_loss_noise": inverter.statistics_loss(data.normalise(noise))}
+        return np.concatenate([batches.load_arrays(i + 1)["x"] for i in range(len(starts))]), {"steps": spec.steps}
+
+    def _by_generator(self, ctx, spec, labels):
+        """The adversarial generator: trained a round at a time against a fresh student of the recipe's, an equal
+        share of the images drawn at the end of each round (the generator as it stood then)."""
+        import numpy as np
+
+        from edge_kd import interrupt
+        from edge_kd.datafree import AdversarialSynthesizer
+
+        g, info = spec.generator, run_data.load(ctx).info
+        synth = AdversarialSynthesizer(run_models.teacher(ctx), run_models.build_student(ctx), info.input_shape,
+                                       info.num_classes, info.input_scale, info.input_offset, config=g,
+                                       batch_size=spec.batch_size, seed=spec.seed)
+        rounds = ctx.resume  # a file per finished round: its images, and for the last the state to go on from
+        done = rounds.epochs_done()
+        if done:
+            synth.restore(rounds.load_arrays(done))
+        steps = np.diff(np.linspace(0, g.steps, g.rounds + 1).round().astype(int))
+        share = np.linspace(0, spec.images, g.rounds + 1).round().astype(int)
+        for r in range(done, g.rounds):
+            interrupt.check()
+
+            def progress(step, terms, _r=r):
+                print(f"  round {_r + 1}/{g.rounds}, iteration {step}/{g.steps}: teacher cross-entropy "
+                      f"{terms['ce']:.3g}, BN-statistics loss {terms['bn']:.3g}, teacher-student gap {terms['gap']:.3g}",
+                      flush=True)
+
+            synth.train(int(steps[r]), callback=progress)
+            interrupt.check()
+            seed = int(np.random.SeedSequence([spec.seed, r]).generate_state(1)[0] % 2**31)
+            x = synth.sample(labels[share[r]:share[r + 1]], seed=seed)
+            rounds.save_arrays(r + 1, {"x": x, **synth.state()})
+            if r:
+                rounds.trim_arrays(r, ["x"])
+        x = np.concatenate([rounds.load_arrays(r + 1)["x"] for r in range(g.rounds)])
+        return x, {"steps": g.steps, "rounds": g.rounds}
 
 
 def images(ctx):
