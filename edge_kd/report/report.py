@@ -84,6 +84,12 @@ def report_markdown(results: dict) -> str:
                    f"classes, input {shape}: **accuracy is unknown**. Each model is measured instead by its agreement "
                    f"with the teacher (the share of images on which it picks the teacher's class) on "
                    f"{_int(data.get('val_size'))} synthetic images that no model trained on.  ")
+    elif "test_source" in data:
+        out.append(f"Data: no training images (data.source synthetic): every model after the teacher trained on "
+                   f"{_int(data.get('train_size'))} images made from the teacher alone, validation accuracy is the "
+                   f"agreement with the teacher on {_int(data.get('val_size'))} more that no model trained on, and "
+                   f"the test split is the {_int(test_size)} test images of {data['test_source']} "
+                   f"({data.get('num_classes', '?')} classes, input {shape}).  ")
     else:
         out.append(f"Data: {data.get('name', '?')}, {data.get('num_classes', '?')} classes, input {shape}, "
                    f"{_int(test_size)} test images.  ")

@@ -1,6 +1,7 @@
 """The report stage: report.md, results.json, results.csv, pareto.png and layer_error.png, copied to the run's top."""
 from __future__ import annotations
 
+from edge_kd.data import SYNTHETIC
 from pipelines import run_data
 from pipelines.stage import Stage
 
@@ -42,7 +43,9 @@ class Report(Stage):
             "data": {"name": info.name, "num_classes": info.num_classes, "input_shape": list(info.input_shape),
                      "class_names": list(info.class_names), "train_size": b.count("train"),
                      "val_size": b.count("val"), "test_size": b.count("test"),
-                     "majority_fraction": majority_fraction(b.labels("test"))},
+                     "majority_fraction": majority_fraction(b.labels("test")),
+                     # a run without training images: the source of its test split (null: it has none)
+                     **({"test_source": r.data.test} if r.data.source == SYNTHETIC else {})},
             "teacher": bench["teacher"],
             "distillation": distillation_summary(r),
             "stages": ctx.enabled(),

@@ -265,3 +265,19 @@ def test_the_report_names_the_set_each_calibrated_file_was_calibrated_on_and_sho
     assert "is 8.54; uniform noise scores 46.3." in md and "![synthetic images](synthetic.png)" in md
     results["models"][2]["calibration"] = results["models"][3]["calibration"] = None
     assert "Calibrated on" not in report_markdown(results)
+
+
+def test_a_run_without_training_images_says_what_it_trained_on_and_what_measured_it(results):
+    from edge_kd.report.report import report_markdown
+
+    results["data"].update({"name": "synthetic", "train_size": 7373, "val_size": 819, "test_source": "fashion_mnist"})
+    md = report_markdown(results)
+    assert ("every model after the teacher trained on 7,373 images made from the teacher alone, validation accuracy "
+            "is the agreement with the teacher on 819 more that no model trained on, and the test split is the "
+            "10,000 test images of fashion_mnist") in md
+    results["data"].update({"test_size": 0, "test_source": None})
+    for m in results["models"]:
+        m["accuracy"], m["gap_to_teacher"], m["val_accuracy"] = None, None, 0.5
+    md = report_markdown(results)
+    assert "**accuracy is unknown**" in md and "`student-int8` 50.00 %" in md
+    assert "Agreement with the teacher against size" in md
