@@ -273,7 +273,8 @@ class AdversarialSynthesizer:
         self._s_step = tf.function(self._student_step)
 
     def _draw(self, step, k):
-        """(noise, balanced-at-random labels) of the step's k-th batch, from the seed."""
+        """(noise, uniformly drawn classes) of iteration ``step``'s batch ``k`` (0: the generator's, then the
+        student's): stateless draws whose seed pairs mix the seed, the step and k, a pair of its own for each."""
         s = tf.stack([tf.constant(self.seed, tf.int32), step, k])
         z = tf.random.stateless_normal((self.batch_size, self.config.latent), s[:2] * 7919 + s[1:] + 3)
         y = tf.random.stateless_uniform((self.batch_size,), s[1:] + s[0] * 31 + 11, 0, self.num_classes,
