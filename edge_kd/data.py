@@ -587,6 +587,10 @@ def synthetic_bundle(cfg: DataConfig, x=None, y=None, seed: int = 0, digest: str
     val_idx = _stratified_holdout(y, cfg.val_fraction, np.random.default_rng(seed))
     train_mask = np.ones(len(y), bool)
     train_mask[val_idx] = False
+    if len(y) and not (len(val_idx) and train_mask.any()):
+        raise UserError(f"data.val_fraction {cfg.val_fraction:g} of the {len(y)} synthetic images leaves "
+                        f"{'no validation' if not len(val_idx) else 'no training'} image (it is held out per class): "
+                        "make more (stages.synthesize.images) or change data.val_fraction")
     info = DataInfo(name=SYNTHETIC, num_classes=len(names), input_shape=(h, w, c), class_names=names,
                     source_size=(h, w))
     return DataBundle(info, x[train_mask], y[train_mask], x[val_idx], y[val_idx], x_te, y_te,

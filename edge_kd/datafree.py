@@ -326,12 +326,14 @@ class AdversarialSynthesizer:
 
     def sample(self, labels, seed: int) -> np.ndarray:
         """Returns uint8 images (N, H, W, C) of the classes ``labels`` from the generator as it stands (its batch
-        statistics, a batch of ``batch_size`` at a time: the statistics it was trained to match)."""
+        statistics, whole batches of ``batch_size``: the statistics it was trained with; a short last batch is filled
+        up with the first classes again and the extra images dropped)."""
         labels = np.asarray(labels, np.int32)
+        n, b = len(labels), self.batch_size
+        labels = np.resize(labels, -(-n // b) * b)
         z = tf.random.stateless_normal((len(labels), self.config.latent), [seed, 1])
-        out = [self.generator([z[i:i + self.batch_size], labels[i:i + self.batch_size]], training=True).numpy()
-               for i in range(0, len(labels), self.batch_size)]
-        return np.round(255.0 * np.concatenate(out)).astype(np.uint8)
+        out = [self.generator([z[i:i + b], labels[i:i + b]], training=True).numpy() for i in range(0, len(labels), b)]
+        return np.round(255.0 * np.concatenate(out)[:n]).astype(np.uint8)
 
     def state(self) -> dict:
         """Returns the arrays that ``restore`` continues from: both models' weights and both optimizers'."""

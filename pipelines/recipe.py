@@ -468,6 +468,9 @@ def _check_synthetic(r: Recipe, names: list[str]):
         raise UserError(f"{why}, and stages.baseline trains the student on labelled ones: remove stages.baseline")
     if r.distillation.mode != "teacher":
         raise UserError(f"{why}: distillation.mode must be teacher (the teacher's knowledge is all there is)")
+    if r.training.strategy == "multi_worker":
+        raise UserError(f"{why}, and a multi-worker job checks its training images on every worker before the "
+                        "synthesize stage has made them: use training.strategy none or mirrored")
     alone = [n for n in r.stages.enabled() if getattr(getattr(r.stages, n), "distill", None) is False]
     if alone:
         raise UserError(f"{why}: stages.{alone[0]}.distill must stay true (its labels are only the teacher's)")

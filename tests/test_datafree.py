@@ -182,3 +182,14 @@ def test_the_adversarial_term_pulls_the_generator_to_where_student_and_teacher_d
             s._g_step(tf.constant(i, tf.int32))
         gaps.append(gap() - start)
     assert gaps[1] > gaps[0]
+
+
+def test_the_generator_draws_whole_batches_whatever_the_count():
+    s = _synthesizer()
+    labels = datafree.balanced_labels(17, 3, seed=0)  # a batch of 16 and one more
+    images = s.sample(labels, seed=1)
+    assert images.shape == (17, 8, 8, 1)
+    # the 17th image is made in a full batch (the first 15 classes again beside it), not alone
+    alone = np.round(255.0 * s.generator([tf.random.stateless_normal((32, 8), [1, 1])[16:17], labels[16:17]],
+                                         training=True).numpy()).astype(np.uint8)
+    assert not np.array_equal(images[16:], alone)

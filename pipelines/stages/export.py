@@ -151,11 +151,12 @@ class Export(Stage):
     @staticmethod
     def representative(ctx, spec):
         """Returns the model inputs the calibrated variants are calibrated on: ``representative_samples`` training
-        images drawn by the seed, or the first of the synthetic ones (their classes are shuffled and balanced)."""
+        images drawn by the seed (in a run without training images, its synthetic ones), or with ``representative:
+        synthetic`` beside real data, the first of the synthesize stage's (their classes shuffled and balanced)."""
         import numpy as np
 
         data = run_data.load(ctx)
-        if spec.representative == "synthetic":
+        if spec.representative == "synthetic" and ctx.recipe.data.source != SYNTHETIC:
             from pipelines.stages import synthesize
 
             x, _ = synthesize.images(ctx)

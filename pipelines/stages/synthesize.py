@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, Optional
 
-from edge_kd.config import Field, Int
+from pydantic import model_validator
+
+from edge_kd.config import Field, Int, Invalid
 from edge_kd.datafree import GeneratorConfig, InversionConfig
 from edge_kd.errors import UserError
 from pipelines import run_data, run_keys, run_models
@@ -38,6 +40,13 @@ class SynthesizeSettings(StageSettings, InversionConfig):
     #: the seed the images are drawn from; null: the recipe's seed
     seed: Optional[Int] = None
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+
+    @model_validator(mode="after")
+    def _a_share_per_round(self):
+        if self.method == "generator" and self.images < self.generator.rounds:
+            raise Invalid("images", f"must be at least generator.rounds ({self.generator.rounds}): each round draws "
+                                    f"an equal share of the images, got {self.images}")
+        return self
 
 
 class Synthesize(Stage):
@@ -68,9 +77,15 @@ class Synthesize(Stage):
         # what the images depend on besides the settings: the teacher and the input it takes, never the images of
         # the data (a run without them makes the same images)
         info = run_data.load(ctx).info
-        return {"teacher": run_keys.teacher_key(ctx),
-                "input": {"shape": list(info.input_shape), "classes": info.num_classes,
-                          "scale": info.input_scale, "offset": info.input_offset}}
+        key = {"teacher": run_keys.teacher_key(ctx),
+               "input": {"shape": list(info.input_shape), "classes": info.num_classes,
+                         "scale": info.input_scale, "offset": info.input_offset}}
+        if ctx.settings(self.name).method == "generator":  # trained against a fresh student of the recipe's
+            r = ctx.recipe
+            key["companion"] = {"seed": r.seed, "student": r.student.model_dump(), **{
+                k: run_keys.file_key(ctx, getattr(r.student, k), f"student.{k}") for k in ("weights", "path")
+                if getattr(r.student, k) is not None}}
+        return key
 
     def check(self, ctx):
         if ctx.recipe.teacher is None:
@@ -79,6 +94,13 @@ class Synthesize(Stage):
 
         # the architecture the teacher stage will train, or the user's file
         require_batchnorm(run_models.build_teacher(ctx) if "teacher" in ctx.enabled() else run_models.teacher(ctx))
+        cfg, spec = ctx.recipe.data, ctx.settings(self.name)
+        per_class = spec.images // run_data.load(ctx).info.num_classes
+        if cfg.source == "synthetic" and not 1 <= round(per_class * cfg.val_fraction) < per_class:
+            # the run's images are its training and validation splits, held out per class (data.synthetic_bundle)
+            raise UserError(f"stages.synthesize.images {spec.images} is {per_class} per class, of which "
+                            f"data.val_fraction {cfg.val_fraction:g} holds out {round(per_class * cfg.val_fraction)}: "
+                            "a run without training images needs both splits; make more images")
 
     def _inverter(self, ctx):
         from edge_kd.datafree import Inverter
@@ -105,7 +127,8 @@ class Synthesize(Stage):
         noise = np.random.default_rng(spec.seed).integers(0, 256, x[:spec.batch_size].shape, dtype=np.uint8)
         np.savez_compressed(out / "images.npz", x=x, y=labels.astype(np.int32), teacher=teacher.astype(np.int32))
         how = "a generator trained against a student" if spec.method == "generator" else "DeepInversion"
-        write_bytes(out / "grid.png", image_grid_png(x, labels, info.class_names, GRID_PER_CLASS,
+        # the last images of each class: a generator's latest rounds (its first are from a barely trained one)
+        write_bytes(out / "grid.png", image_grid_png(x[::-1], labels[::-1], info.class_names, GRID_PER_CLASS,
                                                      f"images made from the teacher alone ({how})"))
         return {"method": spec.method, "images": int(len(x)), "batch_size": spec.batch_size,
                 "teacher_agreement": float(np.mean(teacher == labels)),

@@ -109,6 +109,8 @@ def test_the_generator_stopped_after_a_round_resumes_there_and_makes_the_same_im
     ({}, {"baseline": {}}, "stages.baseline trains the student on labelled ones: remove stages.baseline"),
     ({}, {"export": {"representative": "train"}}, "stages.export.representative: train has no training images"),
     ({}, {"distill": {"epochs": 1, "distill": False}}, "stages.distill.distill must stay true"),
+    ({}, {"synthesize": {"method": "generator", "images": 4, "generator": {"rounds": 8}}},
+     "stages.synthesize.images must be at least generator.rounds (8)"),
 ])
 def test_a_recipe_that_needs_training_images_is_a_one_line_error(data_changes, stages, words):
     with pytest.raises(UserError) as e:
@@ -123,6 +125,30 @@ def test_a_teacher_file_is_required_and_other_sources_refuse_the_synthetic_keys(
         recipe_mod.from_dict(d)
     with pytest.raises(UserError, match="data.classes is read only with data.source: synthetic"):
         recipe_mod.from_dict({"data": {"source": "mnist", "classes": 10}})
+    d = json.loads(json.dumps(RECIPE))
+    d["training"]["strategy"] = "multi_worker"
+    with pytest.raises(UserError, match="a multi-worker job checks its training images on every worker before"):
+        recipe_mod.from_dict(d)
+
+
+def test_too_few_images_for_both_splits_are_refused_before_anything_runs(tmp_path):
+    with pytest.raises(UserError, match=r"^stages.synthesize.images 10 is 1 per class, of which data.val_fraction "
+                                        r"0.25 holds out 0: a run without training images needs both splits"):
+        run(_recipe(synthesize={"method": "generator", "images": 10, "batch_size": 10,
+                                "generator": {"steps": 2, "rounds": 2}}), out=tmp_path, stream=io.StringIO())
+    assert not list(tmp_path.glob("*/synthetic"))
+
+
+def test_a_search_refuses_a_data_free_recipe_in_one_line(tmp_path, capsys):
+    import yaml
+
+    from pipelines.search.__main__ import main
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(RECIPE))
+    assert main(["--recipe", str(tmp_path / "r.yaml"), "--target-accuracy", "0.5", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "data.source synthetic has no training images: run the data-free recipe with python -m " \
+           "pipelines.compress" in err[-1]
 
 
 def test_the_test_set_of_a_synthetic_source_is_another_sources_test_split_resized(tmp_path):
@@ -137,6 +163,10 @@ def test_the_test_set_of_a_synthetic_source_is_another_sources_test_split_resize
     assert b.info.class_names == ("a", "b", "c") and b.info.input_shape == (16, 16, 1)
     assert b.raw("test").shape == (5, 16, 16, 1) and b.labels("test").tolist() == [0, 1, 2, 1, 0]
     assert b.count("train") == 27 and b.count("val") == 3  # a tenth of each class held out
-    assert b.source_digest != data.synthetic_bundle(cfg, x[::-1], np.arange(30) % 3, seed=0, digest="x").source_digest
+    # the digest is what the images were read from (the synthesize stage's result), with the test source's
+    assert b.source_digest == data.synthetic_bundle(cfg, x, np.arange(30) % 3, seed=0).source_digest
+    assert b.source_digest != data.synthetic_bundle(cfg, x, np.arange(30) % 3, seed=0, digest="made").source_digest
+    with pytest.raises(UserError, match="data.val_fraction 0.1 of the 3 synthetic images leaves no validation image"):
+        data.synthetic_bundle(cfg, x[:3], np.arange(3), seed=0)  # one per class: a tenth of one rounds to none
     with pytest.raises(UserError, match="data.test '.*' has 1-channel images and data.input_shape"):
         data.synthetic_bundle(cfg.model_copy(update={"input_shape": [16, 16, 3]}))
