@@ -125,7 +125,8 @@ def report_markdown(results: dict) -> str:
         out += ["## Sparsity per layer (exact zeros in each kernel of the exported .tflite)", "", layers]
     parity = parity_table(results)
     if parity:
-        out += ["## Runtime parity and ops (Keras model vs its .tflite under LiteRT, whole test set)", "", parity]
+        where = "the held-out synthetic images" if untested(results) else "whole test set"
+        out += [f"## Runtime parity and ops (Keras model vs its .tflite under LiteRT, {where})", "", parity]
     runtimes = runtime_table(results)
     if runtimes:
         out += ["## Where each file runs (read from the file: its `min_runtime_version` and op versions)", "",
@@ -134,7 +135,7 @@ def report_markdown(results: dict) -> str:
     if errors:
         sample = next(m.layer_error for m in _rows(results) if m.layer_error)
         out += ["## Per-layer quantization error (SNR in dB against float, higher is better; ★ adds the most)", "",
-                f"On {_int(sample.get('samples'))} test images. Method: {sample.get('method')}. The float reference is "
+                f"On {_int(sample.get('samples'))} {'held-out synthetic' if untested(results) else 'test'} images. Method: {sample.get('method')}. The float reference is "
                 "the float TFLite graph of the same Keras model (for QAT models, that model's own graph with its "
                 "fake quantization). [layer_error.png](layer_error.png)", "", errors]
     out += synthetic_lines(results)

@@ -69,6 +69,7 @@ def test_a_run_without_training_images_distils_on_synthetic_ones_and_reports_agr
     assert rows["student-int8"]["calibration"] == "synthetic"  # the only images there are
     report = (d / "report.md").read_text()
     assert "no test set" in report and "**accuracy is unknown**" in report
+    assert "under LiteRT, the held-out synthetic images)" in report and "whole test set)" not in report
     assert f"`student` {100 * agree:.2f} %" in report
     assert "drawn from a generator trained 6 iterations against a student in 2 rounds" in report
     manifest = json.loads((d / "bundle" / "manifest.json").read_text())
