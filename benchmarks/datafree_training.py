@@ -69,7 +69,8 @@ def _run(dataset: str, method: str, seed: int, out: Path) -> dict:
     rows = {m.name: m for m in rows_of(json.loads((run_dir / "results.json").read_text())["models"])}
     stages = {m.stem: json.loads(m.read_text()).get("seconds") for m in sorted((run_dir / "manifests").glob("*.json"))}
     synth = json.loads((run_dir / "manifests" / "synthesize.json").read_text())["summary"]
-    return {"dataset": dataset, "method": method, "seed": seed, "run_dir": str(run_dir), "wall_seconds": round(seconds, 1),
+    return {"dataset": dataset, "method": method, "seed": seed, "run_dir": str(run_dir),
+            "wall_seconds": round(seconds, 1),
             "stage_seconds": stages, "synthesize": synth, "overrides": [*DATASETS[dataset], *METHODS[method]],
             "test_accuracy": {n: rows[n].accuracy for n in ("teacher", "student", "student-int8", "pruned-int8",
                                                             "qat-int8") if n in rows},

@@ -37,9 +37,9 @@ from edge_kd.errors import UserError, first_line
 from edge_kd.fileio import sha256_file
 
 BUILTIN = {name: Path(__file__).parent / "_data" / f"{name}.npz" for name in ("fashion_mnist", "mnist")}
-#: the class names of the built-in sets (their files are the canonical bytes, which name none)
 #: the source of a run without training images (``synthetic_bundle``)
 SYNTHETIC = "synthetic"
+#: the class names of the built-in sets (their files are the canonical bytes, which name none)
 BUILTIN_CLASSES = {
     "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                       "Ankle boot"),
@@ -624,14 +624,18 @@ def _listing_digest(root: Path) -> str:
     return h.hexdigest()
 
 
+def held_out(count: int, fraction: float) -> int:
+    """Returns how many of a class's ``count`` images the validation split holds out at ``fraction``."""
+    return int(round(count * fraction))
+
+
 def _stratified_holdout(y, fraction, rng) -> np.ndarray:
     if fraction <= 0:
         return np.zeros(0, np.int64)
     picked = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
-        n = int(round(len(idx) * fraction))
-        picked.append(rng.permutation(idx)[:n])
+        picked.append(rng.permutation(idx)[:held_out(len(idx), fraction)])
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 

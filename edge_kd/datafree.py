@@ -335,23 +335,18 @@ class AdversarialSynthesizer:
         out = [self.generator([z[i:i + b], labels[i:i + b]], training=True).numpy() for i in range(0, len(labels), b)]
         return np.round(255.0 * np.concatenate(out)[:n]).astype(np.uint8)
 
+    def _variables(self):
+        """Yields (name, variable) of everything the training changes: both models' weights, both optimizers'."""
+        for prefix, model, opt in (("g", self.generator, self.g_opt), ("s", self.student, self.s_opt)):
+            yield from ((f"{prefix}_w{i}", w) for i, w in enumerate(model.weights))
+            yield from ((f"{prefix}_o{i}", v) for i, v in enumerate(opt.variables))
+
     def state(self) -> dict:
-        """Returns the arrays that ``restore`` continues from: both models' weights and both optimizers'."""
-        arrays = {"step": np.array(self.step)}
-        for prefix, objs in (("g", (self.generator, self.g_opt)), ("s", (self.student, self.s_opt))):
-            model, opt = objs
-            for i, w in enumerate(model.weights):
-                arrays[f"{prefix}_w{i}"] = w.numpy()
-            for i, v in enumerate(opt.variables):
-                arrays[f"{prefix}_o{i}"] = v.numpy()
-        return arrays
+        """Returns the arrays that ``restore`` continues from: the step and ``_variables``' values."""
+        return {"step": np.array(self.step), **{name: v.numpy() for name, v in self._variables()}}
 
     def restore(self, arrays: dict) -> None:
         """Continues from ``state()``'s arrays."""
         self.step = int(arrays["step"])
-        for prefix, objs in (("g", (self.generator, self.g_opt)), ("s", (self.student, self.s_opt))):
-            model, opt = objs
-            for i, w in enumerate(model.weights):
-                w.assign(arrays[f"{prefix}_w{i}"])
-            for i, v in enumerate(opt.variables):
-                v.assign(arrays[f"{prefix}_o{i}"])
+        for name, v in self._variables():
+            v.assign(arrays[name])

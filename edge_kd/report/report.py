@@ -135,9 +135,10 @@ def report_markdown(results: dict) -> str:
     if errors:
         sample = next(m.layer_error for m in _rows(results) if m.layer_error)
         out += ["## Per-layer quantization error (SNR in dB against float, higher is better; ★ adds the most)", "",
-                f"On {_int(sample.get('samples'))} {'held-out synthetic' if untested(results) else 'test'} images. Method: {sample.get('method')}. The float reference is "
-                "the float TFLite graph of the same Keras model (for QAT models, that model's own graph with its "
-                "fake quantization). [layer_error.png](layer_error.png)", "", errors]
+                f"On {_int(sample.get('samples'))} {'held-out synthetic' if untested(results) else 'test'} images. "
+                f"Method: {sample.get('method')}. The float reference is the float TFLite graph of the same Keras "
+                "model (for QAT models, that model's own graph with its fake quantization). "
+                "[layer_error.png](layer_error.png)", "", errors]
     out += synthetic_lines(results)
     k3 = keras3_lines(results)
     if k3:

@@ -73,7 +73,9 @@ def load(args):
     if (args.target_accuracy is None) != (args.max_drop is None):
         sets.append(f"search.{'max_drop' if args.target_accuracy is not None else 'target_accuracy'}=null")
     r = recipe_mod.apply_overrides(r, list(args.overrides) + sets)
-    if r.data.source == "synthetic":
+    from edge_kd.data import SYNTHETIC
+
+    if r.data.source == SYNTHETIC:
         raise UserError("a search measures each candidate on training and test images, and data.source synthetic has "
                         "no training images: run the data-free recipe with python -m pipelines.compress")
     if r.training.strategy == "multi_worker":

@@ -94,13 +94,16 @@ class Synthesize(Stage):
 
         # the architecture the teacher stage will train, or the user's file
         require_batchnorm(run_models.build_teacher(ctx) if "teacher" in ctx.enabled() else run_models.teacher(ctx))
+        from edge_kd import data
+
         cfg, spec = ctx.recipe.data, ctx.settings(self.name)
         per_class = spec.images // run_data.load(ctx).info.num_classes
-        if cfg.source == "synthetic" and not 1 <= round(per_class * cfg.val_fraction) < per_class:
+        held = data.held_out(per_class, cfg.val_fraction)
+        if cfg.source == data.SYNTHETIC and not 1 <= held < per_class:
             # the run's images are its training and validation splits, held out per class (data.synthetic_bundle)
             raise UserError(f"stages.synthesize.images {spec.images} is {per_class} per class, of which "
-                            f"data.val_fraction {cfg.val_fraction:g} holds out {round(per_class * cfg.val_fraction)}: "
-                            "a run without training images needs both splits; make more images")
+                            f"data.val_fraction {cfg.val_fraction:g} holds out {held}: a run without training images "
+                            "needs both splits; make more images")
 
     def _inverter(self, ctx):
         from edge_kd.datafree import Inverter
@@ -182,8 +185,8 @@ class Synthesize(Stage):
 
             def progress(step, terms, _r=r):
                 print(f"  round {_r + 1}/{g.rounds}, iteration {step}/{g.steps}: teacher cross-entropy "
-                      f"{terms['ce']:.3g}, BN-statistics loss {terms['bn']:.3g}, teacher-student gap {terms['gap']:.3g}",
-                      flush=True)
+                      f"{terms['ce']:.3g}, BN-statistics loss {terms['bn']:.3g}, "
+                      f"teacher-student gap {terms['gap']:.3g}", flush=True)
 
             synth.train(int(steps[r]), callback=progress)
             interrupt.check()

@@ -4,16 +4,16 @@ unknown and gives the agreement with the teacher on held-out synthetic images; t
 recipe that cannot run without data is refused in one line."""
 import io
 import json
-import shutil
 
 import numpy as np
 import pytest
 
-from edge_kd import data, train
+from edge_kd import data
 from edge_kd.errors import UserError
 from edge_kd.keras import keras
 from pipelines import recipe as recipe_mod
 from pipelines.run import run
+from tests.pipelines.stopped import stop_after_part, store_without_synthesis
 
 RECIPE = {
     "seed": 0,
@@ -78,22 +78,10 @@ def test_a_run_without_training_images_distils_on_synthetic_ones_and_reports_agr
 
 def test_the_generator_stopped_after_a_round_resumes_there_and_makes_the_same_images(datafree_run, tmp_path,
                                                                                     monkeypatch):
-    from edge_kd import interrupt
-
-    save = train.EpochCheckpoints.save_arrays
-
-    def save_then_stop(self, done, arrays):
-        save(self, done, arrays)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.EpochCheckpoints, "save_arrays", save_then_stop)
-    with pytest.raises(interrupt.Interrupted) as e:
-        run(_recipe(), out=tmp_path / "out", stream=io.StringIO())
-    assert e.value.resume_at == "'synthesize', after its round 1"
-    monkeypatch.setattr(train.EpochCheckpoints, "save_arrays", save)
-    store = tmp_path / "store"  # the module's store without its synthetic images, which this run must make
-    shutil.copytree(datafree_run.parent / "store", store,
-                    ignore=lambda folder, names: [n for n in names if n.startswith("synthesize-")])
+    stopped = stop_after_part(monkeypatch, 1, lambda: run(_recipe(), out=tmp_path / "out", stream=io.StringIO()))
+    assert stopped.resume_at == "'synthesize', after its round 1"
+    # the module's store without its synthetic images, which this run must make
+    store = store_without_synthesis(datafree_run.parent / "store", tmp_path / "store")
     stream = io.StringIO()
     d = run(_recipe(), out=tmp_path / "out", stream=stream, store=store)
     assert "(resumed after round 1) ..." in stream.getvalue()

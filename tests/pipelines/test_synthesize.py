@@ -3,17 +3,16 @@ after any finished batch), calibrates its int8 files on them when ``stages.expor
 its report says which set calibrated each file and shows the images; bad settings are one-line errors."""
 import io
 import json
-import shutil
 
 import numpy as np
 import pytest
 
-from edge_kd import train
 from edge_kd.errors import UserError
 from edge_kd.export import tflite
 from edge_kd.keras import keras
 from pipelines import recipe as recipe_mod
 from pipelines.run import run
+from tests.pipelines.stopped import stop_after_part, store_without_synthesis
 
 
 def fashion_mnist_train(n):
@@ -79,24 +78,11 @@ def test_a_run_makes_images_from_the_teacher_and_calibrates_its_int8_files_on_th
 
 
 def test_synthesis_stopped_after_a_batch_resumes_there_and_makes_the_same_images(synthetic_run, tmp_path, monkeypatch):
-    from edge_kd import interrupt
-
-    save = train.EpochCheckpoints.save_arrays
-
-    def save_then_stop(self, done, arrays):
-        save(self, done, arrays)
-        if done == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.EpochCheckpoints, "save_arrays", save_then_stop)
-    with pytest.raises(interrupt.Interrupted) as e:
-        run(_recipe(), out=tmp_path / "out", stream=io.StringIO())
-    assert e.value.resume_at == "'synthesize', after its batch 2"
-    monkeypatch.setattr(train.EpochCheckpoints, "save_arrays", save)
+    stopped = stop_after_part(monkeypatch, 2, lambda: run(_recipe(), out=tmp_path / "out", stream=io.StringIO()))
+    assert stopped.resume_at == "'synthesize', after its batch 2"
     stream = io.StringIO()
-    store = tmp_path / "store"  # the module's store without its synthetic images, which this run must make
-    shutil.copytree(_store(synthetic_run), store, ignore=lambda folder, names: [n for n in names
-                                                                               if n.startswith("synthesize-")])
+    # the module's store without its synthetic images, which this run must make
+    store = store_without_synthesis(_store(synthetic_run), tmp_path / "store")
     d = run(_recipe(), out=tmp_path / "out", stream=stream, store=store)
     assert "synthesize: synthesize 30 images from the teacher (DeepInversion, 8 steps a batch) (resumed after " \
            "batch 2) ..." in stream.getvalue()
