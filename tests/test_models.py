@@ -123,7 +123,12 @@ def test_the_keras_applications_are_registered_under_their_names():
         qat.check(models.build("mobilenet_v3_small", (32, 32, 3), 3, alpha=0.75), QATConfig(unsupported="error"))
 
 
-@pytest.mark.parametrize("name", list(APPS))
+#: the backbones users pick as teachers, whose int8 conversion takes 20-25 s each on 2 cores: run with ``-m heavy``
+#: (MobileNetV2 and MobileNetV3-Small, the students, stay in the default run)
+LARGE = {"mobilenet_v3_large", "efficientnet_b0", "resnet50_v2"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n in LARGE else n for n in APPS])
 def test_a_keras_application_builds_untrained_converts_to_int8_with_builtin_ops_and_loads_its_weights_file(
         name, tmp_path):
     from edge_kd.bench import parity

@@ -273,6 +273,7 @@ def test_weight_tensor_names_map_back_to_their_keras_layers():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_optional_clustering_stage_then_pcqat_keeps_sparsity_and_few_weight_values(tmp_path, capsys):
     out = tmp_path / "out"
     stdout = _main_ok(capsys, "--limit-train", "600", "--limit-test", "200", "--epochs", "1", "--threads", "1",

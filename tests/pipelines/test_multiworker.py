@@ -172,6 +172,7 @@ def job(recipe, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_worker_killed_mid_epoch_fails_the_job_with_one_line_keeping_the_finished_epochs(job):
     chief, other = job["killed"]
     assert other.returncode == -signal.SIGKILL, other
@@ -184,6 +185,7 @@ def test_a_worker_killed_mid_epoch_fails_the_job_with_one_line_keeping_the_finis
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_same_commands_resume_after_the_last_finished_epoch_and_only_the_chief_writes(job):
     chief, other = job["resumed"]
     assert [chief.returncode, other.returncode] == [0, 0], (chief, other)
@@ -204,6 +206,7 @@ def test_the_same_commands_resume_after_the_last_finished_epoch_and_only_the_chi
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_chief_has_what_one_process_trains_over_the_same_two_replicas(job):
     one, run = job["one"], job["run"]
     # Distill and prune ran through: the same weights and histories (validation included) as one process over two
@@ -231,6 +234,7 @@ def test_the_chief_has_what_one_process_trains_over_the_same_two_replicas(job):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_pipeline_trains_under_mirrored_strategy_on_two_devices(job):
     # the one-process reference itself: every stage that trains ran under MirroredStrategy over two logical CPU
     # devices, and pruning under the strategy reached its target in the exported file
@@ -242,6 +246,7 @@ def test_the_pipeline_trains_under_mirrored_strategy_on_two_devices(job):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_rerun_of_the_job_skips_every_stage_on_every_worker(job):
     chief, other = job["again"]
     assert [chief.returncode, other.returncode] == [0, 0], (chief, other)

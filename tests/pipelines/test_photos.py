@@ -34,6 +34,7 @@ def _photos(folder, per_class=16, rng=None):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_jpeg_folder_at_96_px_runs_the_photos_recipe_with_a_bit_teacher_and_its_bundle_verifies(tmp_path, capsys):
     photos = _photos(tmp_path / "photos")
     keras.utils.set_random_seed(0)
