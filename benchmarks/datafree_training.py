@@ -3,14 +3,18 @@ alone (``pipelines/recipes/fashion_mnist_datafree.yaml``), by each synthesis met
 shipped teacher, on MNIST from a BN teacher the pipeline trains first (``mnist.yaml``'s, ``scripts/train_teacher.py``).
 
 Each (method, seed) run is the whole pipeline, timed stage by stage, with nothing else running; its student never
-sees a training image. The methods get about the same synthesis time: DeepInversion (``--set`` of its settings in
-``METHODS``) optimises fewer images than the generator draws. Accuracy is on the real test split (10,000 images),
-which chooses nothing: the default method is the one whose students agree more with the teacher on the held-out
-synthetic images of both methods pooled (``pooled_agreement``), what a user without data can see too. Results go
-to ``benchmarks/results/datafree_training.json``, a run at a time (a rerun skips the runs it holds).
+sees a training image. The methods (``METHODS``): DeepInversion, which in about the same synthesis time optimises
+fewer images than the generator draws; the generator without the within-class diversity term; the generator with it
+(the shipped recipe). Accuracy is on the real test split (10,000 images), which chooses nothing: the default method
+is the one whose students agree more with the teacher on the held-out synthetic images of every method pooled
+(``pooled_agreement``, over the seeds every method ran), what a user without data can see too. Per run, the
+within-class spread of the images (``within_class_spread``) says how much one class's images differ. Results go to
+``benchmarks/results/datafree_training.json``, a run at a time (a rerun skips the runs it holds).
 
-    python benchmarks/datafree_training.py --seeds 0 1 2 --methods generator deepinversion
+    python benchmarks/datafree_training.py --seeds 0 --methods deepinversion generator generator_diverse
+    python benchmarks/datafree_training.py --seeds 1 2 --methods generator generator_diverse
     python benchmarks/datafree_training.py --dataset mnist --seeds 0 1 2 --methods generator
+    python benchmarks/datafree_training.py --dataset mnist --seeds 0 --methods generator_diverse
 """
 from __future__ import annotations
 
@@ -41,10 +45,12 @@ DATASETS = {
     "mnist": ["data.classes=10", "data.test=mnist", f"teacher.path={MNIST_TEACHER}", "augment.flip=false",
               "student.options.filters=[16,32,32]"],
 }
-#: each method's settings beyond the recipe's (which are the generator's)
+#: each method's settings beyond the recipe's (the shipped recipe is generator_diverse's)
 METHODS = {
-    "generator": ["stages.synthesize.method=generator"],
+    "generator": ["stages.synthesize.method=generator", "stages.synthesize.generator.diversity=0"],
     "deepinversion": ["stages.synthesize.method=deepinversion", "stages.synthesize.images=1536"],
+    # the generator with the within-class diversity term (mode seeking) weighted
+    "generator_diverse": ["stages.synthesize.method=generator", "stages.synthesize.generator.diversity=20"],
 }
 
 
@@ -74,7 +80,24 @@ def _run(dataset: str, method: str, seed: int, out: Path) -> dict:
             "stage_seconds": stages, "synthesize": synth, "overrides": [*DATASETS[dataset], *METHODS[method]],
             "test_accuracy": {n: rows[n].accuracy for n in ("teacher", "student", "student-int8", "pruned-int8",
                                                             "qat-int8") if n in rows},
-            "synthetic_agreement": {n: rows[n].val_accuracy for n in ("student", "qat-int8") if n in rows}}
+            "synthetic_agreement": {n: rows[n].val_accuracy for n in ("student", "qat-int8") if n in rows},
+            "within_class_spread": _spread(run_dir, synth.get("rounds", 1))}
+
+
+def within_class_spread(x, labels) -> float:
+    """The mean over classes of the per-pixel standard deviation of that class's images (pixels in [0, 1]): how much
+    one class's images differ from each other."""
+    x = np.asarray(x, np.float32) / 255.0
+    return float(np.mean([x[labels == c].std(0).mean() for c in np.unique(labels)]))
+
+
+def _spread(run_dir: Path, rounds: int) -> dict:
+    """The spread of the images the generator drew in its last round (the generator as it ended), and of the whole
+    bank, each class being the one each image was made for."""
+    with np.load(run_dir / "synthetic" / "images.npz") as f:
+        x, y = f["x"], f["y"]
+    last = slice(len(x) - len(x) // rounds, None)
+    return {"last_round": within_class_spread(x[last], y[last]), "bank": within_class_spread(x, y)}
 
 
 def pooled_agreement(runs: list[dict]) -> dict:
@@ -128,6 +151,9 @@ def main(argv=None) -> int:
                   f"{r['synthetic_agreement']}", flush=True)
             write_json(RESULTS, {**saved, "runs": list(runs.values())})
     ordered = list(runs.values())
+    for r in ordered:  # runs recorded before the spread was measured: from their images, where they are still kept
+        if "within_class_spread" not in r and (Path(r["run_dir"]) / "synthetic" / "images.npz").is_file():
+            r["within_class_spread"] = _spread(Path(r["run_dir"]), r["synthesize"].get("rounds", 1))
     pooled = pooled_agreement(ordered)
     summary, chosen, targets = {}, {}, {}
     for dataset in DATASETS:
@@ -141,11 +167,12 @@ def main(argv=None) -> int:
                     "pooled_agreement": _mean_std([pooled[_key(r)] for r in mine]),
                     "wall_seconds": _mean_std([r["wall_seconds"] for r in mine]),
                     "wall_seconds_max": max(r["wall_seconds"] for r in mine)}
-        # the default method: the better agreement on the pooled held-out synthetic images, over the seeds both ran
-        both = {m: {r["seed"] for r in ordered if r["dataset"] == dataset and r["method"] == m} for m in METHODS}
-        common = set.intersection(*both.values())
+        # the default method: the best agreement on the pooled held-out synthetic images, over the seeds that every
+        # method run on this dataset ran
+        ran = {m: {r["seed"] for r in ordered if r["dataset"] == dataset and r["method"] == m} for m in METHODS}
+        common = set.intersection(*[s for s in ran.values() if s] or [set()])
         if common:
-            chosen[dataset] = max(METHODS, key=lambda m: statistics.mean(
+            chosen[dataset] = max([m for m in METHODS if ran[m]], key=lambda m: statistics.mean(
                 pooled[_key({"dataset": dataset, "method": m, "seed": s})] for s in common))
         best = summary.get(f"{dataset}-{chosen.get(dataset, 'generator')}")
         if best:

@@ -157,7 +157,7 @@ def test_the_generator_is_the_same_for_a_seed_and_resumes_where_it_stopped():
 
 
 def test_training_the_generator_moves_its_statistics_towards_the_recorded_ones():
-    s = _synthesizer(learning_rate=1e-2, adversarial=0.0)
+    s = _synthesizer(learning_rate=1e-2, adversarial=0.0, diversity=0.0)  # the BN-statistics loss alone
     labels = datafree.balanced_labels(16, 3, seed=0)
     before = _reference(s.teacher, s.sample(labels, seed=1).astype(np.float32) / 255)
     s.train(60)
@@ -170,7 +170,7 @@ def test_the_adversarial_term_pulls_the_generator_to_where_student_and_teacher_d
     term weighted than without it."""
     gaps = []
     for weight in (0.0, 50.0):
-        s = _synthesizer(adversarial=weight, bn_weight=0.0, learning_rate=5e-2)
+        s = _synthesizer(adversarial=weight, bn_weight=0.0, diversity=0.0, learning_rate=5e-2)
         z, y = s._draw(tf.constant(0), tf.constant(0))
 
         def gap():
@@ -193,3 +193,28 @@ def test_the_generator_draws_whole_batches_whatever_the_count():
     alone = np.round(255.0 * s.generator([tf.random.stateless_normal((32, 8), [1, 1])[16:17], labels[16:17]],
                                          training=True).numpy()).astype(np.uint8)
     assert not np.array_equal(images[16:], alone)
+
+
+def test_mode_seeking_is_the_mean_image_over_noise_distance_of_the_same_class_pairs(rng):
+    images, noise = rng.random((6, 4, 4, 1)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)
+    labels = np.array([0, 1, 0, 2, 0, 1], np.int32)
+    ratios = [np.mean(np.abs(images[i] - images[j])) / np.mean(np.abs(noise[i] - noise[j]))
+              for i in range(6) for j in range(6) if i != j and labels[i] == labels[j]]
+    assert len(ratios) == 8  # class 0: 3 × 2 ordered pairs, class 1: 2, class 2: none
+    got = float(datafree.mode_seeking(tf.constant(images), tf.constant(noise), tf.constant(labels)))
+    assert got == pytest.approx(np.mean(ratios), rel=1e-5)
+    assert float(datafree.mode_seeking(tf.constant(images), tf.constant(noise), tf.range(6))) == 0.0  # no pair
+
+
+def test_the_diversity_term_spreads_the_images_of_a_class():
+    """The same generator steps leave one class's images (one noise batch) further apart with the diversity term
+    weighted than without it, and the step reports the term."""
+    spread = []
+    for weight in (0.0, 20.0):
+        s = _synthesizer(diversity=weight, adversarial=0.0, learning_rate=5e-2)
+        for i in range(8):
+            terms = s._g_step(tf.constant(i, tf.int32))
+        assert ("diversity" in terms) == (weight > 0)
+        x = s.sample(np.zeros(16, np.int32), seed=3).astype(np.float32) / 255
+        spread.append(float(x.std(0).mean()))
+    assert spread[1] > 1.5 * spread[0], spread

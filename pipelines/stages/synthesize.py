@@ -186,7 +186,9 @@ class Synthesize(Stage):
             def progress(step, terms, _r=r):
                 print(f"  round {_r + 1}/{g.rounds}, iteration {step}/{g.steps}: teacher cross-entropy "
                       f"{terms['ce']:.3g}, BN-statistics loss {terms['bn']:.3g}, "
-                      f"teacher-student gap {terms['gap']:.3g}", flush=True)
+                      f"teacher-student gap {terms['gap']:.3g}"
+                      + (f", within-class diversity {terms['diversity']:.3g}" if "diversity" in terms else ""),
+                      flush=True)
 
             synth.train(int(steps[r]), callback=progress)
             interrupt.check()
