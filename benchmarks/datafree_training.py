@@ -151,9 +151,6 @@ def main(argv=None) -> int:
                   f"{r['synthetic_agreement']}", flush=True)
             write_json(RESULTS, {**saved, "runs": list(runs.values())})
     ordered = list(runs.values())
-    for r in ordered:  # runs recorded before the spread was measured: from their images, where they are still kept
-        if "within_class_spread" not in r and (Path(r["run_dir"]) / "synthetic" / "images.npz").is_file():
-            r["within_class_spread"] = _spread(Path(r["run_dir"]), r["synthesize"].get("rounds", 1))
     pooled = pooled_agreement(ordered)
     summary, chosen, targets = {}, {}, {}
     for dataset in DATASETS:
