@@ -129,11 +129,13 @@ def agreement_keys(ctx: Context) -> dict:
 
 
 def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.compress", stream=None, store=None,
-        data=None, records: list | None = None) -> Path | None:
+        data=None, records: list | None = None, checked: bool = False) -> Path | None:
     """Runs ``recipe``; returns its run folder, holding every stage's files and the report.
 
     ``store`` and ``data``: a stage store shared with other runs (``pipelines.runner``) and the recipe's data,
-    already loaded; ``records`` (a list) receives the runner's record of each stage (ran, skipped or shared).
+    already loaded; ``records`` (a list) receives the runner's record of each stage (ran, skipped or shared);
+    ``checked``: the caller has run ``preflight`` on this very recipe and data already (a search checks its
+    candidates before any trains), so it is not run again.
 
     With ``training.strategy: multi_worker`` this process first joins the job TF_CONFIG describes
     (``pipelines.multiworker``), before TensorFlow runs anything; every worker checks its inputs, and all of them
@@ -158,7 +160,8 @@ def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.co
             else:  # its own copy of what the stages make, thrown away at the end
                 run_dir = held.enter_context(multiworker.scratch(job.index))
             ctx = Context(recipe, run_dir, command, data=data, cluster=job)
-            preflight(ctx)
+            if not checked:
+                preflight(ctx)
         except UserError as e:
             if job is None:
                 raise

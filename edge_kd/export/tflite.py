@@ -34,11 +34,13 @@ from edge_kd.keras import tf
 from edge_kd.export.variants import CALIBRATED, INTEGER, VARIANTS  # noqa: F401  (what callers read here)
 
 
-def convert(model, variant: str, representative=None, int8_io: bool = True, float_tensors=None) -> bytes:
+def convert(model, variant: str, representative=None, int8_io: bool = True, float_tensors=None,
+            saved: str | None = None) -> bytes:
     """Returns the TFLite flatbuffer of ``model`` converted as ``variant`` (one of VARIANTS).
 
     ``float_tensors`` (``int8_mixed`` only): the op output tensor names, as the float TFLite file
-    names them, whose ops stay in float.
+    names them, whose ops stay in float. ``saved``: a folder ``saved_model(model)`` gave, so that
+    several variants of one model are converted from one save (default: saved for this call).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}; expected one of {', '.join(VARIANTS)}")
@@ -52,15 +54,29 @@ def convert(model, variant: str, representative=None, int8_io: bool = True, floa
     if variant == "int8_mixed" and not float_tensors:
         raise ValueError("variant 'int8_mixed' needs float_tensors: the op outputs to keep in float")
 
-    with _quiet(), tempfile.TemporaryDirectory(prefix="edge-kd-export-") as saved:
-        converter = _converter(model, saved)
+    with _quiet(), contextlib.ExitStack() as stack:
+        if saved is None:
+            saved = stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-kd-export-"))
+            _save(model, saved)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=["serving_default"])
         return _convert(converter, variant, representative, int8_io, float_tensors)
 
 
-def _converter(model, folder: str):
-    """Returns a TFLiteConverter of ``model``'s inference function, saved in ``folder`` as a SavedModel of that one
-    function and the model's variables (signature ``serving_default``: the Keras input's name in, the output layer's
-    name out, a free batch dimension).
+@contextlib.contextmanager
+def saved_model(model):
+    """Yields a temporary folder holding ``model``'s inference function as a SavedModel, for ``convert(...,
+    saved=folder)``: one save for all the variants of one model (a save costs about as much as a float
+    conversion)."""
+    with tempfile.TemporaryDirectory(prefix="edge-kd-export-") as folder:
+        with _quiet():
+            _save(model, folder)
+        yield folder
+
+
+def _save(model, folder: str) -> None:
+    """Saves ``model``'s inference function in ``folder`` as a SavedModel of that one function and the model's
+    variables (signature ``serving_default``: the Keras input's name in, the output layer's name out, a free batch
+    dimension), which the converter reads.
 
     ``TFLiteConverter.from_keras_model`` converts the same graph, but first saves the whole Keras model, every
     layer's functions traced for serialization: 3x slower for a small CNN, 3x for EfficientNetB0 (34 s against
@@ -78,7 +94,6 @@ def _converter(model, folder: str):
     holder = tf.Module()
     holder.model_variables = list(model.variables)  # what the function reads, saved with it
     tf.saved_model.save(holder, folder, signatures={"serving_default": fn.get_concrete_function()})
-    return tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=["serving_default"])
 
 
 def _convert(converter, variant, representative, int8_io, float_tensors) -> bytes:

@@ -64,6 +64,11 @@ class Outcome:
     final_latency: dict = dataclasses.field(default_factory=dict)  # {candidate key: ms}, measured together
 
 
+def _recipe_key(raw: dict) -> str:
+    """Returns one text per rung recipe (its dict, keys sorted)."""
+    return json.dumps(raw, sort_keys=True, default=str)
+
+
 def spread(ordered: list, n: int) -> tuple[list, list]:
     """Returns (``n`` of ``ordered`` spread evenly over it, its first and last included; the others)."""
     if len(ordered) <= n:
@@ -85,6 +90,7 @@ class Search:
         self.results: dict[str, list[RungResult]] = {}
         self.status: dict[str, str] = {}
         self.data = None
+        self.preflown: set[str] = set()  # the rung recipes prepare checked: their runs need not check them again
         self.target = spec.target_accuracy
         self.teacher_val = None
         self.start = time.monotonic()
@@ -111,11 +117,13 @@ class Search:
                 continue
             checked.add(shape)
             for rung in sorted({0, self.spec.rungs - 1}):  # the shortest rung has the fewest steps to prune in
-                r = recipe_mod.from_dict(c.rung_recipe(float(self.spec.eta) ** -(self.spec.rungs - 1 - rung), rung))
+                raw = c.rung_recipe(float(self.spec.eta) ** -(self.spec.rungs - 1 - rung), rung)
+                r = recipe_mod.from_dict(raw)
                 try:
                     preflight(Context(r, self.runs / r.run_name(), self.command, data=self.data))
                 except UserError as e:
                     raise UserError(f"search candidate {c.label}: {e}") from None
+                self.preflown.add(_recipe_key(raw))
         self.root.mkdir(parents=True, exist_ok=True)
         need_latency = self.spec.objective == "latency" or self.spec.max_latency_ms is not None
         b = self.recipe.stages.benchmark
@@ -255,7 +263,8 @@ class Search:
         try:
             with open(log, "a", buffering=1) as f, contextlib.redirect_stdout(f):
                 run_dir = run(r, out=self.runs, command=f"{self.command}  # candidate {c.label}, rung {rung + 1}",
-                              stream=f, store=self.store, data=self.data, records=records)
+                              stream=f, store=self.store, data=self.data, records=records,
+                              checked=_recipe_key(raw) in self.preflown)
         except UserError as e:  # this candidate cannot be trained as it is (its loss diverged, say): say so, go on
             print(f" failed: {e} (its log: {log})", file=self.stream, flush=True)
             self.status[c.key] = f"failed in rung {rung + 1}: {e}"

@@ -128,23 +128,27 @@ class Export(Stage):
 
         spec = ctx.settings(self.name)
         rep = self.representative(ctx, spec)
-        loaded, flats = {}, {}
+        flats = {}
         plan = self.plan(ctx)
-        # int8_mixed is made from the stage's int8 and fp32 files, so those come first
-        for item in sorted(plan, key=lambda i: i["variant"] == "int8_mixed"):
-            interrupt.check()
-            stage, variant = item["stage"], item["variant"]
-            if stage not in loaded:
-                loaded[stage] = run_models.teacher(ctx) if stage == "teacher" else run_models.saved_student(ctx, stage)
-            float_tensors = None
-            if variant == "int8_mixed":
-                float_tensors, item["float_layers"] = self.float_tensors(ctx, spec, loaded[stage], rep, flats, stage)
-            flat = tflite.convert(loaded[stage], variant, representative=rep if variant in tflite.CALIBRATED else None,
-                                  int8_io=spec.int8_io, float_tensors=float_tensors)
-            flats[(stage, variant)] = flat
-            write_bytes(out / f"{item['name']}.tflite", flat)
-            item["path"] = f"{self.folder}/{item['name']}.tflite"
-            item["calibration"] = spec.representative if variant in tflite.CALIBRATED else None
+        # one model at a time, saved once for all its variants; int8_mixed is made from the model's int8 and fp32
+        # files, so those come first
+        for stage in dict.fromkeys(item["stage"] for item in plan):
+            model = run_models.teacher(ctx) if stage == "teacher" else run_models.saved_student(ctx, stage)
+            items = sorted((i for i in plan if i["stage"] == stage), key=lambda i: i["variant"] == "int8_mixed")
+            with tflite.saved_model(model) as saved:
+                for item in items:
+                    interrupt.check()
+                    variant = item["variant"]
+                    float_tensors = None
+                    if variant == "int8_mixed":
+                        float_tensors, item["float_layers"] = self.float_tensors(ctx, spec, model, rep, flats, stage,
+                                                                                 saved)
+                    flat = tflite.convert(model, variant, representative=rep if variant in tflite.CALIBRATED else None,
+                                          int8_io=spec.int8_io, float_tensors=float_tensors, saved=saved)
+                    flats[(stage, variant)] = flat
+                    write_bytes(out / f"{item['name']}.tflite", flat)
+                    item["path"] = f"{self.folder}/{item['name']}.tflite"
+                    item["calibration"] = spec.representative if variant in tflite.CALIBRATED else None
         write_json(out / "exports.json", plan)
         return {"files": len(plan)}
 
@@ -165,14 +169,16 @@ class Export(Stage):
         rep, _ = data.arrays("train", picked[: spec.representative_samples])  # reads only these, streamed or not
         return rep
 
-    def float_tensors(self, ctx, spec, model, rep, flats, stage) -> tuple[list[str], list[str]]:
-        """Returns (the op output tensors int8_mixed keeps in float, their layer names) for ``stage``'s model."""
+    def float_tensors(self, ctx, spec, model, rep, flats, stage, saved) -> tuple[list[str], list[str]]:
+        """Returns (the op output tensors int8_mixed keeps in float, their layer names) for ``stage``'s model
+        (``saved``: its ``tflite.saved_model`` folder)."""
         from edge_kd.bench import layer_error
         from edge_kd.export import tflite
 
         def flat(variant):
             if (stage, variant) not in flats:
-                flats[(stage, variant)] = tflite.convert(model, variant, representative=rep, int8_io=spec.int8_io)
+                flats[(stage, variant)] = tflite.convert(model, variant, representative=rep, int8_io=spec.int8_io,
+                                                         saved=saved)
             return flats[(stage, variant)]
 
         by_layer = self.layer_tensors(flat("fp32"), rep[:1])
