@@ -23,6 +23,7 @@ or walks a split in order (``batches``); both work the same on either kind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import zipfile
@@ -498,9 +499,8 @@ def load_config(cfg: DataConfig, seed: int = 0) -> DataBundle:
     source, image_size = cfg.source, cfg.image_size
     if source in BUILTIN:
         name = source
-        x_tr, y_tr, x_te, y_te, class_names = _load_npz(BUILTIN[source])
+        x_tr, y_tr, x_te, y_te, class_names, digest = _load_npz(BUILTIN[source])
         class_names = class_names or BUILTIN_CLASSES.get(source)
-        digest = sha256_file(BUILTIN[source])
         source_size = tuple(x_tr.shape[1:3])
     elif source.startswith("tfds:"):
         name = source[5:]
@@ -514,8 +514,7 @@ def load_config(cfg: DataConfig, seed: int = 0) -> DataBundle:
                                                                              seed)
             digest = _listing_digest(path)
         elif path.is_file() and path.suffix.lower() == ".npz":
-            x_tr, y_tr, x_te, y_te, class_names = _load_npz(path)
-            digest = sha256_file(path)
+            x_tr, y_tr, x_te, y_te, class_names, digest = _load_npz(path)
             source_size = tuple(x_tr.shape[1:3])
         elif path.exists():
             raise UserError(f"data '{source}' is neither an .npz file nor a folder of class subfolders")
@@ -679,6 +678,16 @@ def _as_labels(y, n, where: str) -> np.ndarray:
 
 
 def _load_npz(path: Path):
+    """Returns (x_train, y_train, x_test, y_test, class names or None, sha256 of the file) of an .npz, its arrays
+    read-only: the last two files read stay in memory while their size and modification time hold, so the runs
+    of one process (a search's candidates, a notebook's reruns) decompress and hash them once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _read_npz(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_npz(path: Path, mtime_ns: int, size: int):
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in NPZ_KEYS if k not in f.files]
@@ -699,7 +708,9 @@ def _load_npz(path: Path):
     y_te = _as_labels(arrays["y_test"], len(x_te), f"{path.name} y_test")
     if len(x_tr) == 0 or len(x_te) == 0:
         raise UserError(f"{path.name}: x_train and x_test must not be empty")
-    return x_tr, y_tr, x_te, y_te, class_names
+    for a in (x_tr, y_tr, x_te, y_te):
+        a.flags.writeable = False  # shared by every later load of the file
+    return x_tr, y_tr, x_te, y_te, class_names, sha256_file(path)
 
 
 def _read_class_folders(root: Path, where: str):

@@ -1,4 +1,6 @@
 """Data sources: built-in MNIST, .npz files, image folders, tfds names; and the bundle's pipelines."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -132,6 +134,22 @@ def test_npz_uint8_nhw(tmp_path, rng):
     kept = [i for i, x in enumerate(arrays["x_train"]) if any(np.array_equal(x, v[..., 0]) for v in b.x_val)]
     mask[kept] = False
     np.testing.assert_array_equal(b.x_train[..., 0], arrays["x_train"][mask])
+
+
+def test_an_npz_is_read_once_while_it_is_unchanged_and_again_once_it_changes(tmp_path, rng):
+    path = tmp_path / "digits.npz"
+    np.savez(path, **_arrays(rng))
+    a, b = data.load(str(path), val_fraction=0.1), data.load(str(path), val_fraction=0.1)
+    assert np.shares_memory(a.x_test, b.x_test)  # one read, shared: so it cannot be written to
+    with pytest.raises(ValueError):
+        a.x_test[0] = 0
+    assert a.content_digest() == b.content_digest()
+    changed = _arrays(rng)
+    np.savez(path, **changed)
+    os.utime(path, ns=(1, 1))  # another modification time, whatever the clock's resolution
+    c = data.load(str(path), val_fraction=0.1)
+    np.testing.assert_array_equal(c.x_test[..., 0], changed["x_test"])
+    assert c.content_digest() != a.content_digest()
 
 
 def test_npz_float_nhwc_in_unit_range_and_column_labels(tmp_path, rng):

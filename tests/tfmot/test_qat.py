@@ -107,6 +107,28 @@ def _model_with_unsupported_layers():
     return keras.Model(inp, keras.layers.Dense(10, name="logits")(x), name="odd")
 
 
+def test_the_unsupported_layers_are_found_once_per_architecture_and_setting(monkeypatch):
+    import collections
+
+    found = []
+    real = qat._find_unsupported
+    monkeypatch.setattr(qat, "_UNSUPPORTED", collections.OrderedDict())
+    monkeypatch.setattr(qat, "_find_unsupported", lambda model, cfg: found.append(model.name) or real(model, cfg))
+    a, b = _model_with_unsupported_layers(), _model_with_unsupported_layers()
+    b.set_weights([w + 1 for w in b.get_weights()])  # the same layers, other weights
+    assert qat.check(a, qat.QATConfig()) == qat.check(b, qat.QATConfig()) == ["swish", "to_pm1"]
+    assert len(found) == 1
+    # the answer names the model's own layers, not the first model's
+    assert all(layer in b.layers for layer in qat._unsupported(b, qat.QATConfig()))
+    qat.check(a, qat.QATConfig(preserve_sparsity=False))  # another setting: found anew
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((28, 28, 1), name="image")
+    other = keras.Model(inp, keras.layers.Dense(10, name="logits")(keras.layers.Flatten(name="flatten")(inp)),
+                        name="odd")
+    assert qat.check(other, qat.QATConfig()) == []  # another architecture of the same name: found anew
+    assert len(found) == 3
+
+
 def test_unsupported_layers_are_named_or_left_in_float(teacher, mnist, tmp_path):
     (x, y), _, (xt, _) = mnist
     model = _model_with_unsupported_layers()
