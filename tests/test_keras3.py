@@ -109,7 +109,8 @@ def test_the_command_distils_a_keras3_student_file_from_a_keras3_teacher_file_th
                           "--out", str(tmp_path), "--run-name", "k3", "--set", "baseline=false",
                           "--set", "prune.epochs=1", "--set", "prune.frequency=2", "--set", "qat.epochs=1",
                           "--set", "export.variants=[int8]", "--set", "benchmark.min_seconds=0.05",
-                          "--set", "benchmark.warmup_seconds=0.01", "--set", "benchmark.rounds=3"])
+                          "--set", "benchmark.warmup_seconds=0.01", "--set", "benchmark.rounds=3",
+                          "--set", "benchmark.layer_error_samples=16"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     assert "distil student 's.keras'" in captured.out

@@ -171,7 +171,8 @@ def test_the_pipeline_trains_in_mixed_precision_and_saves_and_exports_float32(tm
     r = recipe_mod.apply_overrides(recipe_mod.load(), [
         "training.mixed_precision=true", "data.limit_train=320", "data.limit_test=128", "stages.distill.epochs=1",
         "prune=false", "qat=false", "export.variants=[fp32, int8]", "bundle=false", "benchmark.threads=[1]",
-        "benchmark.min_seconds=0.05", "benchmark.warmup_seconds=0.01", "benchmark.rounds=3"])
+        "benchmark.min_seconds=0.05", "benchmark.warmup_seconds=0.01", "benchmark.rounds=3",
+        "benchmark.layer_error_samples=16"])
     run_dir = run(r, out=tmp_path)
     printed = capsys.readouterr().out
     assert printed.count("mixed precision (mixed_float16") == 2  # distill and baseline

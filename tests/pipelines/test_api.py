@@ -5,7 +5,8 @@ import io
 import numpy as np
 
 QUICK = ["baseline=false", "prune=false", "qat=false", "distill.epochs=1", "export.variants=[int8]",
-         "benchmark.threads=[1]", "benchmark.min_seconds=0.05", "benchmark.warmup_seconds=0.01", "benchmark.rounds=3"]
+         "benchmark.threads=[1]", "benchmark.min_seconds=0.05", "benchmark.warmup_seconds=0.01", "benchmark.rounds=3",
+         "benchmark.layer_error_samples=16"]
 
 
 def _student():

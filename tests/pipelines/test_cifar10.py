@@ -29,8 +29,9 @@ def test_the_cifar10_recipe_runs_end_to_end_on_a_slice_of_the_real_set(tmp_path,
     _main_ok(capsys, "--recipe", "cifar10_resnet8", "--data", npz, "--out", out, "--run-name", "c10",
              "--set", "data.limit_train=640", "--set", "data.limit_test=256", "--set", "distill.epochs=1",
              "--set", "prune.epochs=1", "--set", "prune.frequency=1",
-             "--set", "qat.epochs=1", "--set", "benchmark.threads=[1]", "--set", "benchmark.min_seconds=0",
-             "--set", "benchmark.rounds=3", "--set", "benchmark.warmup_seconds=0")
+             "--set", "qat.epochs=1", "--set", "export.models=final", "--set", "benchmark.threads=[1]",
+             "--set", "benchmark.min_seconds=0", "--set", "benchmark.rounds=3", "--set", "benchmark.warmup_seconds=0",
+             "--set", "benchmark.layer_error_samples=16")
     results = json.loads((out / "c10" / "results.json").read_text())
     models = {m["name"]: m for m in results["models"]}
     assert results["teacher"]["trained_by"] == "edge-kd, shipped (builtin:cifar10)"

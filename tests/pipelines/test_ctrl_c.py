@@ -20,7 +20,7 @@ distillation:
 stages:
   distill: {epochs: 2}
   export: {variants: [int8]}
-  benchmark: {threads: [1], min_seconds: 0.1, rounds: 3, warmup_seconds: 0.05}
+  benchmark: {threads: [1], min_seconds: 0.1, rounds: 3, warmup_seconds: 0.05, layer_error_samples: 16}
   report: {}
 """
 LINE = "python -m pipelines.compress: interrupted during stage '{0}'; finished stages and epochs are kept: rerun the " \

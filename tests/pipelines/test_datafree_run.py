@@ -27,7 +27,8 @@ RECIPE = {
                                             "diversity": 1.0}},
                "distill": {"epochs": 1},
                "export": {"variants": ["fp32", "int8"]},
-               "benchmark": {"threads": [1], "min_seconds": 0.1, "rounds": 3, "warmup_seconds": 0.05},
+               "benchmark": {"threads": [1], "min_seconds": 0.1, "rounds": 3, "warmup_seconds": 0.05,
+                             "layer_error_samples": 16},
                "bundle": {}, "report": {}},
 }
 

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Two epochs in every training stage, so that each can be stopped after its first.
 ARGS = ["--run-name", "r", "--limit-train", "1000", "--limit-test", "300", "--epochs", "2", "--threads", "1",
         "--set", "prune.epochs=2", "--set", "prune.frequency=2", "--set", "qat.epochs=2",
-        "--set", "benchmark.min_seconds=0.2", "--set", "benchmark.warmup_seconds=0.1"]
+        "--set", "benchmark.min_seconds=0.2", "--set", "benchmark.warmup_seconds=0.1",
+        "--set", "benchmark.layer_error_samples=32"]
 STAGES = ["distill", "baseline", "prune", "qat", "export", "benchmark", "bundle", "report"]
 TRAINED = {"distill": "distill/student.keras", "baseline": "baseline/baseline.keras", "prune": "prune/pruned.keras"}
 RESUME = "python -m pipelines.compress: interrupted during stage '{0}'; finished stages and epochs are kept: rerun " \

@@ -1,7 +1,7 @@
 """Each source of knowledge through the staged pipeline: distill, prune and PQAT with the same family.
 
 Runs in-process on a tiny generated dataset (12×12, 3 classes): what is checked is that every mode
-reaches the prune and QAT stages unchanged and exports a pruned int8 student, not accuracy.
+reaches the prune and QAT stages unchanged and exports a pruned int8 student (that file alone), not accuracy.
 """
 import json
 
@@ -15,7 +15,8 @@ from pipelines import compress
 from .test_compress import _npz
 
 FAST = ["--epochs", "1", "--threads", "1", "--set", "prune.epochs=1", "--set", "qat.epochs=1",
-        "--set", "export.variants=[int8]", "--set", "benchmark.min_seconds=0.1",
+        "--set", "export.variants=[int8]", "--set", "export.models=final", "--set", "benchmark.min_seconds=0.1",
+        "--set", "benchmark.layer_error_samples=16",
         "--set", "benchmark.warmup_seconds=0.05", "--set", "bundle=false"]
 
 

@@ -26,7 +26,7 @@ STUDENTS = "[{arch: mlp, options: {hidden: [16]}}, {arch: cnn, options: {filters
 QUICK = ["data.limit_train=1200", "data.limit_test=200", "distill.epochs=2", "qat.epochs=1",
          "training.learning_rate=0.005", "distillation.consistent=false", "distillation.teacher_cache=true",
          "benchmark.min_seconds=0.1", "benchmark.warmup_seconds=0.05",
-         "benchmark.rounds=3", "benchmark.threads=[1]", "search.sparsity=[0]", "search.eta=2"]
+         "benchmark.rounds=3", "benchmark.threads=[1]", "benchmark.layer_error_samples=16", "search.sparsity=[0]", "search.eta=2"]
 SPACE = [*QUICK, "search.variants=[int8]", f"search.students={STUDENTS}"]
 
 

@@ -29,7 +29,8 @@ RECIPE = {
     "stages": {"synthesize": {"images": 30, "batch_size": 10, "steps": 8},
                "distill": {"epochs": 1},
                "export": {"variants": ["fp32", "int8"], "representative": "synthetic"},
-               "benchmark": {"threads": [1], "min_seconds": 0.1, "rounds": 3, "warmup_seconds": 0.05},
+               "benchmark": {"threads": [1], "min_seconds": 0.1, "rounds": 3, "warmup_seconds": 0.05,
+                             "layer_error_samples": 16},
                "report": {}},
 }
 
