@@ -163,6 +163,7 @@ def test_mixed_precision_terms_agree_with_float32_and_the_loss_is_scaled():
 # reference of tests/pipelines/test_multiworker.py (test_the_pipeline_trains_under_mirrored_strategy_on_two_devices).
 
 
+@pytest.mark.heavy  # mixed precision's terms against float32: the test above, in the default run
 def test_the_pipeline_trains_in_mixed_precision_and_saves_and_exports_float32(tmp_path, capsys):
     from edge_kd.bench.compat import runtime
     from pipelines import recipe as recipe_mod

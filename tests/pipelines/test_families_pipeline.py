@@ -2,6 +2,8 @@
 
 Runs in-process on a tiny generated dataset (12×12, 3 classes): what is checked is that every mode
 reaches the prune and QAT stages unchanged and exports a pruned int8 student (that file alone), not accuracy.
+The mean-teacher, mutual-learning and teacher-free runs are marked heavy (``pytest -m heavy``): their terms and
+modes train inside the Distiller in tests/distill/test_families.py in the default run.
 """
 import json
 
@@ -44,6 +46,7 @@ def _run(tmp_path, capsys, name, *args):
     return run, results, captured.out
 
 
+@pytest.mark.heavy
 def test_mean_teacher_distils_prunes_and_quantizes(tmp_path, capsys):
     run, results, out = _run(tmp_path, capsys, "mean", "--set", "teacher=null", "--set", "stages.teacher=false", "--set", "distillation.mode=mean_teacher",
                              "--set", "distillation.ema_decay=0.9", "--set", "baseline={}")
@@ -54,6 +57,7 @@ def test_mean_teacher_distils_prunes_and_quantizes(tmp_path, capsys):
     assert "teacher" not in {m["role"] for m in results["models"]}
 
 
+@pytest.mark.heavy
 def test_mutual_learning_exports_the_chosen_peer_and_keeps_the_others_for_later_stages(tmp_path, capsys):
     run, results, _ = _run(tmp_path, capsys, "dml", "--set", "teacher=null", "--set", "stages.teacher=false", "--set", "distillation.mode=mutual",
                            "--set", "distillation.peers=[{arch: mlp, options: {hidden: [8]}}]",
@@ -89,6 +93,7 @@ stages: {{distill: {{}}, prune: {{}}, qat: {{}}, export: {{}}, benchmark: {{}}, 
         assert {"hinton", "rkd"} <= set(history) and np.isfinite(history["rkd"]).all(), stage
 
 
+@pytest.mark.heavy
 def test_teacher_free_virtual_teacher_with_a_baseline(tmp_path, capsys):
     run, results, _ = _run(tmp_path, capsys, "tfkd", "--set", "teacher=null", "--set", "stages.teacher=false", "--set", "baseline={}",
                            "--set", "distillation.terms=[{name: virtual_teacher, weight: 0.5, correct_prob: 0.9, "
