@@ -49,8 +49,9 @@ DATASETS = {
 METHODS = {
     "generator": ["stages.synthesize.method=generator", "stages.synthesize.generator.diversity=0"],
     "deepinversion": ["stages.synthesize.method=deepinversion", "stages.synthesize.images=1536"],
-    # the generator with the within-class diversity term (mode seeking) weighted
+    # the generator with the within-class diversity term (mode seeking) weighted 20 (the default) and 5
     "generator_diverse": ["stages.synthesize.method=generator", "stages.synthesize.generator.diversity=20"],
+    "generator_diverse5": ["stages.synthesize.method=generator", "stages.synthesize.generator.diversity=5"],
 }
 
 
@@ -76,12 +77,21 @@ def _run(dataset: str, method: str, seed: int, out: Path) -> dict:
     stages = {m.stem: json.loads(m.read_text()).get("seconds") for m in sorted((run_dir / "manifests").glob("*.json"))}
     synth = json.loads((run_dir / "manifests" / "synthesize.json").read_text())["summary"]
     return {"dataset": dataset, "method": method, "seed": seed, "run_dir": str(run_dir),
-            "wall_seconds": round(seconds, 1),
+            "wall_seconds": round(seconds, 1), "cpu": _cpu(),
             "stage_seconds": stages, "synthesize": synth, "overrides": [*DATASETS[dataset], *METHODS[method]],
             "test_accuracy": {n: rows[n].accuracy for n in ("teacher", "student", "student-int8", "pruned-int8",
                                                             "qat-int8") if n in rows},
             "synthetic_agreement": {n: rows[n].val_accuracy for n in ("student", "qat-int8") if n in rows},
             "within_class_spread": _spread(run_dir, synth.get("rounds", 1))}
+
+
+def _cpu() -> str:
+    """The processor the run timed on (its model name and core count), as Linux names it."""
+    import os
+
+    names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+             if ln.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return f"{names[0] if names else 'unknown'}, {len(os.sched_getaffinity(0))} cores"
 
 
 def within_class_spread(x, labels) -> float:
@@ -100,9 +110,15 @@ def _spread(run_dir: Path, rounds: int) -> dict:
     return {"last_round": within_class_spread(x[last], y[last]), "bank": within_class_spread(x, y)}
 
 
+def present(r: dict) -> bool:
+    """Whether run ``r``'s folder (its images and student) is on this machine: pooling needs it."""
+    return (Path(r["run_dir"]) / "synthetic" / "images.npz").is_file()
+
+
 def pooled_agreement(runs: list[dict]) -> dict:
     """Returns, per run, its float student's agreement with the teacher on the held-out synthetic images of every run
-    of the same dataset and seed pooled (each method's validation split, which no model trained on)."""
+    of the same dataset and seed pooled (each method's validation split, which no model trained on); every run's
+    folder must be present."""
     from edge_kd import data
     from edge_kd.keras import keras
 
@@ -136,9 +152,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=Path, default=ROOT / "tflite_out" / "bench-datafree-training")
+    p.add_argument("--again", action="store_true",
+                   help="run the given methods and seeds again, replacing what is recorded (for pooling on a machine "
+                        "that lacks the recorded runs' folders)")
     args = p.parse_args(argv)
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     runs = {_key(r): r for r in saved.get("runs", [])}
+    if args.again:
+        for seed in args.seeds:
+            for method in args.methods:
+                runs.pop(_key({"dataset": args.dataset, "method": method, "seed": seed}), None)
     _teacher(args.dataset)
     for seed in args.seeds:
         for method in args.methods:
@@ -151,8 +174,22 @@ def main(argv=None) -> int:
                   f"{r['synthetic_agreement']}", flush=True)
             write_json(RESULTS, {**saved, "runs": list(runs.values())})
     ordered = list(runs.values())
-    pooled = pooled_agreement(ordered)
-    summary, chosen, targets = {}, {}, {}
+    # pooled over the runs whose folders are here; a run recorded elsewhere keeps the figure of its own pool, and
+    # which methods each figure pooled is recorded beside it
+    here = [r for r in ordered if present(r)]
+    pooled, pools = dict(saved.get("pooled_agreement", {})), dict(saved.get("pooled_with", {}))
+    pooled.update(pooled_agreement(here))
+    for r in ordered:
+        mates = sorted({m["method"] for m in here if (m["dataset"], m["seed"]) == (r["dataset"], r["seed"])})
+        if present(r):
+            pools[_key(r)] = mates
+        else:
+            pools.setdefault(_key(r), sorted({m["method"] for m in ordered if not present(m)
+                                              and (m["dataset"], m["seed"]) == (r["dataset"], r["seed"])}))
+    pooled = {k: v for k, v in pooled.items() if k in runs}
+    pools = {k: v for k, v in pools.items() if k in runs}
+    summary, targets = {}, {}
+    chosen, among = dict(saved.get("chosen_by_pooled_agreement", {})), dict(saved.get("chosen_among", {}))
     for dataset in DATASETS:
         for method in METHODS:
             mine = [r for r in ordered if r["dataset"] == dataset and r["method"] == method]
@@ -164,21 +201,23 @@ def main(argv=None) -> int:
                     "pooled_agreement": _mean_std([pooled[_key(r)] for r in mine]),
                     "wall_seconds": _mean_std([r["wall_seconds"] for r in mine]),
                     "wall_seconds_max": max(r["wall_seconds"] for r in mine)}
-        # the default method: the best agreement on the pooled held-out synthetic images, over the seeds that every
-        # method run on this dataset ran
-        ran = {m: {r["seed"] for r in ordered if r["dataset"] == dataset and r["method"] == m} for m in METHODS}
-        common = set.intersection(*[s for s in ran.values() if s] or [set()])
+        # the default method: the best agreement on the pooled held-out synthetic images, among the methods pooled
+        # together here, over the seeds they all ran (without such runs here, the recorded choice stands)
+        ran = {m: {r["seed"] for r in here if r["dataset"] == dataset and r["method"] == m} for m in METHODS}
+        ran = {m: s for m, s in ran.items() if s}
+        common = set.intersection(*ran.values()) if len(ran) > 1 else set()
         if common:
-            chosen[dataset] = max([m for m in METHODS if ran[m]], key=lambda m: statistics.mean(
+            chosen[dataset] = max(ran, key=lambda m: statistics.mean(
                 pooled[_key({"dataset": dataset, "method": m, "seed": s})] for s in common))
+            among[dataset] = {"methods": sorted(ran), "seeds": sorted(common)}
         best = summary.get(f"{dataset}-{chosen.get(dataset, 'generator')}")
         if best:
             targets[f"{dataset}_student_at_least_{round(100 * TARGET_ACCURACY[dataset])}"] = \
                 best["student_test"][0] >= TARGET_ACCURACY[dataset]
             targets[f"{dataset}_run_at_most_15_minutes"] = best["wall_seconds_max"] <= TARGET_SECONDS
     write_json(RESULTS, {"command": "python benchmarks/datafree_training.py", "recipe": RECIPE, "runs": ordered,
-                         "pooled_agreement": pooled, "summary": summary, "chosen_by_pooled_agreement": chosen,
-                         "targets": targets})
+                         "pooled_agreement": pooled, "pooled_with": pools, "summary": summary,
+                         "chosen_by_pooled_agreement": chosen, "chosen_among": among, "targets": targets})
     for key, s in summary.items():
         print(f"{key}: student {100 * s['student_test'][0]:.2f} % test, final int8 {100 * s['final_int8_test'][0]:.2f} "
               f"%, pooled agreement {100 * s['pooled_agreement'][0]:.2f} %, {s['wall_seconds'][0]:.0f} s "
