@@ -5,16 +5,16 @@ shipped teacher, on MNIST from a BN teacher the pipeline trains first (``mnist.y
 Each (method, seed) run is the whole pipeline, timed stage by stage, with nothing else running; its student never
 sees a training image. The methods (``METHODS``): DeepInversion, which in about the same synthesis time optimises
 fewer images than the generator draws; the generator without the within-class diversity term; the generator with it
-(the shipped recipe). Accuracy is on the real test split (10,000 images), which chooses nothing: the default method
+at weight 20 (the shipped recipe) and at weight 5. Accuracy is on the real test split (10,000 images), which chooses nothing: the default method
 is the one whose students agree more with the teacher on the held-out synthetic images of every method pooled
 (``pooled_agreement``, over the seeds every method ran), what a user without data can see too. Per run, the
 within-class spread of the images (``within_class_spread``) says how much one class's images differ. Results go to
 ``benchmarks/results/datafree_training.json``, a run at a time (a rerun skips the runs it holds).
 
-    python benchmarks/datafree_training.py --seeds 0 --methods deepinversion generator generator_diverse
-    python benchmarks/datafree_training.py --seeds 1 2 --methods generator generator_diverse
-    python benchmarks/datafree_training.py --dataset mnist --seeds 0 1 2 --methods generator
-    python benchmarks/datafree_training.py --dataset mnist --seeds 0 --methods generator_diverse
+    python benchmarks/datafree_training.py --seeds 0 --methods deepinversion generator
+    python benchmarks/datafree_training.py --seeds 1 2 --methods generator
+    python benchmarks/datafree_training.py --seeds 0 1 2 --methods generator_diverse generator_diverse5
+    python benchmarks/datafree_training.py --dataset mnist --seeds 0 1 2 --methods generator generator_diverse
 """
 from __future__ import annotations
 
