@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_kd.bench import stats
 from edge_kd.bench.results import rows_of
 from edge_kd.fileio import write_json
 from pipelines import recipe as recipe_mod
@@ -77,21 +78,12 @@ def _run(dataset: str, method: str, seed: int, out: Path) -> dict:
     stages = {m.stem: json.loads(m.read_text()).get("seconds") for m in sorted((run_dir / "manifests").glob("*.json"))}
     synth = json.loads((run_dir / "manifests" / "synthesize.json").read_text())["summary"]
     return {"dataset": dataset, "method": method, "seed": seed, "run_dir": str(run_dir),
-            "wall_seconds": round(seconds, 1), "cpu": _cpu(),
+            "wall_seconds": round(seconds, 1), "cpu": stats.machine(),
             "stage_seconds": stages, "synthesize": synth, "overrides": [*DATASETS[dataset], *METHODS[method]],
             "test_accuracy": {n: rows[n].accuracy for n in ("teacher", "student", "student-int8", "pruned-int8",
                                                             "qat-int8") if n in rows},
             "synthetic_agreement": {n: rows[n].val_accuracy for n in ("student", "qat-int8") if n in rows},
             "within_class_spread": _spread(run_dir, synth.get("rounds", 1))}
-
-
-def _cpu() -> str:
-    """The processor the run timed on (its model name and core count), as Linux names it."""
-    import os
-
-    names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-             if ln.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return f"{names[0] if names else 'unknown'}, {len(os.sched_getaffinity(0))} cores"
 
 
 def within_class_spread(x, labels) -> float:

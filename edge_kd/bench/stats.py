@@ -28,11 +28,16 @@ def keras_accuracy(model, x, y, batch_size: int = 512) -> float:
 
 
 def machine() -> str:
-    """Returns the machine a benchmark record was measured on: its processor and core count."""
+    """Returns the machine a benchmark record was measured on: its processor's model name (as Linux names it; else
+    what ``platform`` knows) and the cores this process may use."""
     import os
     import platform
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    info = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
+             if ln.startswith("model name")] if info.is_file() else []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {cores} cores"
 
 
 def mean_std(values) -> tuple[float, float]:
