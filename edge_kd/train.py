@@ -231,7 +231,35 @@ def _epochs_of(train, epochs: range):
     return strategy.distribute_datasets_from_function(lambda ctx: train(epochs, input_context=ctx).repeat())
 
 
-MIXED = "mixed_float16"
+#: the policies of ``training.mixed_precision``: float16 for GPUs (with loss scaling), bfloat16 for CPUs that compute
+#: it natively (AVX512_BF16 or AMX; float32's range, so no loss scaling)
+MIXED = {"float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
+
+
+def mixed_policy(setting, gpu: bool, cpu_flags: frozenset | None = None) -> tuple[str | None, str]:
+    """Returns the Keras policy of ``training.mixed_precision`` (``False``, ``True``, ``"float16"``, ``"bfloat16"``)
+    on this host, None for float32, and why in a few words. ``True`` takes the fast one here: float16 on a GPU,
+    bfloat16 on a CPU that computes it natively, else none (bfloat16 is emulated, and slower, on other CPUs)."""
+    if setting is False:
+        return None, "off"
+    if setting is not True:
+        return MIXED[setting], "asked for"
+    if gpu:
+        return MIXED["float16"], "a GPU"
+    flags = cpu_flags if cpu_flags is not None else _cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return MIXED["bfloat16"], "a CPU with " + " and ".join(sorted(flags & {"avx512_bf16", "amx_bf16"}))
+    return None, "this CPU has no native bfloat16 (AVX512_BF16 or AMX)"
+
+
+def _cpu_flags() -> frozenset:
+    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
 
 
 @contextlib.contextmanager
@@ -251,20 +279,37 @@ def float32_copy(model):
     A model built under ``mixed_float16`` keeps float32 weights but computes in float16; saved as it is,
     it would carry float16 compute (and casts) into every model loaded from it and into the TFLite export.
     """
-    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+    return computing_in(model, "float32")
+
+
+def computing_in(model, policy: str):
+    """Returns a copy of the Functional or Sequential ``model`` holding the same weights whose layers compute under
+    ``policy`` (``"float32"``, ``"mixed_bfloat16"``, ...), its output layers in float32 whatever the policy (their
+    outputs are what losses read); ``model`` itself when its layers already compute so. Layers of nested models
+    take the policy too."""
+    outputs = set(model.output_names)
+    if all(layer.dtype_policy.name == ("float32" if layer.name in outputs else policy) for layer in model.layers
+           if not isinstance(layer, keras.layers.InputLayer)):
         return model
-    with precision("float32"):
-        copy = model.__class__.from_config(_as_float32(model.get_config()))
+    with precision(policy):
+        copy = model.__class__.from_config(_with_policy(model.get_config(), policy, outputs))
     copy.set_weights(model.get_weights())
     return copy
 
 
-def _as_float32(config):
-    """Returns a model config with every layer's dtype policy replaced by float32."""
-    if isinstance(config, dict):
-        if config.get("class_name") in ("Policy", "DTypePolicy"):
-            return "float32"
-        return {k: _as_float32(v) for k, v in config.items()}
+def _with_policy(config, policy: str, float32_layers=frozenset()):
+    """Returns a model config with every layer's dtype policy replaced by ``policy``, except input layers (their dtype
+    is the input's) and the top-level layers named in ``float32_layers``, which get float32."""
     if isinstance(config, list):
-        return [_as_float32(v) for v in config]
-    return config
+        return [_with_policy(v, policy, float32_layers) for v in config]
+    if not isinstance(config, dict):
+        return config
+    if config.get("class_name") in ("Policy", "DTypePolicy"):
+        return policy
+    inner = config.get("config")
+    if "class_name" in config and isinstance(inner, dict) and "dtype" in inner:  # a layer
+        if config["class_name"] == "InputLayer":
+            return config
+        dtype = "float32" if inner.get("name") in float32_layers else policy
+        return {**config, "config": {**{k: _with_policy(v, policy) for k, v in inner.items()}, "dtype": dtype}}
+    return {k: _with_policy(v, policy, float32_layers) for k, v in config.items()}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BeforeValidator, PrivateAttr, create_model, field_validator, model_validator
@@ -62,6 +62,15 @@ def _input_range(v):
 
 
 InputRange = Annotated[list[float], BeforeValidator(_input_range)]
+
+
+def _mixed_precision(v):
+    if isinstance(v, bool) or v in ("float16", "bfloat16"):
+        return v
+    raise Invalid("", f"must be true, false, float16 or bfloat16, got {v!r}")
+
+
+MixedPrecision = Annotated[Union[Bool, Literal["float16", "bfloat16"]], BeforeValidator(_mixed_precision)]
 
 
 class TeacherSpec(OptimizerConfig):
@@ -138,9 +147,11 @@ class TrainingSpec(OptimizerConfig):
     #: multi_worker: the seconds a worker waits for the others: to start, at a barrier, at a collective step; a
     #: worker that died is noticed sooner (heartbeats). Not part of any fingerprint
     worker_timeout: Annotated[Float, Field(gt=0)] = 600.0
-    #: the teacher, distill and baseline stages compute in mixed_float16 (for GPUs; loss terms stay float32,
-    #: models are saved in float32); pruning and QAT stay in float32
-    mixed_precision: Bool = False
+    #: the teacher, distill and baseline stages compute in 16 bits: float16 (GPUs, with loss scaling), bfloat16 (CPUs
+    #: with AVX512_BF16 or AMX), or true: the one fast on this host (none on other CPUs). Loss terms stay float32,
+    #: models are saved in float32, pruning and QAT train in float32; under bfloat16 the frozen teacher computes in
+    #: it in every stage that distils
+    mixed_precision: MixedPrecision = False
 
 
 class ExtraTeacher(Config):

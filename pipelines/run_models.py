@@ -64,16 +64,20 @@ def bit_rule(ctx):
                     t.bit_resolution, seen_at=data.info.input_shape[:2])
 
 
-def teacher(ctx):
-    """Returns the frozen teacher taking the student's input and giving logits (loaded once per strategy)."""
-    key = _strategy_key()
+def teacher(ctx, compute: str | None = None):
+    """Returns the frozen teacher taking the student's input and giving logits (loaded once per strategy).
+
+    ``compute`` (a Keras policy such as ``"mixed_bfloat16"``) gives a copy whose layers compute under it (its
+    outputs and the adapter in float32), for training only: what is exported and measured is the file's teacher.
+    """
+    key = (_strategy_key(), compute)
     if key not in ctx.loaded.teachers:
         from edge_kd import builtin_teachers, train
 
         t = ctx.recipe.teacher
-        # float32 even inside a mixed-precision stage: the adapter's log-probabilities need its range
+        # the adapter in float32 even inside a mixed-precision stage: its log-probabilities need the range
         with train.precision("float32"):
-            model = loaded_teacher(teacher_file(ctx), t.trust)
+            model = _computing_in(loaded_teacher(teacher_file(ctx), t.trust), compute, "teacher")
             ctx.loaded.teachers[key], adapted = adapt(ctx, model, t.input_range, t.path)
         shipped = None if t.path is None else builtin_teachers.name_of(t.path)
         by = "edge-kd" if t.path is None else f"edge-kd, shipped ({shipped})" if shipped else "user"
@@ -83,22 +87,37 @@ def teacher(ctx):
     return ctx.loaded.teachers[key]
 
 
-def extra_teachers(ctx) -> list:
-    """Returns ``distillation.extra_teachers``, each loaded, adapted and frozen."""
-    key = _strategy_key()
+def extra_teachers(ctx, compute: str | None = None) -> list:
+    """Returns ``distillation.extra_teachers``, each loaded, adapted and frozen (``compute``: as ``teacher``'s)."""
+    key = (_strategy_key(), compute)
     if key not in ctx.loaded.extra_teachers:
         from edge_kd import train
 
         with train.precision("float32"):  # as teacher()
             ctx.loaded.extra_teachers[key] = [
-                adapt(ctx, loaded_teacher(t.path, t.trust), t.input_range, t.path)[0]
+                adapt(ctx, _computing_in(loaded_teacher(t.path, t.trust), compute, t.path), t.input_range, t.path)[0]
                 for t in ctx.recipe.distillation.extra_teachers]
     return ctx.loaded.extra_teachers[key]
 
 
-def teachers(ctx) -> list:
+def teachers(ctx, compute: str | None = None) -> list:
     """Returns the teacher and the extra teachers (what a stage in mode teacher distils from)."""
-    return [teacher(ctx), *extra_teachers(ctx)]
+    return [teacher(ctx, compute), *extra_teachers(ctx, compute)]
+
+
+def _computing_in(model, compute: str | None, name: str):
+    """Returns ``model``, or with ``compute`` its copy computing under that policy (``edge_kd.train.computing_in``);
+    ``model`` with a line saying so where it cannot be rebuilt from its config (a subclassed model)."""
+    if compute is None:
+        return model
+    from edge_kd import train
+
+    try:
+        return train.computing_in(model, compute)
+    except (NotImplementedError, TypeError, ValueError, KeyError, AttributeError) as e:
+        print(f"  {name}: computes in float32 (no {compute} copy: {type(e).__name__}: {str(e).splitlines()[0]})",
+              flush=True)
+        return model
 
 
 def _strategy_key() -> int:

@@ -1,5 +1,6 @@
 """The benchmark scripts' own arithmetic and models (their runs are too long for the test suite)."""
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,18 @@ def test_throughput_quick_mode_runs_the_real_contenders(tmp_path):
     assert all(v["median"] > 0 for v in pair["images_per_second"].values())
     assert pair["floor_ratio"]["median"] > 0 and pair["keras3_ratio"]["median"] > 0  # no goal asserted: timing
     assert pair["jit_compile"]["edge-kd"] is False
+
+
+def test_precision_quick_mode_times_float32_against_bfloat16_on_the_real_pair(tmp_path):
+    precision = _script("precision")
+    out = precision.main(["--quick", "--policy", "mixed_bfloat16", "--json", str(tmp_path / "p.json")])
+    assert set(out["ms_per_step"]) == {f"{kind}, {p}" for kind in ("teacher forward", "distill step", "alone step")
+                                       for p in ("float32", "mixed_bfloat16")}
+    assert all(v > 0 for v in out["ms_per_step"].values()) and all(v > 0 for v in out["speedup"].values())
+    if out["teachers"] is not None:  # with ../shared: the two teachers on 64 real test images
+        t = out["teachers"]
+        assert t["images"] == 64 and t["top_class_agreement"] >= 0.9 and 0 < t["max_logit_gap"] < 1.0
+    assert json.loads((tmp_path / "p.json").read_text())["policy"] == "mixed_bfloat16"
 
 
 def test_keras3_copy_computes_what_the_tf_keras_model_does():

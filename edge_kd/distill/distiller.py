@@ -124,8 +124,9 @@ class Distiller(keras.Model):
     global batch. A mean teacher and CRD's memory bank keep per-step state the replicas would write
     apart, so they are refused there. Batch the training data with ``drop_remainder=True``: a short
     last batch can leave a replica no examples, and batch normalisation NaN statistics.
-    Under the ``mixed_float16`` Keras policy the models compute in float16 while every loss term and
-    metric is computed in float32, and ``compile`` wraps the optimizer in a LossScaleOptimizer.
+    Under the ``mixed_float16`` or ``mixed_bfloat16`` Keras policy the models compute in 16 bits while every loss
+    term and metric is computed in float32; under ``mixed_float16`` ``compile`` wraps the optimizer in a
+    LossScaleOptimizer (bfloat16 has float32's range and needs none).
 
     Sample weights (``fit(..., sample_weight=w)``, ``class_weight={...}``, or ``(x, y, w)`` batches)
     weigh each example in the cross-entropy and in every term with one value per example, as Keras
@@ -502,8 +503,10 @@ class Distiller(keras.Model):
 
 
 def _float32(outputs: dict) -> dict:
-    """Returns the model outputs with float16 tensors cast to float32 (a mixed_float16 model computes in float16)."""
-    return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32) if t.dtype == tf.float16 else t, outputs)
+    """Returns the model outputs with float16 and bfloat16 tensors cast to float32 (a model under a mixed policy
+    computes in 16 bits)."""
+    return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32) if t.dtype in (tf.float16, tf.bfloat16) else t,
+                                 outputs)
 
 
 def _copy_of(model: keras.Model) -> keras.Model:

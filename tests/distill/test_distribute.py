@@ -110,7 +110,8 @@ def test_augmented_distributed_training_runs_and_per_step_state_is_refused(distr
     assert "memory bank" in distributed["crd"] and "bank_size: 0" in distributed["crd"]
 
 
-def test_mixed_precision_terms_agree_with_float32_and_the_loss_is_scaled():
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_terms_agree_with_float32_and_float16s_loss_is_scaled(policy):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(64, 6, 6, 1)).astype(np.float32)
     y = rng.integers(0, 3, 64)
@@ -130,17 +131,18 @@ def test_mixed_precision_terms_agree_with_float32_and_the_loss_is_scaled():
     s32, t32 = pair()
     ref = Distiller(s32, t32, terms=terms(), hard_weight=0.3)
     _, _, total32, hard32, values32, _ = ref._compute_losses(tf.constant(x), tf.constant(y), training=False)
-    keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(policy)
     try:
         s16, t16 = pair()
-        assert s16.layers[-1].compute_dtype == "float16"
+        assert s16.layers[-1].compute_dtype == policy.removeprefix("mixed_")
         d = Distiller(s16, t16, terms=terms(), hard_weight=0.3)
         student, _, total16, hard16, values16, _ = d._compute_losses(tf.constant(x), tf.constant(y), training=False)
         assert student["logits"].dtype == tf.float32 and all(v.dtype == tf.float32 for v in values16)
         for a, b in zip([total32, hard32, *values32], [total16, hard16, *values16]):
             np.testing.assert_allclose(float(b), float(a), rtol=2e-2, atol=2e-3)
         d.compile(optimizer=keras.optimizers.Adam(1e-2))
-        assert isinstance(d.optimizer, keras.mixed_precision.LossScaleOptimizer)
+        # bfloat16 has float32's exponent range: its gradients need no scaling
+        assert isinstance(d.optimizer, keras.mixed_precision.LossScaleOptimizer) == (policy == "mixed_float16")
         before = [w.numpy().copy() for w in s16.trainable_weights]
         h = d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=1, verbose=0)
         assert np.isfinite(h.history["loss"][0])
@@ -163,20 +165,91 @@ def test_mixed_precision_terms_agree_with_float32_and_the_loss_is_scaled():
 # reference of tests/pipelines/test_multiworker.py (test_the_pipeline_trains_under_mirrored_strategy_on_two_devices).
 
 
+def test_mixed_policy_takes_the_fast_16_bit_type_of_the_host():
+    from edge_kd.train import mixed_policy
+
+    assert mixed_policy(False, gpu=True)[0] is None
+    assert mixed_policy("bfloat16", gpu=False, cpu_flags=frozenset())[0] == "mixed_bfloat16"  # asked for: as asked
+    assert mixed_policy("float16", gpu=False, cpu_flags=frozenset())[0] == "mixed_float16"
+    assert mixed_policy(True, gpu=True, cpu_flags=frozenset({"amx_bf16"}))[0] == "mixed_float16"
+    assert mixed_policy(True, gpu=False, cpu_flags=frozenset({"avx512f", "avx512_bf16"})) == (
+        "mixed_bfloat16", "a CPU with avx512_bf16")
+    policy, why = mixed_policy(True, gpu=False, cpu_flags=frozenset({"avx2", "avx512f"}))
+    assert policy is None and "no native bfloat16" in why
+
+
+def test_a_copy_computing_in_bfloat16_keeps_the_weights_and_gives_float32_outputs_close_to_float32s():
+    from edge_kd.train import computing_in, float32_copy
+
+    keras.utils.set_random_seed(5)
+    inner = keras.Sequential([keras.layers.Conv2D(8, 3, padding="same", name="c2"), keras.layers.BatchNormalization(
+        name="bn2"), keras.layers.ReLU(name="r2")], name="block")
+    inp = keras.Input((8, 8, 3), name="image")
+    h = keras.layers.ReLU(name="r1")(keras.layers.BatchNormalization(name="bn1")(keras.layers.Conv2D(
+        8, 3, padding="same", name="c1")(inp)))
+    out = keras.layers.Dense(4, name="logits")(keras.layers.GlobalAveragePooling2D(name="gap")(inner(h)))
+    model = keras.Model(inp, out)
+    x = np.random.default_rng(0).uniform(0, 1, (32, 8, 8, 3)).astype(np.float32)
+    model(x, training=True)  # moving statistics away from their initial values
+    want = model(x, training=False).numpy()
+
+    low = computing_in(model, "mixed_bfloat16")
+    policies = {l.name: l.dtype_policy.name for l in low.layers} | {
+        l.name: l.dtype_policy.name for l in low.get_layer("block").layers}
+    assert policies["c1"] == policies["bn1"] == policies["c2"] == policies["gap"] == "mixed_bfloat16"
+    assert policies["logits"] == "float32" and low.output.dtype == tf.float32
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), low.get_weights()))
+    got = low(x, training=False).numpy()
+    assert not np.array_equal(got, want)  # it does compute in bfloat16 (8 bits of mantissa)
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+    assert computing_in(low, "mixed_bfloat16") is low and float32_copy(model) is model
+    back = float32_copy(low)
+    assert {l.dtype_policy.name for l in back.layers} == {"float32"}
+    np.testing.assert_allclose(back(x, training=False).numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_under_bfloat16_the_teacher_trains_in_it_and_is_exported_and_measured_in_float32(tmp_path, capsys):
+    from pipelines import recipe as recipe_mod, run_models, run_training
+    from pipelines.context import Context
+
+    r = recipe_mod.apply_overrides(recipe_mod.load(), ["training.mixed_precision=bfloat16", "data.limit_train=64",
+                                                       "data.limit_test=32"])
+    ctx = Context(r, tmp_path / "run", command="test")
+
+    def policies(model):
+        return set().union(*(policies(l) if isinstance(l, keras.Model) else {l.dtype_policy.name}
+                             for l in model.layers))
+
+    with run_training.scope(ctx, ctx.stages["distill"]):
+        distill = run_training.distiller(ctx, run_models.build_student(ctx), "distill")
+    with run_training.scope(ctx, ctx.stages["prune"]):  # the student in float32, the teacher still in bfloat16
+        prune = run_training.distiller(ctx, run_models.build_student(ctx), "prune")
+    assert "distill: mixed precision (mixed_bfloat16" in capsys.readouterr().out
+    assert "mixed_bfloat16" in policies(distill.student) and policies(prune.student) == {"float32"}
+    for d in (distill, prune):
+        assert "mixed_bfloat16" in policies(d.teachers[0]) and d.teachers[0].output.dtype == tf.float32
+    assert prune.teachers[0] is distill.teachers[0]
+    assert policies(run_models.teacher(ctx)) == {"float32"}  # what the export and the benchmark read
+    x = run_training.run_data.load(ctx).normalise(np.random.default_rng(1).uniform(
+        0, 255, (16, *ctx.loaded.data.info.input_shape)).astype(np.float32))
+    np.testing.assert_allclose(distill.teachers[0](x).numpy(), run_models.teacher(ctx)(x).numpy(), atol=0.25)
+
+
 @pytest.mark.heavy  # mixed precision's terms against float32: the test above, in the default run
-def test_the_pipeline_trains_in_mixed_precision_and_saves_and_exports_float32(tmp_path, capsys):
+@pytest.mark.parametrize("setting, policy", [("float16", "mixed_float16"), ("bfloat16", "mixed_bfloat16")])
+def test_the_pipeline_trains_in_mixed_precision_and_saves_and_exports_float32(setting, policy, tmp_path, capsys):
     from edge_kd.bench.compat import runtime
     from pipelines import recipe as recipe_mod
     from pipelines.run import run
 
     r = recipe_mod.apply_overrides(recipe_mod.load(), [
-        "training.mixed_precision=true", "data.limit_train=320", "data.limit_test=128", "stages.distill.epochs=1",
+        f"training.mixed_precision={setting}", "data.limit_train=320", "data.limit_test=128", "stages.distill.epochs=1",
         "prune=false", "qat=false", "export.variants=[fp32, int8]", "bundle=false", "benchmark.threads=[1]",
         "benchmark.min_seconds=0.05", "benchmark.warmup_seconds=0.01", "benchmark.rounds=3",
         "benchmark.layer_error_samples=16"])
     run_dir = run(r, out=tmp_path)
     printed = capsys.readouterr().out
-    assert printed.count("mixed precision (mixed_float16") == 2  # distill and baseline
+    assert printed.count(f"mixed precision ({policy}") == 2  # distill and baseline
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after each stage
     for stage, file in (("distill", "student.keras"), ("baseline", "baseline.keras")):
         saved = keras.models.load_model(run_dir / stage / file, compile=False)

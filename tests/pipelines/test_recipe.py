@@ -54,7 +54,8 @@ def test_a_stages_augment_overrides_only_the_keys_it_gives_and_follows_later_set
     assert recipe.from_dict(r.to_dict()).to_dict() == r.to_dict()
 
 
-@pytest.mark.parametrize("base, tfmot", [("mnist", "mnist_tfmot_only"), ("fashion_mnist", "fashion_mnist_tfmot_only")])
+@pytest.mark.parametrize("base, tfmot", [("mnist", "mnist_tfmot_only"), ("fashion_mnist", "fashion_mnist_tfmot_only"),
+                                         ("cifar10_resnet8", "cifar10_tfmot_only")])
 def test_tfmot_only_recipe_has_the_same_stages_without_a_teacher(base, tfmot):
     base, tfmot = recipe.load(recipe.RECIPES / f"{base}.yaml"), recipe.load(recipe.RECIPES / f"{tfmot}.yaml")
     assert tfmot.augment == base.augment and tfmot.student == base.student and tfmot.training == base.training
@@ -176,6 +177,7 @@ def test_recipe_mistake_is_one_line_exit_2_and_writes_nothing(case, tmp_path, ca
     ("qat.unsupported=maybe", ["error, float", "maybe"]),
     ("noequals", ["key=value"]),
     ("distillation.terms.5.weight=1", ["not an index"]),
+    ("training.mixed_precision=fp16", ["training.mixed_precision must be true, false, float16 or bfloat16", "fp16"]),
 ])
 def test_bad_set_is_one_line_exit_2(assignment, needles, tmp_path, capsys):
     out = tmp_path / "out"
