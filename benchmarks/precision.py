@@ -10,7 +10,8 @@ six compiled functions on the same batch of 128 random 32×32×3 images (speed d
   student and teacher, and of a student built under the policy with the teacher's 16-bit copy;
 - **alone step**: the same student trained alone (the baseline stage's step), in both.
 
-The policy is what ``mixed_precision: true`` takes here (``--policy`` forces one). With ``../shared`` present it
+The policy is ``mixed_bfloat16``, the one under which the pipeline's teacher computes in 16 bits (under float16, on
+a GPU, it stays float32); the record says what ``mixed_precision: true`` takes on this host. With ``../shared`` it
 also compares the two teachers on the real CIFAR-10 test split (``cifar10_jpeg75.npz``): each one's accuracy, how
 often their top classes agree, and the largest gap between their soft targets at T = 4. Writes
 ``benchmarks/results/precision.json``. ``--quick`` (the test suite's mode) times 1 step, 1 round, batch 8.
@@ -42,8 +43,8 @@ def contenders(policy: str, batch: int) -> tuple[dict, object, object]:
     from edge_kd import train
     from edge_kd.distill import Distiller, losses
     from edge_kd.distill.teacher import load_teacher
-    from edge_kd.keras import keras, tf
     from edge_kd.builtin_teachers import resolve
+    from edge_kd.keras import keras, tf
 
     rng = np.random.default_rng(0)
     x = rng.random((batch, *SHAPE), dtype=np.float32)
@@ -86,26 +87,22 @@ def teachers_compared(teacher32, teacher16, limit: int | None = None) -> dict | 
 
 
 def main(argv=None):
-    from edge_kd import train
+    from edge_kd import mixed
     from edge_kd.keras import tf
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--policy", choices=sorted(train.MIXED.values()), default=None,
-                   help="the 16-bit policy to time (default: what mixed_precision: true takes on this host)")
     p.add_argument("--quick", action="store_true", help="1 step, 1 round, batch 8, 64 test images (the tests)")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "precision.json"))
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.rounds, args.batch = 1, 1, 8
-    policy, why = ((args.policy, "asked for") if args.policy else
-                   train.mixed_policy(True, gpu=bool(tf.config.list_physical_devices("GPU"))))
-    if policy is None:
-        print(f"mixed_precision: true keeps float32 here ({why}); --policy mixed_bfloat16 times it anyway")
-        return 1
-    print(f"{policy} ({why}): {args.rounds} rounds of {args.steps} steps at batch {args.batch}", flush=True)
+    policy = mixed.MIXED["bfloat16"]
+    chosen, why = mixed.mixed_policy(True, gpu=bool(tf.config.list_physical_devices("GPU")))
+    print(f"{policy}: {args.rounds} rounds of {args.steps} steps at batch {args.batch} (mixed_precision: true takes "
+          f"{chosen or 'float32'} here: {why})", flush=True)
     runs, teacher32, teacher16 = contenders(policy, args.batch)
     times = measure(runs, args.steps, args.rounds)
     ms = {n: 1000 * float(np.median(t)) / args.steps for n, t in times.items()}
@@ -121,7 +118,8 @@ def main(argv=None):
               "{accuracy_16bit:.2%}; top classes agree on {top_class_agreement:.2%}; largest soft-target gap at T 4 "
               "{max_soft_target_gap_t4:.4f}".format(**compared))
     result = {"command": "python benchmarks/precision.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": stats.machine(), "policy": policy, "why": why, "batch": args.batch, "steps": args.steps,
+              "machine": stats.machine(), "policy": policy, "true_takes": chosen or "float32", "why": why,
+              "batch": args.batch, "steps": args.steps,
               "rounds": args.rounds, "ms_per_step": ms, "speedup": speedup, "teachers": compared}
     write_json(args.json, result)
     print(f"wrote {args.json}")

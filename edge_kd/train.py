@@ -231,37 +231,6 @@ def _epochs_of(train, epochs: range):
     return strategy.distribute_datasets_from_function(lambda ctx: train(epochs, input_context=ctx).repeat())
 
 
-#: the policies of ``training.mixed_precision``: float16 for GPUs (with loss scaling), bfloat16 for CPUs that compute
-#: it natively (AVX512_BF16 or AMX; float32's range, so no loss scaling)
-MIXED = {"float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
-
-
-def mixed_policy(setting, gpu: bool, cpu_flags: frozenset | None = None) -> tuple[str | None, str]:
-    """Returns the Keras policy of ``training.mixed_precision`` (``False``, ``True``, ``"float16"``, ``"bfloat16"``)
-    on this host, None for float32, and why in a few words. ``True`` takes the fast one here: float16 on a GPU,
-    bfloat16 on a CPU that computes it natively, else none (bfloat16 is emulated, and slower, on other CPUs)."""
-    if setting is False:
-        return None, "off"
-    if setting is not True:
-        return MIXED[setting], "asked for"
-    if gpu:
-        return MIXED["float16"], "a GPU"
-    flags = cpu_flags if cpu_flags is not None else _cpu_flags()
-    if flags & {"avx512_bf16", "amx_bf16"}:
-        return MIXED["bfloat16"], "a CPU with " + " and ".join(sorted(flags & {"avx512_bf16", "amx_bf16"}))
-    return None, "this CPU has no native bfloat16 (AVX512_BF16 or AMX)"
-
-
-def _cpu_flags() -> frozenset:
-    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
-
-
 @contextlib.contextmanager
 def precision(policy: str):
     """Sets the global Keras dtype policy for the block (the models built inside take it), then restores the old one."""
@@ -284,32 +253,82 @@ def float32_copy(model):
 
 def computing_in(model, policy: str):
     """Returns a copy of the Functional or Sequential ``model`` holding the same weights whose layers compute under
-    ``policy`` (``"float32"``, ``"mixed_bfloat16"``, ...), its output layers in float32 whatever the policy (their
-    outputs are what losses read); ``model`` itself when its layers already compute so. Layers of nested models
-    take the policy too."""
-    outputs = set(model.output_names)
-    if all(layer.dtype_policy.name == ("float32" if layer.name in outputs else policy) for layer in model.layers
-           if not isinstance(layer, keras.layers.InputLayer)):
+    ``policy`` (``"float32"``, ``"mixed_bfloat16"``, ...), its outputs in float32 whatever the policy (they are what
+    losses read): the layers that give them compute in float32, in a nested model too, and an output that still
+    comes out in 16 bits (an op layer, which does not cast) is cast by a float32 layer after it. ``model`` itself
+    when its layers already compute so; a subclassed model, which cannot be rebuilt from its config, raises
+    NotImplementedError."""
+    if _computes_as(model, policy):
         return model
-    with precision(policy):
-        copy = model.__class__.from_config(_with_policy(model.get_config(), policy, outputs))
+    if not getattr(model, "_is_graph_network", False) and not isinstance(model, keras.Sequential):
+        raise NotImplementedError(f"{type(model).__name__} is not a Functional or Sequential model")
+    with precision(policy), keras.utils.custom_object_scope(_layer_classes(model)):
+        copy = model.__class__.from_config(_with_policy(model.get_config(), policy))
     copy.set_weights(model.get_weights())
-    return copy
+    if all(o.dtype == tf.float32 for o in copy.outputs):
+        return copy
+    with precision("float32"):
+        cast = [keras.layers.Activation("linear", dtype="float32", name=f"{copy.name}_float32_{i}")(o)
+                for i, o in enumerate(copy.outputs)]
+    return keras.Model(copy.inputs, cast if len(cast) > 1 else cast[0], name=copy.name)
 
 
-def _with_policy(config, policy: str, float32_layers=frozenset()):
-    """Returns a model config with every layer's dtype policy replaced by ``policy``, except input layers (their dtype
-    is the input's) and the top-level layers named in ``float32_layers``, which get float32."""
+def _layer_classes(model) -> dict:
+    """Returns {class name: class} of every layer in ``model`` and its nested models: what rebuilding it from its
+    config must know beyond Keras' own layers (a custom layer of the model's author or of edge-kd)."""
+    classes = {}
+    for layer in model.layers:
+        classes[type(layer).__name__] = type(layer)
+        if isinstance(layer, keras.Model):
+            classes.update(_layer_classes(layer))
+    return classes
+
+
+def _computes_as(model, policy: str, float32_outputs: bool = True) -> bool:
+    """Whether ``model``'s layers already compute as ``computing_in`` would make them (see ``_with_policy``)."""
+    outputs = set(model.output_names or ()) if float32_outputs else set()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            if not _computes_as(layer, policy, layer.name in outputs):
+                return False
+        elif layer.dtype_policy.name != ("float32" if layer.name in outputs else policy):
+            return False
+    return True
+
+
+def _with_policy(config: dict, policy: str, float32_outputs: bool = True) -> dict:
+    """Returns a Functional or Sequential model's config with every layer's dtype policy replaced by ``policy``,
+    nested models' layers too, except input layers (their dtype is the input's) and, with ``float32_outputs``, the
+    layers that give the model's outputs (float32; in a nested model that gives an output, the layers giving its
+    own)."""
+    layers_ = config.get("layers", [])
+    if "output_layers" in config:  # Functional: [[name, node, tensor], ...], or one such triple
+        outs = config["output_layers"]
+        outs = {outs[0]} if outs and isinstance(outs[0], str) else {o[0] for o in outs}
+    else:  # Sequential: its last layer
+        outs = {layers_[-1]["config"]["name"]} if layers_ else set()
+    new_layers = []
+    for layer in layers_:
+        inner, name = layer.get("config", {}), layer.get("config", {}).get("name")
+        keep = float32_outputs and name in outs
+        if isinstance(inner, dict) and "layers" in inner:  # a nested model
+            new_layers.append({**layer, "config": _with_policy(inner, policy, keep)})
+        elif layer.get("class_name") == "InputLayer":
+            new_layers.append(layer)
+        else:
+            dtype = "float32" if keep else policy
+            new_layers.append({**layer, "config": {**_policies(inner, dtype), "dtype": dtype}})
+    return {**config, "layers": new_layers}
+
+
+def _policies(config, policy: str):
+    """Returns ``config`` with every serialized dtype policy inside it (a wrapper's inner layer) replaced."""
     if isinstance(config, list):
-        return [_with_policy(v, policy, float32_layers) for v in config]
+        return [_policies(v, policy) for v in config]
     if not isinstance(config, dict):
         return config
     if config.get("class_name") in ("Policy", "DTypePolicy"):
         return policy
-    inner = config.get("config")
-    if "class_name" in config and isinstance(inner, dict) and "dtype" in inner:  # a layer
-        if config["class_name"] == "InputLayer":
-            return config
-        dtype = "float32" if inner.get("name") in float32_layers else policy
-        return {**config, "config": {**{k: _with_policy(v, policy) for k, v in inner.items()}, "dtype": dtype}}
-    return {k: _with_policy(v, policy, float32_layers) for k, v in config.items()}
+    return {k: _policies(v, policy) for k, v in config.items()}

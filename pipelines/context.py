@@ -33,7 +33,7 @@ class Loaded:
     teachers: dict = dataclasses.field(default_factory=dict)  # per tf.distribute strategy: a model lives with the
     extra_teachers: dict = dataclasses.field(default_factory=dict)  # strategy it was built under (run_models)
     strategy: Any = None  # training.strategy's tf.distribute strategy (run_training.strategy)
-    mixed: Any = None  # training.mixed_precision's policy here, "float32" for none (run_training.mixed_policy)
+    mixed: Any = None  # training.mixed_precision's policy here, "float32" for none (run_keys.mixed_policy)
     teacher_cache: Any = None  # the teachers' logits of train and val (run_training.teacher_cache)
     students: dict = dataclasses.field(default_factory=dict)  # the stages' saved students, read-only (run_models)
     file_keys: dict = dataclasses.field(default_factory=dict)  # the sha256 of each user file (run_keys.file_key)

@@ -53,7 +53,7 @@ CHUNK = 32 * 2**20
 JOBS = ("chief", "worker")
 #: what ``agree`` compares, as its message names it
 PARTS = {"recipe": "recipe", "data": "data", "code": "code (edge-kd's source, TensorFlow and tf_keras versions)",
-         "devices": "devices"}
+         "devices": "devices (and the 16-bit type mixed_precision: true takes on them)"}
 
 
 class WorkerLost(UserError):

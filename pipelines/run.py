@@ -105,7 +105,7 @@ def agreement_keys(ctx: Context) -> dict:
     pipeline's source, the loss terms', TensorFlow's and tf_keras' versions) and the devices of a worker."""
     from edge_kd.fileio import sha256_file
     from edge_kd.keras import keras, tf
-    from pipelines import codehash
+    from pipelines import codehash, run_keys
     from pipelines.fingerprint import fingerprint
     from pipelines.runner import stage_modules
 
@@ -124,8 +124,8 @@ def agreement_keys(ctx: Context) -> dict:
     job = ctx.cluster
     return {"recipe": fingerprint(by_content(recipe)), "data": run_data.load(ctx).content_digest(),
             "code": fingerprint([codehash.code_hash(modules), tf.__version__, keras.__version__]),
-            "devices": fingerprint(sorted(d.rsplit("device:", 1)[-1].split(":")[0]
-                                          for d in job.strategy.extended.worker_devices))}
+            "devices": fingerprint([sorted(d.rsplit("device:", 1)[-1].split(":")[0]
+                                           for d in job.strategy.extended.worker_devices), run_keys.precision(ctx)])}
 
 
 def run(recipe: Recipe, out="tflite_out", command: str = "python -m pipelines.compress", stream=None, store=None,

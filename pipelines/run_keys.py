@@ -23,8 +23,33 @@ def training_key(ctx) -> dict:
     r = ctx.recipe
     weights = None if r.student.weights is None else file_key(ctx, r.student.weights, "student.weights")
     path = None if r.student.path is None else file_key(ctx, r.student.path, "student.path")
-    return {**data_key(ctx), "training": r.training.model_dump(exclude={"worker_timeout"}), **replicas_key(ctx),
+    training = {**r.training.model_dump(exclude={"worker_timeout"}), "mixed_precision": precision(ctx)}
+    return {**data_key(ctx), "training": training, **replicas_key(ctx),
             "student": r.student.model_dump(), "student_weights": weights, **({"student_file": path} if path else {})}
+
+
+def precision(ctx):
+    """Returns ``training.mixed_precision`` as given, but ``true`` with the type it takes on this host: a run
+    folder (or a worker of a job) where ``true`` means another type trains its stages anew."""
+    setting = ctx.recipe.training.mixed_precision
+    if setting is not True:
+        return setting
+    return f"true: {mixed_policy(ctx) or 'float32'}"
+
+
+def mixed_policy(ctx) -> str | None:
+    """Returns the Keras policy ``training.mixed_precision`` asks for on this host (None: float32); says once per
+    run what ``true`` chose and why."""
+    if ctx.loaded.mixed is None:
+        from edge_kd import mixed
+        from edge_kd.keras import tf
+
+        setting = ctx.recipe.training.mixed_precision
+        policy, why = mixed.mixed_policy(setting, gpu=bool(setting is True and tf.config.list_physical_devices("GPU")))
+        if setting is True:
+            print(f"  mixed_precision: true: {policy or 'float32'} ({why})", flush=True)
+        ctx.loaded.mixed = policy or "float32"
+    return None if ctx.loaded.mixed == "float32" else ctx.loaded.mixed
 
 
 def replicas_key(ctx) -> dict:

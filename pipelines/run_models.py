@@ -67,17 +67,19 @@ def bit_rule(ctx):
 def teacher(ctx, compute: str | None = None):
     """Returns the frozen teacher taking the student's input and giving logits (loaded once per strategy).
 
-    ``compute`` (a Keras policy such as ``"mixed_bfloat16"``) gives a copy whose layers compute under it (its
-    outputs and the adapter in float32), for training only: what is exported and measured is the file's teacher.
+    ``compute`` (a Keras policy such as ``"mixed_bfloat16"``) gives a copy of it whose layers compute under that
+    policy, its outputs in float32, for training only: what is exported and measured is the file's teacher.
     """
     key = (_strategy_key(), compute)
+    if key not in ctx.loaded.teachers and compute is not None:  # the float32 teacher's, its head found in float32
+        ctx.loaded.teachers[key] = _computing_in(ctx, teacher(ctx), compute, "teacher")
     if key not in ctx.loaded.teachers:
         from edge_kd import builtin_teachers, train
 
         t = ctx.recipe.teacher
-        # the adapter in float32 even inside a mixed-precision stage: its log-probabilities need the range
+        # float32 even inside a mixed-precision stage: the adapter's log-probabilities need its range
         with train.precision("float32"):
-            model = _computing_in(loaded_teacher(teacher_file(ctx), t.trust), compute, "teacher")
+            model = loaded_teacher(teacher_file(ctx), t.trust)
             ctx.loaded.teachers[key], adapted = adapt(ctx, model, t.input_range, t.path)
         shipped = None if t.path is None else builtin_teachers.name_of(t.path)
         by = "edge-kd" if t.path is None else f"edge-kd, shipped ({shipped})" if shipped else "user"
@@ -90,13 +92,15 @@ def teacher(ctx, compute: str | None = None):
 def extra_teachers(ctx, compute: str | None = None) -> list:
     """Returns ``distillation.extra_teachers``, each loaded, adapted and frozen (``compute``: as ``teacher``'s)."""
     key = (_strategy_key(), compute)
+    if key not in ctx.loaded.extra_teachers and compute is not None:
+        ctx.loaded.extra_teachers[key] = [_computing_in(ctx, m, compute, t.path) for m, t in zip(
+            extra_teachers(ctx), ctx.recipe.distillation.extra_teachers)]
     if key not in ctx.loaded.extra_teachers:
         from edge_kd import train
 
         with train.precision("float32"):  # as teacher()
-            ctx.loaded.extra_teachers[key] = [
-                adapt(ctx, _computing_in(loaded_teacher(t.path, t.trust), compute, t.path), t.input_range, t.path)[0]
-                for t in ctx.recipe.distillation.extra_teachers]
+            ctx.loaded.extra_teachers[key] = [adapt(ctx, loaded_teacher(t.path, t.trust), t.input_range, t.path)[0]
+                                              for t in ctx.recipe.distillation.extra_teachers]
     return ctx.loaded.extra_teachers[key]
 
 
@@ -105,19 +109,24 @@ def teachers(ctx, compute: str | None = None) -> list:
     return [teacher(ctx, compute), *extra_teachers(ctx, compute)]
 
 
-def _computing_in(model, compute: str | None, name: str):
-    """Returns ``model``, or with ``compute`` its copy computing under that policy (``edge_kd.train.computing_in``);
-    ``model`` with a line saying so where it cannot be rebuilt from its config (a subclassed model)."""
-    if compute is None:
-        return model
+def _computing_in(ctx, adapted, compute: str, name: str):
+    """Returns the adapted teacher ``adapted``'s copy computing under ``compute`` (``edge_kd.train.computing_in``:
+    the same weights, float32 outputs), frozen; ``adapted`` itself, with a line saying why, where no such copy can
+    be made or run (a subclassed model; a layer without a kernel in that type)."""
+    import numpy as np
+
     from edge_kd import train
+    from edge_kd.keras import tf
 
     try:
-        return train.computing_in(model, compute)
-    except (NotImplementedError, TypeError, ValueError, KeyError, AttributeError) as e:
-        print(f"  {name}: computes in float32 (no {compute} copy: {type(e).__name__}: {str(e).splitlines()[0]})",
-              flush=True)
-        return model
+        copy = train.computing_in(adapted, compute)
+        copy(np.zeros((1, *run_data.load(ctx).info.input_shape), np.float32), training=False)
+    except (NotImplementedError, TypeError, ValueError, KeyError, AttributeError, tf.errors.OpError) as e:
+        print(f"  {name}: computes in float32 (no {compute} copy: {type(e).__name__}: "
+              f"{(str(e).splitlines() or [''])[0][:200]})", flush=True)
+        return adapted
+    copy.trainable = False
+    return copy
 
 
 def _strategy_key() -> int:

@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 
 from edge_kd.errors import UserError
-from pipelines import run_data, run_models
+from pipelines import run_data, run_keys, run_models
 
 
 def strategy(ctx):
@@ -46,28 +46,13 @@ def scope(ctx, stage):
                 if ctx.cluster is not None else f"{type(s).__name__} over {s.num_replicas_in_sync} replicas")
         print(f"  {stage.name}: {kind}", flush=True)
         scopes.enter_context(s.scope())
-    policy = mixed_policy(ctx)
+    policy = run_keys.mixed_policy(ctx)
     if policy is not None and stage.mixed_precision:
         from edge_kd import train
 
         print(f"  {stage.name}: mixed precision ({policy}; loss terms in float32; saved in float32)", flush=True)
         scopes.enter_context(train.precision(policy))
     return scopes
-
-
-def mixed_policy(ctx) -> str | None:
-    """Returns the Keras policy ``training.mixed_precision`` asks for on this host (None: float32); says once per
-    run what ``true`` chose and why."""
-    if ctx.loaded.mixed is None:
-        from edge_kd import train
-        from edge_kd.keras import tf
-
-        setting = ctx.recipe.training.mixed_precision
-        policy, why = train.mixed_policy(setting, gpu=bool(setting is True and tf.config.list_physical_devices("GPU")))
-        if setting is True:
-            print(f"  mixed_precision: true: {policy or 'float32'} ({why})", flush=True)
-        ctx.loaded.mixed = policy or "float32"
-    return None if ctx.loaded.mixed == "float32" else ctx.loaded.mixed
 
 
 def augmenter(ctx, stage: str):
@@ -107,7 +92,8 @@ def distiller(ctx, student, stage: str, peers=None, teachers=None, distil: bool 
         return Distiller(student, peers=run_models.load_peers(ctx) if peers is None else peers, **common)
     if teachers is None and r.teacher is not None:
         # under bfloat16 the frozen teacher computes in it too, in every stage (its forward is most of a step)
-        teachers = run_models.teachers(ctx, compute="mixed_bfloat16" if mixed_policy(ctx) == "mixed_bfloat16" else None)
+        bfloat16 = run_keys.mixed_policy(ctx) == "mixed_bfloat16"
+        teachers = run_models.teachers(ctx, compute="mixed_bfloat16" if bfloat16 else None)
     return Distiller(student, teachers, teacher_weights=dist.teacher_weights, combine=dist.combine, **common)
 
 

@@ -98,7 +98,7 @@ def test_throughput_quick_mode_runs_the_real_contenders(tmp_path):
 
 def test_precision_quick_mode_times_float32_against_bfloat16_on_the_real_pair(tmp_path):
     precision = _script("precision")
-    out = precision.main(["--quick", "--policy", "mixed_bfloat16", "--json", str(tmp_path / "p.json")])
+    out = precision.main(["--quick", "--json", str(tmp_path / "p.json")])
     assert set(out["ms_per_step"]) == {f"{kind}, {p}" for kind in ("teacher forward", "distill step", "alone step")
                                        for p in ("float32", "mixed_bfloat16")}
     assert all(v > 0 for v in out["ms_per_step"].values()) and all(v > 0 for v in out["speedup"].values())

@@ -221,16 +221,17 @@ class Distiller(keras.Model):
             teachers = self._teach(x if teacher_x is None else teacher_x)
         if mixing is not None and (cached is not None or teacher_x is not None):
             teachers = [augment_mod.mix(t, *mixing) for t in teachers]
-        return student, [tf.nest.map_structure(tf.stop_gradient, _float32(t)) for t in teachers]
+        return student, [tf.nest.map_structure(tf.stop_gradient, t) for t in teachers]
 
     def _teach(self, x):
-        """Returns one dict per teacher of its outputs on ``x`` (logits, and the tapped layers of the first)."""
+        """Returns one dict per teacher of its outputs on ``x`` (logits, and the tapped layers of the first), in
+        float32 whatever the teacher computes in: what mixes, stacks or enters a loss term never sees 16 bits."""
         teachers = []
         for i, t in enumerate(self.teachers):
             if i == 0 and self._teacher_net is not None:
-                teachers.append(self._as_dict(self._teacher_net(x, training=False), self._t_taps))
+                teachers.append(_float32(self._as_dict(self._teacher_net(x, training=False), self._t_taps)))
             else:
-                teachers.append({"logits": t(x, training=False), "features": {}})
+                teachers.append(_float32({"logits": t(x, training=False), "features": {}}))
         return teachers
 
     def teacher_logits(self, x) -> tf.Tensor:

@@ -29,7 +29,7 @@ class Teacher(Stage):
         spec = (t.model_dump(include={"finetune", "backbone", "options", "bit_scale", "bit_resolution",
                                       "label_smoothing"}) if t.finetune else t.model_dump())
         return {**run_keys.data_key(ctx), "batch_size": tr.batch_size, "strategy": tr.strategy,
-                "mixed_precision": tr.mixed_precision, "teacher": spec,
+                "mixed_precision": run_keys.precision(ctx), "teacher": spec,
                 "weights": None if t.weights is None else run_keys.file_key(ctx, t.weights, "teacher.weights"),
                 **run_keys.replicas_key(ctx)}
 

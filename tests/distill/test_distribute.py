@@ -166,7 +166,7 @@ def test_mixed_precision_terms_agree_with_float32_and_float16s_loss_is_scaled(po
 
 
 def test_mixed_policy_takes_the_fast_16_bit_type_of_the_host():
-    from edge_kd.train import mixed_policy
+    from edge_kd.mixed import mixed_policy
 
     assert mixed_policy(False, gpu=True)[0] is None
     assert mixed_policy("bfloat16", gpu=False, cpu_flags=frozenset())[0] == "mixed_bfloat16"  # asked for: as asked
@@ -206,6 +206,56 @@ def test_a_copy_computing_in_bfloat16_keeps_the_weights_and_gives_float32_output
     back = float32_copy(low)
     assert {l.dtype_policy.name for l in back.layers} == {"float32"}
     np.testing.assert_allclose(back(x, training=False).numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bfloat16_copy_gives_float32_outputs_from_a_nested_head_an_op_layer_and_refuses_a_subclassed_model():
+    from edge_kd.train import computing_in
+
+    keras.utils.set_random_seed(6)
+    base = keras.Sequential([keras.layers.Input((4, 4, 2)), keras.layers.Conv2D(4, 3, name="conv"),
+                             keras.layers.Flatten(name="flat"), keras.layers.Dense(3, activation="softmax",
+                                                                                     name="probs")], name="base")
+    inp = keras.Input((4, 4, 2))
+    nested = keras.Model(inp, base(inp))  # the output is a nested model's: its own last layer stays float32
+    op = keras.Model(inp, tf.nn.softmax(keras.layers.Dense(3, name="dense")(keras.layers.Flatten()(inp))))
+    x = np.random.default_rng(2).uniform(0, 1, (8, 4, 4, 2)).astype(np.float32)
+    for model in (nested, op):
+        low = computing_in(model, "mixed_bfloat16")
+        assert low.output.dtype == tf.float32
+        got = low(x).numpy()
+        np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-3 if model is nested else 2e-2)
+        np.testing.assert_allclose(got, model(x).numpy(), atol=0.02)
+    inner = computing_in(nested, "mixed_bfloat16").get_layer("base")
+    assert inner.get_layer("conv").compute_dtype == "bfloat16" and inner.get_layer("probs").compute_dtype == "float32"
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, v):
+            return self.dense(v)
+
+    sub = Sub()
+    sub(np.zeros((1, 5), np.float32))
+    assert computing_in(sub, "float32") is sub  # float32 already: nothing to rebuild
+    with pytest.raises(NotImplementedError, match="not a Functional or Sequential"):
+        computing_in(sub, "mixed_bfloat16")
+
+
+def test_what_true_takes_on_the_host_is_part_of_the_stages_keys(tmp_path, monkeypatch):
+    from edge_kd import mixed
+    from pipelines import recipe as recipe_mod, run_keys
+    from pipelines.context import Context
+
+    def key(setting, policy=None):
+        monkeypatch.setattr(mixed, "mixed_policy", lambda *a, **k: (policy, "test"))
+        r = recipe_mod.apply_overrides(recipe_mod.load(), [f"training.mixed_precision={setting}",
+                                                           "data.limit_train=64", "data.limit_test=32"])
+        return run_keys.training_key(Context(r, tmp_path / "run", command="test"))["training"]["mixed_precision"]
+
+    assert key("false") is False and key("bfloat16") == "bfloat16"  # as given: the keys of earlier runs hold
+    assert key("true", "mixed_bfloat16") == "true: mixed_bfloat16" != key("true", None) == "true: float32"
 
 
 def test_under_bfloat16_the_teacher_trains_in_it_and_is_exported_and_measured_in_float32(tmp_path, capsys):
