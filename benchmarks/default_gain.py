@@ -33,27 +33,38 @@ ROOT = Path(__file__).resolve().parents[1]
 MIN_GAIN_PP, MAX_INT8_BYTES, MAX_GAP_PP, MAX_MINUTES = 0.5, 30_000, 2.0, 10.0
 
 
-def _run(r, out: Path, what: str):
-    start = time.perf_counter()
-    run_dir = run(r, out=out, command=f"benchmarks/{Path(sys.argv[0]).name} ({what})", stream=io.StringIO())
-    seconds = time.perf_counter() - start
+def _run(r, out: Path, what: str, recorded: bool = False):
+    """Runs ``r`` into ``out``; returns its folder, its wall time and its models' figures. ``recorded``: runs
+    nothing and reads the finished run folder as it is (a run an earlier version of the code made, which would
+    otherwise train again); its time is then the sum of its stages' recorded times."""
+    if recorded:
+        run_dir = Path(out) / r.run_name()
+        if not (run_dir / "results.json").is_file():
+            raise SystemExit(f"--recorded: {run_dir} holds no finished run (no results.json); run it first")
+        seconds = sum(json.loads(m.read_text()).get("seconds", 0.0) for m in (run_dir / "manifests").glob("*.json"))
+    else:
+        start = time.perf_counter()
+        run_dir = run(r, out=out, command=f"benchmarks/{Path(sys.argv[0]).name} ({what})", stream=io.StringIO())
+        seconds = time.perf_counter() - start
     return run_dir, seconds, {m.name: m for m in rows_of(json.loads((run_dir / "results.json").read_text())["models"])}
 
 
 def tfmot_only(seed: int, out: Path, recipe: str = "fashion_mnist_tfmot_only", name: str = "tfmot-only",
-               extra=()) -> dict:
-    """Runs ``recipe`` (the distilling recipe's stages without a teacher) at ``seed``; returns its final int8
-    model's figures."""
+               extra=(), recorded: bool = False) -> dict:
+    """Runs ``recipe`` (the distilling recipe's stages without a teacher) at ``seed`` (``recorded``: reads its
+    finished folder, see ``_run``); returns its final int8 model's figures."""
     r = recipe_mod.apply_overrides(recipe_mod.load(recipe), [f"seed={seed}", f"name={name}-seed{seed}", *extra])
-    run_dir, seconds, models = _run(r, out, f"tfmot-only, seed {seed}")
+    run_dir, seconds, models = _run(r, out, f"tfmot-only, seed {seed}", recorded)
     return {"tfmot_int8": models["qat-int8"].accuracy, "tfmot_int8_bytes": models["qat-int8"].size_bytes,
             "tfmot_seconds": round(seconds, 1), "tfmot_run": str(run_dir)}
 
 
-def one(seed: int, out: Path, extra: list[str], recipe: str | None = None, name: str = "default") -> dict:
-    """Runs ``recipe`` (the default one when None) at ``seed``; returns what it measured."""
+def one(seed: int, out: Path, extra: list[str], recipe: str | None = None, name: str = "default",
+        recorded: bool = False) -> dict:
+    """Runs ``recipe`` (the default one when None) at ``seed`` (``recorded``: reads its finished folder, see
+    ``_run``); returns what it measured."""
     r = recipe_mod.apply_overrides(recipe_mod.load(recipe), [f"seed={seed}", f"name={name}-seed{seed}", *extra])
-    run_dir, seconds, models = _run(r, out, f"seed {seed}")
+    run_dir, seconds, models = _run(r, out, f"seed {seed}", recorded)
     val = {s: json.loads((run_dir / "manifests" / f"{s}.json").read_text()).get("summary", {}).get("val_accuracy")
            for s in ("distill", "baseline")}
     final = models.get("qat-int8")

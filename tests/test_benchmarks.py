@@ -162,3 +162,23 @@ def test_cifar10_targets_need_the_mean_gain_every_seed_and_the_mlperf_size_and_a
     assert missed["targets"] == {"distilled_beats_alone_by_1.0_pp": True, "distilled_beats_alone_at_every_seed": False,
                                  "kd_prune_pqat_int8_beats_tfmot_alone_by_1.0_pp": False,
                                  "int8_at_most_98496_bytes_reaches_85_%": False}
+
+
+def test_a_recorded_run_is_read_as_it_is_and_its_time_is_its_stages_times(tmp_path):
+    default_gain = _script("default_gain")
+    from pipelines import recipe as recipe_mod
+
+    r = recipe_mod.apply_overrides(recipe_mod.load(), ["seed=3", "name=rec-seed3"])
+    with pytest.raises(SystemExit, match="no finished run"):
+        default_gain._run(r, tmp_path, "seed 3", recorded=True)
+    run_dir = tmp_path / r.run_name()
+    (run_dir / "manifests").mkdir(parents=True)
+    for stage, seconds in (("distill", 12.5), ("qat", 7.25)):
+        (run_dir / "manifests" / f"{stage}.json").write_text(json.dumps({"stage": stage, "seconds": seconds}))
+    model = {"name": "qat-int8", "role": "student", "format": "tflite", "variant": "int8", "path": "x.tflite",
+             "accuracy": 0.81, "size_bytes": 96_632, "gzip_bytes": 80_000, "params": 78_666, "macs": 12_500_000,
+             "input_scale": 1 / 255, "input_offset": 0.0}
+    (run_dir / "results.json").write_text(json.dumps({"models": [model]}))
+    got_dir, seconds, models = default_gain._run(r, tmp_path, "seed 3", recorded=True)
+    assert got_dir == run_dir and seconds == pytest.approx(19.75)
+    assert models["qat-int8"].accuracy == 0.81 and models["qat-int8"].size_bytes == 96_632
