@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from edge_kd.data import SYNTHETIC
-from pipelines import run_data
+from pipelines import run_data, run_keys
 from pipelines.stage import Stage
 
 PUBLISHED = ("report.md", "results.json", "results.csv", "pareto.png", "layer_error.png", "synthetic.png")
@@ -47,7 +47,8 @@ class Report(Stage):
                      # a run without training images: the source of its test split (null: it has none)
                      **({"test_source": r.data.test} if r.data.source == SYNTHETIC else {})},
             "teacher": bench["teacher"],
-            "distillation": distillation_summary(r),
+            "distillation": distillation_summary(r, None if r.training.mixed_precision is False
+                                                 else run_keys.mixed_policy(ctx) or "float32"),
             "stages": ctx.enabled(),
             "stage_summaries": summaries,
             "bundle": ({"path": os.path.relpath(ctx.stage_dir("bundle"), ctx.run_dir), **summaries.get("bundle", {})}
@@ -81,8 +82,9 @@ def majority_fraction(labels) -> float:
     return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
 
 
-def distillation_summary(r):
-    """Returns the distillation settings the report states beside its gain, or None when the run did not distil."""
+def distillation_summary(r, precision: str | None = None):
+    """Returns the distillation settings the report states beside its gain, or None when the run did not distil;
+    ``precision``: the policy the distilled student and the student alone trained under (mixed precision on)."""
     if not r.distils("distill"):
         return None
     dist = r.distillation
@@ -102,4 +104,6 @@ def distillation_summary(r):
     aug = r.stages.distill.augment
     d["augment"] = ", ".join(f"{k} {v:g}" if not isinstance(v, bool) else k
                              for k, v in aug.model_dump().items() if v) or "none"
+    if precision is not None:
+        d["precision"] = precision
     return d

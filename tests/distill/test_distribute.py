@@ -309,3 +309,4 @@ def test_the_pipeline_trains_in_mixed_precision_and_saves_and_exports_float32(se
     assert models["student"]["accuracy"] == pytest.approx(models["student-fp32"]["accuracy"], abs=0.01)
     history = json.loads((run_dir / "distill" / "history.json").read_text())
     assert all(np.isfinite(history["loss"]))
+    assert f"precision {policy}" in (run_dir / "report.md").read_text()  # the report says what it trained in
