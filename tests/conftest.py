@@ -18,6 +18,24 @@ def shared_npz(name: str) -> Path:
     return path
 
 
+def subclassed_model(inputs: int, units: int):
+    """Returns a built subclassed tf_keras model of one Dense layer (``inputs`` → ``units``): a model that cannot be
+    rebuilt from its config, which code that clones or walks a model must refuse or leave alone."""
+    from edge_kd.keras import keras
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(units)
+
+        def call(self, v):
+            return self.dense(v)
+
+    model = Sub()
+    model(np.zeros((1, inputs), np.float32))
+    return model
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -10,6 +10,7 @@ from edge_kd.errors import UserError
 from edge_kd.export.tflite import convert
 from edge_kd.fileio import write_bytes
 from edge_kd.keras import keras, tf
+from tests.conftest import subclassed_model
 
 
 def test_file_sizes_match_python_gzip(tmp_path, rng):
@@ -70,16 +71,7 @@ def test_count_macs_sees_through_sequential_and_rejects_subclassed():
                               keras.layers.Dense(3)])
     assert count_macs(model) == 3 * 3 * 2 * 9 + 18 * 3
 
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.d = keras.layers.Dense(2)
-
-        def call(self, x):
-            return self.d(x)
-
-    sub = Sub()
-    sub(np.zeros((1, 3), np.float32))
+    sub = subclassed_model(3, 2)
     with pytest.raises(UserError, match="Sequential or Functional"):
         count_macs(sub)
 

@@ -9,6 +9,7 @@ import pytest
 
 from edge_kd.distill import Distiller, losses
 from edge_kd.keras import keras, tf
+from tests.conftest import subclassed_model
 
 # Run in a fresh process: logical devices can only be set up before TensorFlow first touches the CPU.
 SCRIPT = textwrap.dedent("""
@@ -228,16 +229,7 @@ def test_a_bfloat16_copy_gives_float32_outputs_from_a_nested_head_an_op_layer_an
     inner = computing_in(nested, "mixed_bfloat16").get_layer("base")
     assert inner.get_layer("conv").compute_dtype == "bfloat16" and inner.get_layer("probs").compute_dtype == "float32"
 
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = keras.layers.Dense(3)
-
-        def call(self, v):
-            return self.dense(v)
-
-    sub = Sub()
-    sub(np.zeros((1, 5), np.float32))
+    sub = subclassed_model(5, 3)
     assert computing_in(sub, "float32") is sub  # float32 already: nothing to rebuild
     with pytest.raises(NotImplementedError, match="not a Functional or Sequential"):
         computing_in(sub, "mixed_bfloat16")
