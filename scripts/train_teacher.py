@@ -57,7 +57,7 @@ def _train(args) -> int:
     if r.teacher is None or "teacher" not in r.stages.enabled():
         raise UserError(f"recipe {args.recipe} trains no teacher (it needs a teacher section and stages.teacher)")
     stage = Teacher()
-    work = Path(args.work or f"tflite_out/teacher-{r.name}")
+    work = Path(args.work or f"tflite_out/teacher-{r.name or Path(args.recipe).stem}")  # mnist.yaml has no name
     ctx = Context(r, work / "run", "python scripts/train_teacher.py")
     stage.check(ctx)
     resume = ctx.begin_stage(stage.name, runner.stage_fingerprint(ctx, stage.name))
