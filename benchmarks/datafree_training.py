@@ -15,6 +15,7 @@ within-class spread of the images (``within_class_spread``) says how much one cl
     python benchmarks/datafree_training.py --seeds 1 2 --methods generator
     python benchmarks/datafree_training.py --seeds 0 1 2 --methods generator_diverse generator_diverse5
     python benchmarks/datafree_training.py --dataset mnist --seeds 0 1 2 --methods generator generator_diverse
+    python benchmarks/datafree_training.py --dataset mnist --seeds 0 1 2 --methods generator_diverse --again
 """
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ RECIPE = "fashion_mnist_datafree"
 #: issue 28's targets: the data-free student's test accuracy per dataset, and the run's wall time on 2 cores
 TARGET_ACCURACY = {"fashion_mnist": 0.85, "mnist": 0.97}
 TARGET_SECONDS = 15 * 60
-#: the MNIST teacher (trained by scripts/train_teacher.py from mnist.yaml's teacher section) and the MNIST run's keys
-MNIST_TEACHER = ROOT / "tflite_out" / "mnist_teacher_cnn_large.keras"
+#: the MNIST teacher (trained by scripts/train_teacher.py from mnist.yaml's teacher section, for the epochs below:
+#: mnist.yaml's own 3 make 99.08 %, short of the 99.3 % issue 28 asks of this teacher) and the MNIST run's keys
+MNIST_TEACHER_EPOCHS = 10
+MNIST_TEACHER = ROOT / "tflite_out" / f"mnist_teacher_cnn_large_{MNIST_TEACHER_EPOCHS}ep.keras"
 DATASETS = {
     "fashion_mnist": [],
     "mnist": ["data.classes=10", "data.test=mnist", f"teacher.path={MNIST_TEACHER}", "augment.flip=false",
@@ -64,7 +67,7 @@ def _teacher(dataset: str) -> None:
     import sys
 
     subprocess.run([sys.executable, str(ROOT / "scripts" / "train_teacher.py"), "--recipe", "mnist", "--out",
-                    str(MNIST_TEACHER)], check=True)
+                    str(MNIST_TEACHER), "--set", f"teacher.epochs={MNIST_TEACHER_EPOCHS}"], check=True)
 
 
 def _run(dataset: str, method: str, seed: int, out: Path) -> dict:
