@@ -102,7 +102,8 @@ def summarise_mlperf(rows: list[dict]) -> dict:
 
 
 def main_mlperf(args, argv) -> None:
-    mlperf_teacher(args.extra)
+    if not set(args.seeds) <= set(args.recorded):  # reading finished folders needs no teacher
+        mlperf_teacher(args.extra)
     rows = []
     for seed in args.seeds:
         rows.append(row := mlperf(seed, Path(args.out), args.extra, seed in args.recorded))
