@@ -27,7 +27,6 @@ LiteRT, no pruning) and writes ``benchmarks/results/cifar10_mlperf.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +35,8 @@ from edge_kd.bench import stats
 from edge_kd.fileio import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from default_gain import ROOT, _run, one, tfmot_only  # noqa: E402  (the same runs and readings as the default's gain)
+# the same runs and readings as the default's gain
+from default_gain import ROOT, _run, one, stage_val, tfmot_only  # noqa: E402
 
 from pipelines import recipe as recipe_mod  # noqa: E402
 
@@ -86,10 +86,9 @@ def mlperf(seed: int, out: Path, extra: list[str], recorded: bool = False) -> di
                                                                     *extra])
     run_dir, seconds, models = _run(r, out, f"mlperf, seed {seed}", recorded)
     int8 = models["student-int8"]
-    val = json.loads((run_dir / "manifests" / "distill.json").read_text()).get("summary", {}).get("val_accuracy")
     return {"seed": seed, "seconds": round(seconds, 1), "recorded": recorded, "teacher": models["teacher"].accuracy,
-            "distilled": models["student"].accuracy, "distilled_val": val, "int8": int8.accuracy,
-            "int8_val": int8.val_accuracy, "int8_bytes": int8.size_bytes, "run": str(run_dir)}
+            "distilled": models["student"].accuracy, "distilled_val": stage_val(run_dir, "distill"),
+            "int8": int8.accuracy, "int8_val": int8.val_accuracy, "int8_bytes": int8.size_bytes, "run": str(run_dir)}
 
 
 def summarise_mlperf(rows: list[dict]) -> dict:

@@ -49,6 +49,12 @@ def _run(r, out: Path, what: str, recorded: bool = False):
     return run_dir, seconds, {m.name: m for m in rows_of(json.loads((run_dir / "results.json").read_text())["models"])}
 
 
+def stage_val(run_dir: Path, stage: str):
+    """Returns the validation accuracy a finished run's ``stage`` recorded in its manifest (None where it has none)."""
+    manifest = json.loads((Path(run_dir) / "manifests" / f"{stage}.json").read_text())
+    return manifest.get("summary", {}).get("val_accuracy")
+
+
 def tfmot_only(seed: int, out: Path, recipe: str = "fashion_mnist_tfmot_only", name: str = "tfmot-only",
                extra=(), recorded: bool = False) -> dict:
     """Runs ``recipe`` (the distilling recipe's stages without a teacher) at ``seed`` (``recorded``: reads its
@@ -65,8 +71,7 @@ def one(seed: int, out: Path, extra: list[str], recipe: str | None = None, name:
     ``_run``); returns what it measured."""
     r = recipe_mod.apply_overrides(recipe_mod.load(recipe), [f"seed={seed}", f"name={name}-seed{seed}", *extra])
     run_dir, seconds, models = _run(r, out, f"seed {seed}", recorded)
-    val = {s: json.loads((run_dir / "manifests" / f"{s}.json").read_text()).get("summary", {}).get("val_accuracy")
-           for s in ("distill", "baseline")}
+    val = {s: stage_val(run_dir, s) for s in ("distill", "baseline")}
     final = models.get("qat-int8")
     return {"seed": seed, "seconds": round(seconds, 1), "teacher": models["teacher"].accuracy,
             "distilled": models["student"].accuracy, "baseline": models["baseline"].accuracy,
