@@ -287,14 +287,16 @@ def _distilled_and_alone(results: dict) -> tuple[float, float] | None:
 
 
 def _distillation_lines(results: dict) -> list:
-    """Returns the lines comparing the distilled student with the same student trained without a teacher, said for
-    what one run can show."""
-    pair = _distilled_and_alone(results)
-    if pair is None:
-        return []
-    s, b = pair
+    """Returns the lines stating how the student was distilled and comparing it with the same student trained
+    without a teacher, said for what one run can show; without that student (no baseline stage), the settings
+    alone."""
     d = results.get("distillation") or {}
     how = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in d.items())
+    pair = _distilled_and_alone(results)
+    if pair is None:
+        return [f"Distillation ({how}). No student was trained without distillation in this run (the recipe has no "
+                "baseline stage), so it cannot say what distillation changed.", ""] if d else []
+    s, b = pair
     return [f"Distillation ({how}): the distilled student scores {_pct(s)} % against {_pct(b)} % for the same "
             f"student trained without distillation (same augmentation, epochs and initial weights): "
             f"{100 * (s - b):+.2f} pp in this run. One run is one seed: a difference this size can be noise, not a "

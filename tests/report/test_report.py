@@ -170,6 +170,18 @@ def test_stage_parity_and_distillation_sections(results):
     assert md.index("## In short") < md.index("| model | role |")
 
 
+def test_a_run_without_a_baseline_still_states_how_it_distilled(results):
+    from edge_kd.report.report import report_markdown
+
+    no_baseline = {**results, "models": [m for m in results["models"] if m["role"] != "baseline"],
+                   "distillation": {"loss": "hinton", "temperature": 4.0, "precision": "mixed_bfloat16"}}
+    md = report_markdown(no_baseline)
+    assert ("Distillation (loss hinton, temperature 4, precision mixed_bfloat16). No student was trained without "
+            "distillation in this run (the recipe has no baseline stage), so it cannot say what distillation "
+            "changed.") in md
+    assert "without distillation" not in report_markdown({**no_baseline, "distillation": None})  # it did not distil
+
+
 def test_latency_ties_chain_the_models_whose_iqrs_overlap_and_old_rows_still_render(results):
     from edge_kd.report.report import latency_ties
 
