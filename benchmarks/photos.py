@@ -37,6 +37,9 @@ from edge_kd.fileio import write_json
 from pipelines import recipe as recipe_mod
 from pipelines.run import run
 
+sys.path.insert(0, str(Path(__file__).parent))
+from default_gain import stage_val  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT.parent / "shared" / "data" / "cifar10_jpeg75.npz"
 RECIPE = recipe_mod.RECIPES / "photos_mobilenetv2.yaml"
@@ -92,8 +95,7 @@ def one(seed: int, out: Path, data_path: Path, teacher: list[str], extra: list[s
     seconds = time.perf_counter() - start
     results = json.loads((run_dir / "results.json").read_text())
     m = {row.name: row for row in rows_of(results["models"])}
-    val = {s: json.loads((run_dir / "manifests" / f"{s}.json").read_text()).get("summary", {}).get("val_accuracy")
-           for s in ("distill", "baseline")}
+    val = {s: stage_val(run_dir, s) for s in ("distill", "baseline")}
     final = m["qat-int8"]
     lat = (final.latency or {}).get("1", {}) or {}
     row = {"seed": seed, "seconds": round(seconds, 1), "teacher": m["teacher"].accuracy,
