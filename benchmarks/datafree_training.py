@@ -5,7 +5,8 @@ shipped teacher, on MNIST from a BN teacher the pipeline trains first (``mnist.y
 Each (method, seed) run is the whole pipeline, timed stage by stage, with nothing else running; its student never
 sees a training image. The methods (``METHODS``): DeepInversion, which in about the same synthesis time optimises
 fewer images than the generator draws; the generator without the within-class diversity term; the generator with it
-at weight 20 (the shipped recipe) and at weight 5. Accuracy is on the real test split (10,000 images), which chooses nothing: the default method
+at weight 20 (the shipped recipe) and at weight 5; and at weight 20 with the student starting from the companion the
+generator was trained against (``stages.distill.start: companion``). Accuracy is on the real test split (10,000 images), which chooses nothing: the default method
 is the one whose students agree more with the teacher on the held-out synthetic images of every method pooled
 (``pooled_agreement``, over the seeds every method ran), what a user without data can see too. Per run, the
 within-class spread of the images (``within_class_spread``) says how much one class's images differ. Results go to
@@ -56,6 +57,9 @@ METHODS = {
     # the generator with the within-class diversity term (mode seeking) weighted 20 (the default) and 5
     "generator_diverse": ["stages.synthesize.method=generator", "stages.synthesize.generator.diversity=20"],
     "generator_diverse5": ["stages.synthesize.method=generator", "stages.synthesize.generator.diversity=5"],
+    # generator_diverse whose student starts from the companion the generator was trained against (DFAD's student)
+    "generator_diverse_companion": ["stages.synthesize.method=generator", "stages.synthesize.generator.diversity=20",
+                                    "stages.distill.start=companion"],
 }
 
 
@@ -86,7 +90,29 @@ def _run(dataset: str, method: str, seed: int, out: Path) -> dict:
             "test_accuracy": {n: rows[n].accuracy for n in ("teacher", "student", "student-int8", "pruned-int8",
                                                             "qat-int8") if n in rows},
             "synthetic_agreement": {n: rows[n].val_accuracy for n in ("student", "qat-int8") if n in rows},
-            "within_class_spread": _spread(run_dir, synth.get("rounds", 1))}
+            "within_class_spread": _spread(run_dir, synth.get("rounds", 1)), "companion": _companion(run_dir, seed)}
+
+
+def _companion(run_dir: Path, seed: int) -> dict | None:
+    """The generator's companion student as synthesis left it (before any distillation on the images): its accuracy
+    on the test split and its agreement with the teacher on the run's held-out synthetic images; None without one."""
+    import models
+    from edge_kd import data
+    from pipelines.stages.synthesize import COMPANION
+
+    path = run_dir / "synthetic" / COMPANION
+    if not path.is_file():
+        return None
+    recipe = recipe_mod.load(run_dir / "recipe.yaml")
+    with np.load(run_dir / "synthetic" / "images.npz") as f:
+        b = data.synthetic_bundle(recipe.data, f["x"], f["teacher"], seed=seed)
+    student = models.build(recipe.student.arch, b.info.input_shape, b.info.num_classes, **recipe.student.options)
+    models.load_weights(student, path, "companion")
+    out = {}
+    for split, name in (("test", "test_accuracy"), ("val", "synthetic_agreement")):
+        x, y = b.arrays(split)
+        out[name] = float(np.mean(np.argmax(student.predict(x, verbose=0), -1) == y))
+    return out
 
 
 def within_class_spread(x, labels) -> float:

@@ -462,6 +462,15 @@ def _check(r: Recipe):
     elif "teacher" in names:
         raise UserError("stages.teacher is set but teacher is null; remove the stage or describe the teacher")
     _check_distillation(r)
+    if r.stages.distill.start == "companion":
+        why = "stages.distill.start: companion starts the student from the one the generator was trained against"
+        if "synthesize" not in names or r.stages.synthesize.method != "generator":
+            raise UserError(f"{why}: it needs stages.synthesize with method generator")
+        if "baseline" in names:
+            raise UserError(f"{why}, which the teacher shaped, so the baseline (the student alone) cannot start from "
+                            "the same weights: remove stages.baseline or start fresh")
+        if r.distillation.mode == "mutual":
+            raise UserError(f"{why}: distillation.mode mutual trains peers beside it, which have no such weights")
     if "baseline" in names and not r.distils("distill"):
         raise UserError("stages.baseline compares with the student trained without distillation, but the distill "
                         "stage does not distil (no teacher and no teacher-free term); remove stages.baseline")

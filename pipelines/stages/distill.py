@@ -1,14 +1,26 @@
-"""The distill stage: a fresh student trained with the recipe's loss (or, without a teacher, on labels alone)."""
+"""The distill stage: a fresh student (or the synthesize stage's companion) trained with the recipe's loss (or,
+without a teacher, on labels alone)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from edge_kd.config import Literal
 from pipelines import run_models, run_training
-from pipelines.stage import StudentStage
+from pipelines.stage import StudentStage, TrainSettings
+
+
+class DistillSettings(TrainSettings):
+    """The first student stage's settings: those of every training stage, and where its student starts."""
+
+    #: fresh: weights drawn from the recipe's seed (or student.weights); companion: the weights of the student the
+    #: synthesize stage's generator was trained against (DFAD's own student), so the distillation on the images
+    #: goes on from what that student learnt while they were made
+    start: Literal["fresh", "companion"] = "fresh"
 
 
 class Distill(StudentStage):
     name = "distill"
+    settings = DistillSettings
     mixed_precision = True
     model_file = "student.keras"
     required = True
@@ -22,6 +34,9 @@ class Distill(StudentStage):
         if recipe.distils("distill"):
             return f"distil student '{arch}' ({epochs} epochs)"
         return f"train student '{arch}' without a teacher ({epochs} epochs)"
+
+    def reads(self, ctx):
+        return [*super().reads(ctx), *(["synthesize"] if ctx.recipe.stages.distill.start == "companion" else [])]
 
     def check(self, ctx):
         from pipelines.stages.common import check_distiller
@@ -38,6 +53,11 @@ class Distill(StudentStage):
         r = ctx.recipe
         spec = r.stages.distill
         student, peers = run_models.build_student(ctx), None
+        if spec.start == "companion":  # the file the synthesize stage names (no import: its code is not distill's)
+            import models
+
+            companion = ctx.manifests["synthesize"]["summary"]["companion"]
+            models.load_weights(student, ctx.stage_dir("synthesize") / companion, "stages.distill.start")
         if r.distils(self.name) and r.distillation.mode == "mutual":
             # The recipe says which of the models trained together is exported; the others are kept as its peers.
             models = [student, *run_models.build_peers(ctx)]

@@ -99,6 +99,8 @@ def distillation_summary(r, precision: str | None = None):
         d.update({(k if k != "weight" else f"{t['name']}_weight"): v for k, v in t.items() if k != "name"})
         d["loss"] = "+".join(x["name"] for x in dist.terms)
     d["epochs"] = r.stages.distill.epochs
+    if r.stages.distill.start == "companion":
+        d["start"] = "the generator's companion student"
     if dist.mode == "teacher":
         d["teacher view"] = "consistent" if dist.consistent else "fixed"
     aug = r.stages.distill.augment

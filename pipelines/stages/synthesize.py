@@ -2,8 +2,9 @@
 optimised from noise) or by a generator trained against a companion student (``method: generator``).
 
 It writes ``synthetic/images.npz`` (``x``: uint8 images of the data's shape; ``y``: the class each was made for;
-``teacher``: the class the teacher gives it) and ``synthetic/grid.png`` (a row of images per class, which the
-report shows). ``stages.export.representative: synthetic`` calibrates the int8 files on them instead of training
+``teacher``: the class the teacher gives it), ``synthetic/grid.png`` (a row of images per class, which the
+report shows) and, by the generator, ``synthetic/companion.h5`` (the weights of the student it was trained
+against). ``stages.export.representative: synthetic`` calibrates the int8 files on them instead of training
 images, and ``data.source: synthetic`` trains the run's student on them (``pipelines.run_data``). The images are
 made a part at a time (a DeepInversion batch, a generator round) from the stage's seed and the part's number; each
 finished part is kept in ``.resume/synthesize/``, so a stopped run goes on after its last finished part and makes
@@ -23,6 +24,8 @@ from pipelines.stage import Stage, StageSettings, library_config
 
 #: images per class in the report's grid
 GRID_PER_CLASS = 8
+#: the generator method's companion student (tf_keras weights), in the stage's folder
+COMPANION = "companion.h5"
 
 
 class SynthesizeSettings(StageSettings, InversionConfig):
@@ -124,7 +127,7 @@ class Synthesize(Stage):
 
         labels = datafree.balanced_labels(spec.images, info.num_classes, spec.seed)
         make = self._by_generator if spec.method == "generator" else self._by_inversion
-        x, figures = make(ctx, spec, labels)
+        x, figures = make(ctx, spec, labels, out)
         inverter = self._inverter(ctx)  # the BN-statistics loss of either method's images, measured alike
         teacher = np.argmax(run_models.teacher(ctx).predict(data.normalise(x), verbose=0), -1)
         noise = np.random.default_rng(spec.seed).integers(0, 256, x[:spec.batch_size].shape, dtype=np.uint8)
@@ -138,7 +141,7 @@ class Synthesize(Stage):
                 "bn_loss": inverter.statistics_loss(data.normalise(x[-spec.batch_size:])),
                 "bn_loss_noise": inverter.statistics_loss(data.normalise(noise)), **figures}
 
-    def _by_inversion(self, ctx, spec, labels):
+    def _by_inversion(self, ctx, spec, labels, out):
         """DeepInversion: each batch optimised from noise, kept as it finishes."""
         import numpy as np
 
@@ -162,9 +165,11 @@ class Synthesize(Stage):
             batches.save_arrays(i + 1, {"x": x})
         return np.concatenate([batches.load_arrays(i + 1)["x"] for i in range(len(starts))]), {"steps": spec.steps}
 
-    def _by_generator(self, ctx, spec, labels):
+    def _by_generator(self, ctx, spec, labels, out):
         """The adversarial generator: trained a round at a time against a fresh student of the recipe's, an equal
-        share of the images drawn at the end of each round (the generator as it stood then)."""
+        share of the images drawn at the end of each round (the generator as it stood then). That student's weights,
+        as the last round left them, are kept in ``out/COMPANION`` (``stages.distill.start: companion`` starts the
+        run's student from them)."""
         import numpy as np
 
         from edge_kd import interrupt
@@ -198,7 +203,8 @@ class Synthesize(Stage):
             if r:
                 rounds.trim_arrays(r, ["x"])
         x = np.concatenate([rounds.load_arrays(r + 1)["x"] for r in range(g.rounds)])
-        return x, {"steps": g.steps, "rounds": g.rounds}
+        synth.student.save_weights(out / COMPANION)  # as the last round left it (restored above if it ran before)
+        return x, {"steps": g.steps, "rounds": g.rounds, "companion": COMPANION}
 
 
 def images(ctx):

@@ -92,6 +92,27 @@ def test_the_generator_stopped_after_a_round_resumes_there_and_makes_the_same_im
         np.testing.assert_array_equal(a["x"], b["x"])
 
 
+def test_the_student_can_start_from_the_companion_the_generator_was_trained_against(datafree_run, tmp_path):
+    import models
+    from pipelines.stages.synthesize import COMPANION
+
+    companion = datafree_run / "synthetic" / COMPANION
+    assert companion.is_file()  # the generator's companion student, as its last round left it
+    fresh = models.build("cnn", (28, 28, 1), 10, filters=[8])
+    models.load_weights(fresh, companion, "test")
+    kept = fresh.get_layer("logits").get_weights()[0]
+    # a step size too small to move a weight: the distilled student's weights are where it started
+    stream = io.StringIO()
+    d = run(_recipe(distill={"epochs": 1, "start": "companion", "learning_rate": 1e-12}), out=tmp_path / "out",
+            stream=stream, store=datafree_run.parent / "store")
+    assert "synthesize: finished by another run with the same settings, inputs and code" in stream.getvalue()
+    started = keras.models.load_model(d / "distill" / "student.keras", compile=False).get_layer("logits")
+    np.testing.assert_allclose(started.get_weights()[0], kept, atol=1e-6)
+    assert "start the generator's companion student" in (d / "report.md").read_text()
+    scratch = keras.models.load_model(datafree_run / "distill" / "student.keras", compile=False).get_layer("logits")
+    assert np.abs(scratch.get_weights()[0] - kept).max() > 1e-3  # the default starts fresh, elsewhere
+
+
 @pytest.mark.parametrize("data_changes, stages, words", [
     ({"classes": None}, {}, "data.classes must be given with data.source: synthetic"),
     ({"input_shape": [28, 28, 2]}, {}, "data.input_shape must end in 1 or 3 channels"),
@@ -102,6 +123,12 @@ def test_the_generator_stopped_after_a_round_resumes_there_and_makes_the_same_im
     ({}, {"distill": {"epochs": 1, "distill": False}}, "stages.distill.distill must stay true"),
     ({}, {"synthesize": {"method": "generator", "images": 4, "generator": {"rounds": 8}}},
      "stages.synthesize.images must be at least generator.rounds (8)"),
+    ({}, {"distill": {"epochs": 1, "start": "companion"}, "synthesize": {"method": "deepinversion", "images": 40}},
+     "stages.distill.start: companion starts the student from the one the generator was trained against: it needs "
+     "stages.synthesize with method generator"),
+    ({"source": "fashion_mnist", "classes": None, "input_shape": None}, {"distill": {"epochs": 1, "start": "companion"},
+                                                                         "baseline": {}},
+     "so the baseline (the student alone) cannot start from the same weights: remove stages.baseline or start fresh"),
 ])
 def test_a_recipe_that_needs_training_images_is_a_one_line_error(data_changes, stages, words):
     with pytest.raises(UserError) as e:
