@@ -54,10 +54,10 @@ class Distill(StudentStage):
         spec = r.stages.distill
         student, peers = run_models.build_student(ctx), None
         if spec.start == "companion":  # the file the synthesize stage names (no import: its code is not distill's)
-            import models
+            from models import load_weights
 
             companion = ctx.manifests["synthesize"]["summary"]["companion"]
-            models.load_weights(student, ctx.stage_dir("synthesize") / companion, "stages.distill.start")
+            load_weights(student, ctx.stage_dir("synthesize") / companion, "stages.distill.start")
         if r.distils(self.name) and r.distillation.mode == "mutual":
             # The recipe says which of the models trained together is exported; the others are kept as its peers.
             models = [student, *run_models.build_peers(ctx)]
