@@ -97,15 +97,12 @@ def _companion(run_dir: Path, seed: int) -> dict | None:
     """The generator's companion student as synthesis left it (before any distillation on the images): its accuracy
     on the test split and its agreement with the teacher on the run's held-out synthetic images; None without one."""
     import models
-    from edge_kd import data
     from pipelines.stages.synthesize import COMPANION
 
     path = run_dir / "synthetic" / COMPANION
     if not path.is_file():
         return None
-    recipe = recipe_mod.load(run_dir / "recipe.yaml")
-    with np.load(run_dir / "synthetic" / "images.npz") as f:
-        b = data.synthetic_bundle(recipe.data, f["x"], f["teacher"], seed=seed)
+    recipe, b = _bundle(run_dir, seed, test=True)
     student = models.build(recipe.student.arch, b.info.input_shape, b.info.num_classes, **recipe.student.options)
     models.load_weights(student, path, "companion")
     out = {}
@@ -113,6 +110,17 @@ def _companion(run_dir: Path, seed: int) -> dict | None:
         x, y = b.arrays(split)
         out[name] = float(np.mean(np.argmax(student.predict(x, verbose=0), -1) == y))
     return out
+
+
+def _bundle(run_dir: Path, seed: int, test: bool = False):
+    """Returns (the run's recipe, the data bundle it trained on: its synthetic images labelled with the teacher's
+    classes, split as the run split them; ``test``: with the recipe's test set, else without)."""
+    from edge_kd import data
+
+    recipe = recipe_mod.load(run_dir / "recipe.yaml")
+    cfg = recipe.data if test else recipe.data.model_copy(update={"test": None})
+    with np.load(run_dir / "synthetic" / "images.npz") as f:
+        return recipe, data.synthetic_bundle(cfg, f["x"], f["teacher"], seed=seed)
 
 
 def within_class_spread(x, labels) -> float:
@@ -140,15 +148,11 @@ def pooled_agreement(runs: list[dict]) -> dict:
     """Returns, per run, its float student's agreement with the teacher on the held-out synthetic images of every run
     of the same dataset and seed pooled (each method's validation split, which no model trained on); every run's
     folder must be present."""
-    from edge_kd import data
     from edge_kd.keras import keras
 
     held = {}
     for r in runs:
-        recipe = recipe_mod.load(Path(r["run_dir"]) / "recipe.yaml")
-        with np.load(Path(r["run_dir"]) / "synthetic" / "images.npz") as f:
-            b = data.synthetic_bundle(recipe.data.model_copy(update={"test": None}), f["x"], f["teacher"],
-                                      seed=r["seed"])
+        b = _bundle(Path(r["run_dir"]), r["seed"])[1]
         held.setdefault((r["dataset"], r["seed"]), []).append(b.arrays("val"))
     out = {}
     for r in runs:
