@@ -518,6 +518,9 @@ def results_csv(results: dict) -> str:
 #: a panel's cost axis is logarithmic when its largest value is more than this many times its smallest
 LOG_SPAN = 10.0
 
+#: the Pareto panels' marker areas (points²) and the shipped ring's line width (points)
+DOT_AREA, RING_AREA, RING_LINE = 40, 220, 1.8
+
 
 def pareto_png(results: dict) -> bytes:
     """Returns PNG bytes of accuracy vs size and vs batch-1 latency, each with its Pareto front (``pareto_figure``)."""
@@ -642,17 +645,17 @@ def _panel(ax, points, xlabel, shipped, ylabel="top-1 accuracy (%)"):
             sel = [p for p in points if p[2].role == role and p[2].format == fmt]
             if sel:
                 ax.scatter([p[0] for p in sel], [p[1] for p in sel], c=_ROLE_COLOURS[role],
-                           marker=_FORMAT_MARKERS[fmt], s=40, zorder=3, label=f"{role} ({fmt})")
+                           marker=_FORMAT_MARKERS[fmt], s=DOT_AREA, zorder=3, label=f"{role} ({fmt})")
     others = [p for p in points if p[2].role not in _ROLE_COLOURS or p[2].format not in _FORMAT_MARKERS]
     if others:
-        ax.scatter([p[0] for p in others], [p[1] for p in others], c="tab:green", s=40, zorder=3, label="other")
+        ax.scatter([p[0] for p in others], [p[1] for p in others], c="tab:green", s=DOT_AREA, zorder=3, label="other")
     front = pareto_front(points)
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", alpha=0.6,
             linewidth=1.2, zorder=2, label="Pareto front")
     ship = [p for p in points if p[2].name == shipped]
     if ship:
-        ax.scatter([p[0] for p in ship], [p[1] for p in ship], s=220, facecolors="none", edgecolors="black",
-                   linewidths=1.8, zorder=4, label=f"shipped: {shipped}")
+        ax.scatter([p[0] for p in ship], [p[1] for p in ship], s=RING_AREA, facecolors="none", edgecolors="black",
+                   linewidths=RING_LINE, zorder=4, label=f"shipped: {shipped}")
     named = {p[2].name for p in front} | {shipped}
     keyed = sorted((p for p in points if p[2].name not in named), key=lambda p: (-p[1], p[0]))
     handles, texts = ax.get_legend_handles_labels()
@@ -673,30 +676,40 @@ def _panel(ax, points, xlabel, shipped, ylabel="top-1 accuracy (%)"):
             + [(x, y, str(i), False, 7) for i, (x, y, _) in enumerate(keyed, 1)])
 
 
+def marker_radius(shipped: bool) -> float:
+    """The drawn radius, in points, of a Pareto panel's marker: the shipped file's ring (its line included) or a
+    dot."""
+    return math.sqrt(RING_AREA) / 2 + RING_LINE / 2 if shipped else math.sqrt(DOT_AREA) / 2
+
+
 def _place_labels(ax, items) -> list:
     """Writes each (x, y, text, bold, font size) beside its point, inside the axes, on the side and at the height
-    where it covers no point and no label already written (names first, highest accuracy first); returns
-    [(text, its display box)]."""
+    where it covers no marker (the shipped file's ring, drawn for the bold one, included) and no label already
+    written (names first, highest accuracy first); returns [(text, its display box)]."""
     from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
     renderer = ax.figure.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     dots = [ax.transData.transform((x, y)) for x, y, *_ in items]
-    taken = [Bbox.from_extents(u - 4, v - 4, u + 4, v + 4) for u, v in dots]
+    radii = [marker_radius(bold) for _, _, _, bold, _ in items]  # points
+    pixels = ax.figure.dpi / 72
+    taken = [Bbox.from_extents(u - r * pixels, v - r * pixels, u + r * pixels, v + r * pixels)
+             for (u, v), r in zip(dots, radii)]
     order = sorted(range(len(items)), key=lambda i: (items[i][4] != 8, -items[i][1], items[i][0]))
     written = []
     for i in order:
         x, y, text, bold, size = items[i]
         own = taken[i]
+        gap = radii[i] + 2.5  # points from the point's centre to its label
         choice = None
-        for dy in (0, 9, -9, 18, -18, 27, -27, 36, -36, 45, -45):
-            for dx in (6, -6):
+        for dy in (0, *(s * k for k in range(9, 82, 9) for s in (1, -1))):  # up to 9 lines above or below
+            for dx in (gap, -gap):
                 label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=size,
                                     fontweight="bold" if bold else "normal", va="center",
                                     ha="left" if dx > 0 else "right", zorder=6,
                                     arrowprops=dict(arrowstyle="-", linewidth=0.5, color="0.45", shrinkA=0,
-                                                    shrinkB=3) if dy else None)
+                                                    shrinkB=radii[i]) if dy else None)
                 label.update_positions(renderer)
                 box = Text.get_window_extent(label, renderer).padded(1.5)  # the text alone, not its leader line
                 fits = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
@@ -707,7 +720,7 @@ def _place_labels(ax, items) -> list:
             if choice is not None:
                 break
         if choice is None:  # no free place within reach: beside the point, on top of what is there
-            choice = ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 0), fontsize=size,
+            choice = ax.annotate(text, (x, y), textcoords="offset points", xytext=(gap, 0), fontsize=size,
                                  va="center", zorder=6).get_window_extent(renderer)
         taken.append(choice)
         written.append((text, choice))

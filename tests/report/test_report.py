@@ -242,7 +242,7 @@ def test_a_model_at_chance_level_is_flagged_at_the_top_with_the_causes_the_histo
 
 
 def test_pareto_labels_never_cover_each_other_and_the_shipped_file_is_named(results):
-    from edge_kd.report.report import pareto_figure
+    from edge_kd.report.report import marker_radius, pareto_figure
 
     # twelve variants of one student almost on one spot, as a run's fp32/fp16/dynamic/int8 files are
     results["models"] += [_model(f"v{i}-int8", "student", "tflite", "int8", 0.9860 + 0.0001 * (i % 3), 40_000 + 50 * i,
@@ -253,6 +253,11 @@ def test_pareto_labels_never_cover_each_other_and_the_shipped_file_is_named(resu
         boxes = [box for _, box in written]
         assert all(not a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
     size_panel, lat_panel = fig.axes[:2]
+    ring = marker_radius(True) * fig.dpi / 72  # no label covers the shipped file's ring (its edge drawn in pixels)
+    for ax, written in zip((size_panel, lat_panel), panels):
+        centre = ax.collections[-1].get_offset_transform().transform(ax.collections[-1].get_offsets()[0])
+        assert all(box.x0 > centre[0] + ring or box.x1 < centre[0] - ring or box.y0 > centre[1] + ring
+                   or box.y1 < centre[1] - ring for _, box in written)
     assert size_panel.get_xscale() == "log"  # 40 KB to 1.5 MB: more than 10×
     assert lat_panel.get_xscale() == "log"  # 0.12 to 2.5 ms
     named = [text for text, _ in panels[0]]
