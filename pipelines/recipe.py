@@ -88,6 +88,9 @@ class TeacherSpec(OptimizerConfig):
     learning_rate: LearningRate = None
     #: label smoothing of the teacher's own training: off, as smoothed teachers distil worse (Müller et al. 2019)
     label_smoothing: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    #: the teacher's logits are the mean of its logits for the image and for its left-right mirror image (test-time
+    #: augmentation, twice the teacher's compute): for data whose classes a horizontal flip keeps, such as photos
+    flip_average: Bool = False
     #: bit: the teacher stage fine-tunes ``backbone`` from ``weights`` by BiT-HyperRule (edge_kd.bit), which then
     #: sets the optimizer, schedule, MixUp, resolution and augmentation (arch, epochs, learning_rate, the optimizer
     #: keys and stages.teacher.augment are unused)
@@ -462,6 +465,10 @@ def _check(r: Recipe):
     elif "teacher" in names:
         raise UserError("stages.teacher is set but teacher is null; remove the stage or describe the teacher")
     _check_distillation(r)
+    if r.teacher is not None and r.teacher.flip_average and "synthesize" in names:
+        raise UserError("teacher.flip_average runs the teacher twice a batch, and stages.synthesize matches its images "
+                        "to the statistics of one pass through the teacher's BatchNormalization layers: set "
+                        "teacher.flip_average: false in a run that makes its images")
     if r.stages.distill.start == "companion":
         why = "stages.distill.start: companion starts the student from the one the generator was trained against"
         if "synthesize" not in names or r.stages.synthesize.method != "generator":
@@ -521,6 +528,12 @@ def _check_distillation(r: Recipe):
         if bad:
             raise UserError(f"distillation.teacher_cache holds logits only; {', '.join(bad)} read layers or own "
                             f"variables: set teacher_cache: false")
+    if r.teacher is not None and r.teacher.flip_average:
+        tapped = [t.name for t in built if t.teacher_taps()]
+        if tapped:
+            raise UserError(f"teacher.flip_average averages the teacher's logits over the image and its mirror, but "
+                            f"distillation.terms {', '.join(tapped)} read the teacher's layers, which it does not "
+                            "average: set teacher.flip_average: false or use terms that read logits")
     if d.extra_teachers and (d.mode != "teacher" or r.teacher is None):
         raise UserError("distillation.extra_teachers adds to the recipe's teacher: it needs mode teacher and a teacher")
     if d.mode == "mutual":

@@ -70,13 +70,15 @@ def distillation_key(ctx) -> dict:
 
 
 def teacher_key(ctx):
-    """Returns what identifies the teacher: the teacher stage's result, or the user's file and how it is read."""
+    """Returns what identifies the teacher: the teacher stage's result, or the user's file and how it is read (with
+    ``flip_average`` only when on, so that the keys of runs without it stay what they were)."""
     t = ctx.recipe.teacher
     if t is None:
         return None
+    read = {"flip_average": True} if t.flip_average else {}
     if t.path is None:
-        return {"trained": ctx.manifests.get("teacher", {}).get("fingerprint")}
-    return {"file_sha256": file_key(ctx, t.path), "input_range": t.input_range, "trust": t.trust}
+        return {"trained": ctx.manifests.get("teacher", {}).get("fingerprint"), **read}
+    return {"file_sha256": file_key(ctx, t.path), "input_range": t.input_range, "trust": t.trust, **read}
 
 
 def file_key(ctx, path, what: str = "teacher file") -> str:

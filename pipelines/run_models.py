@@ -80,7 +80,7 @@ def teacher(ctx, compute: str | None = None):
         # float32 even inside a mixed-precision stage: the adapter's log-probabilities need its range
         with train.precision("float32"):
             model = loaded_teacher(teacher_file(ctx), t.trust)
-            ctx.loaded.teachers[key], adapted = adapt(ctx, model, t.input_range, t.path)
+            ctx.loaded.teachers[key], adapted = adapt(ctx, model, t.input_range, t.path, t.flip_average)
         shipped = None if t.path is None else builtin_teachers.name_of(t.path)
         by = "edge-kd" if t.path is None else f"edge-kd, shipped ({shipped})" if shipped else "user"
         # a trained teacher's file is named within the run folder (the run's results may be shared: runner)
@@ -135,10 +135,11 @@ def _strategy_key() -> int:
     return id(tf.distribute.get_strategy())
 
 
-def adapt(ctx, model, input_range, source=None):
+def adapt(ctx, model, input_range, source=None, flip_average: bool = False):
     """Returns ``adapt_teacher`` of ``model`` for this run's data: (frozen logits model, description).
 
-    ``source`` (the teacher's file) prefixes its errors, such as outputs that are not finite.
+    ``source`` (the teacher's file) prefixes its errors, such as outputs that are not finite; ``flip_average``: the
+    logits averaged with the mirror image's (``teacher.flip_average``).
     """
     from edge_kd.distill.teacher import adapt_teacher
 
@@ -156,7 +157,7 @@ def adapt(ctx, model, input_range, source=None):
         sample = data.normalise(np.random.default_rng(0).integers(0, 256, (8, *info.input_shape), dtype=np.uint8))
     try:
         return adapt_teacher(model, info.input_shape, info.num_classes, info.input_scale, info.input_offset,
-                             teacher_scale=scale, teacher_offset=offset, sample=sample)
+                             teacher_scale=scale, teacher_offset=offset, sample=sample, flip_average=flip_average)
     except UserError as e:
         if source is None:
             raise

@@ -210,3 +210,25 @@ def test_a_recorded_run_is_read_as_it_is_and_its_time_is_its_stages_times(tmp_pa
     got_dir, seconds, models = default_gain._run(r, tmp_path, "seed 3", recorded=True)
     assert got_dir == run_dir and seconds == pytest.approx(19.75)
     assert models["qat-int8"].accuracy == 0.81 and models["qat-int8"].size_bytes == 96_632
+
+
+def test_teacher_flip_reads_the_teacher_file_plain_and_averaged_with_its_mirror(tmp_path):
+    import models
+    from edge_kd.keras import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (60, 12, 12, 3), np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x[:40], y_train=np.arange(40) % 3, x_test=x[40:], y_test=np.arange(20) % 3)
+    keras.utils.set_random_seed(1)
+    teacher = models.build("cnn", (12, 12, 3), 3)
+    teacher.save(tmp_path / "t.keras")
+    row = _script("teacher_flip").measure(str(tmp_path / "t.keras"), "cifar10_teacher",
+                                          [f"data.source={tmp_path / 'd.npz'}"])
+    test = x[40:].astype(np.float32) / 255.0
+    plain = teacher.predict(test, verbose=0)
+    mirrored = (plain + teacher.predict(test[:, :, ::-1], verbose=0)) / 2
+    y = np.arange(20) % 3
+    assert row["images"]["test"] == 20 and row["file"] == "t.keras"
+    assert row["test"] == {"plain": float((plain.argmax(-1) == y).mean()),
+                           "flip_average": float((mirrored.argmax(-1) == y).mean())}
+    assert (plain.argmax(-1) != mirrored.argmax(-1)).any()  # the mirror changed some answers: the two were measured

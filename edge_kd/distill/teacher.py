@@ -122,13 +122,14 @@ class LogProbabilities(layers.Layer):
 def adapt_teacher(model: keras.Model, input_shape: Sequence[int], num_classes: int,
                   data_scale: float, data_offset: float,
                   teacher_scale: float | None = None, teacher_offset: float | None = None,
-                  sample=None) -> tuple[keras.Model, dict]:
+                  sample=None, flip_average: bool = False) -> tuple[keras.Model, dict]:
     """Returns ``(frozen teacher taking the student's input and giving logits, description dict)``.
 
     ``data_scale``/``data_offset`` map raw pixels to the student's input, ``teacher_scale``/
     ``teacher_offset`` to the teacher's (default: the same). The teacher side resizes bilinearly to
-    the teacher's own height and width. A teacher whose logits on ``sample`` (student inputs, when given)
-    are not all finite (broken weights) is a UserError.
+    the teacher's own height and width. With ``flip_average`` the logits are the mean of the teacher's
+    logits for the image and for its left-right mirror (one teacher, run on both). A teacher whose logits
+    on ``sample`` (student inputs, when given) are not all finite (broken weights) is a UserError.
     """
     if model.inputs is None or model.outputs is None:
         raise UserError(f"teacher must be a Functional or Sequential Keras model with a known input, got "
@@ -164,10 +165,20 @@ def adapt_teacher(model: keras.Model, input_shape: Sequence[int], num_classes: i
     if th is not None and tw is not None and (th, tw) != (h, w):
         x = layers.Resizing(th, tw, interpolation="bilinear", name="teacher_resize")(x)
     out = logits(x, training=False)
+    if flip_average:
+        mirrored = logits(Mirror(name="teacher_mirror")(x), training=False)
+        out = layers.Average(name="teacher_flip_average")([out, mirrored])
     adapted = keras.Model(inp, out, name="teacher")
     adapted.trainable = False
     if student_sample is not None:
         check_finite(adapted, student_sample)
     info = {"head": head, "input_shape": list(t_shape), "scale": float(teacher_scale), "offset": float(teacher_offset),
-            "resized": (th, tw) != (h, w)}
+            "resized": (th, tw) != (h, w), **({"flip_average": True} if flip_average else {})}
     return adapted, info
+
+
+class Mirror(layers.Layer):
+    """The image batch (N, H, W, C) mirrored left to right."""
+
+    def call(self, x):
+        return tf.reverse(x, axis=[2])

@@ -83,7 +83,8 @@ def check_distiller(ctx, student, stage: str) -> None:
     r = ctx.recipe
     teachers = None
     if r.distillation.mode == "teacher" and r.teacher is not None:
-        first = (run_models.adapt(ctx, run_models.build_teacher(ctx), r.teacher.input_range)[0]
+        first = (run_models.adapt(ctx, run_models.build_teacher(ctx), r.teacher.input_range,
+                                  flip_average=r.teacher.flip_average)[0]
                  if r.teacher.path is None else run_models.teacher(ctx))
         teachers = [first, *run_models.extra_teachers(ctx)]
     for i, term in enumerate(r.distillation.build_terms()):

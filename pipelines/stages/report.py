@@ -102,7 +102,8 @@ def distillation_summary(r, precision: str | None = None):
     if r.stages.distill.start == "companion":
         d["start"] = "the generator's companion student"
     if dist.mode == "teacher":
-        d["teacher view"] = "consistent" if dist.consistent else "fixed"
+        d["teacher view"] = ("consistent" if dist.consistent else "fixed") + (
+            ", averaged with its mirror image" if r.teacher is not None and r.teacher.flip_average else "")
     aug = r.stages.distill.augment
     d["augment"] = ", ".join(f"{k} {v:g}" if not isinstance(v, bool) else k
                              for k, v in aug.model_dump().items() if v) or "none"

@@ -26,8 +26,9 @@ class Teacher(Stage):
         tr = ctx.recipe.training
         t = ctx.recipe.teacher
         # fine-tuning reads none of the keys the rule replaces, so changing them does not rerun it
+        # flip_average is how the trained teacher is read, not how it trains
         spec = (t.model_dump(include={"finetune", "backbone", "options", "bit_scale", "bit_resolution",
-                                      "label_smoothing"}) if t.finetune else t.model_dump())
+                                      "label_smoothing"}) if t.finetune else t.model_dump(exclude={"flip_average"}))
         return {**run_keys.data_key(ctx), "batch_size": tr.batch_size, "strategy": tr.strategy,
                 "mixed_precision": run_keys.precision(ctx), "teacher": spec,
                 "weights": None if t.weights is None else run_keys.file_key(ctx, t.weights, "teacher.weights"),

@@ -173,6 +173,24 @@ def test_adapter_resizes_and_renormalises_for_the_teacher():
     assert np.abs(plain - expected).max() > 1e-2
 
 
+def test_flip_average_is_the_mean_of_the_logits_of_the_image_and_of_its_mirror(images):
+    from edge_kd import train
+
+    logits_teacher, variants = _head_variants((28, 32, 1))
+    x = np.random.default_rng(3).random((8, 28, 32, 1)).astype(np.float32)
+    # numpy's mirror (the width axis reversed) through the logits twin is the reference; the softmax head is cut
+    expected = (logits_teacher.predict(x, verbose=0) + logits_teacher.predict(x[:, :, ::-1], verbose=0)) / 2
+    adapted, info = adapt_teacher(variants["dense"], (28, 32, 1), K, MNIST_SCALE, 0.0, flip_average=True)
+    assert info["flip_average"] is True and info["head"] == "softmax"
+    np.testing.assert_allclose(adapted(x, training=False).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected - logits_teacher.predict(x, verbose=0)).max() > 1e-2  # the mirror changes the logits
+    # the copy a mixed-precision stage trains with is rebuilt from the config, mirror included
+    copy = train.computing_in(adapted, "mixed_bfloat16")
+    assert copy is not adapted and "teacher_mirror" in {layer.name for layer in copy.layers}
+    np.testing.assert_allclose(copy(x, training=False).numpy(), expected, rtol=0.05, atol=0.15)
+    assert "flip_average" not in adapt_teacher(logits_teacher, (28, 32, 1), K, MNIST_SCALE, 0.0)[1]
+
+
 def test_adapter_is_identity_when_teacher_and_student_agree(images):
     teacher, _ = _head_variants()
     adapted, info = adapt_teacher(teacher, (28, 28, 1), K, MNIST_SCALE, 0.0)

@@ -140,6 +140,13 @@ RECIPE_MISTAKES = {
                                 ["teacher_cache", "fitnet"]),
     "unknown built-in teacher": ("teacher: {path: 'builtin:nope'}\n", ["teacher.path", "builtin:fashion_mnist",
                                                                       "builtin:nope"]),
+    "flip average of a feature term": ("teacher: {flip_average: true}\ndistillation: {terms: [{name: fitnet, "
+                                       "student_layer: block1_relu, teacher_layer: stack1_relu}]}\n",
+                                       ["teacher.flip_average", "fitnet", "read the teacher's layers"]),
+    "flip average of a data-free teacher": (
+        "data: {source: synthetic, classes: [a, b], input_shape: [8, 8, 1]}\nteacher: {path: 'builtin:fashion_mnist', "
+        "flip_average: true}\nstages: {synthesize: {}, distill: {}, export: {}, benchmark: {}, report: {}}\n",
+        ["teacher.flip_average", "stages.synthesize"]),
     "bad augment": ("augment: {zoom: 2}\n", ["augment.zoom", "2"]),
     "bad stage augment": ("stages: {teacher: {}, distill: {augment: {flip: 1}}, export: {}, benchmark: {}, "
                           "report: {}}\n", ["stages.distill.augment.flip"]),
@@ -254,3 +261,27 @@ def test_cli_shortcuts_become_recipe_keys():
     assert r.distillation.terms[0] == {"name": "hinton", "weight": 0.7, "temperature": 2.0}
     assert r.distillation.hard_weight == pytest.approx(0.3)
     assert r.stages.benchmark.threads == [1, 4] and r.stages.export.int8_io is False
+
+
+def test_flip_average_changes_what_reads_the_teacher_and_not_how_the_teacher_stage_trains(tmp_path):
+    import numpy as np
+
+    from pipelines import run_keys
+    from pipelines.context import Context
+    from pipelines.stages.report import distillation_summary
+    from pipelines.stages.teacher import Teacher
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (40, 8, 8), np.uint8), y_train=np.arange(40) % 2,
+             x_test=rng.integers(0, 256, (10, 8, 8), np.uint8), y_test=np.arange(10) % 2)
+    keys = {}
+    for flip in (False, True):
+        r = recipe.apply_overrides(recipe.load("mnist"), [f"data.source={tmp_path / 'd.npz'}",
+                                                          f"teacher.flip_average={str(flip).lower()}"])
+        ctx = Context(r, tmp_path / f"run{flip}", "test")
+        ctx.manifests["teacher"] = {"fingerprint": "the trained teacher"}
+        keys[flip] = (Teacher().key(ctx), run_keys.distillation_key(ctx), distillation_summary(r)["teacher view"])
+    assert keys[False][0] == keys[True][0]  # the teacher trains the same either way
+    assert keys[False][1] != keys[True][1]  # what distils from it reads it anew
+    assert "flip_average" not in str(keys[False][1])  # a run without it keeps the key it had
+    assert keys[False][2] == "consistent" and keys[True][2] == "consistent, averaged with its mirror image"
