@@ -284,9 +284,36 @@ def _layer_classes(model) -> dict:
     return classes
 
 
+#: layers that only combine what other layers give: the layers feeding one that gives an output give it too
+_COMBINING = {"Average", "Add", "Maximum", "Minimum", "Concatenate"}
+
+
+def _output_layers(config: dict) -> set:
+    """Returns the names of a Functional or Sequential model config's layers that give its outputs: the output
+    layers and, through a layer that only combines (an average of the logits of two views), the layers it reads."""
+    layers_ = config.get("layers", [])
+    if "output_layers" in config:  # Functional: [[name, node, tensor], ...], or one such triple
+        outs = config["output_layers"]
+        todo = [outs[0]] if outs and isinstance(outs[0], str) else [o[0] for o in outs]
+    else:  # Sequential: its last layer
+        todo = [layers_[-1]["config"]["name"]] if layers_ else []
+    by_name = {layer.get("config", {}).get("name"): layer for layer in layers_}
+    found = set()
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        layer = by_name.get(name, {})
+        if layer.get("class_name") in _COMBINING:
+            todo += [inbound[0] for node in layer.get("inbound_nodes", []) if isinstance(node, list)
+                     for inbound in node if isinstance(inbound, list) and inbound and isinstance(inbound[0], str)]
+    return found
+
+
 def _computes_as(model, policy: str, float32_outputs: bool = True) -> bool:
     """Whether ``model``'s layers already compute as ``computing_in`` would make them (see ``_with_policy``)."""
-    outputs = set(model.output_names or ()) if float32_outputs else set()
+    outputs = _output_layers(model.get_config()) if float32_outputs else set()
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
@@ -301,14 +328,10 @@ def _computes_as(model, policy: str, float32_outputs: bool = True) -> bool:
 def _with_policy(config: dict, policy: str, float32_outputs: bool = True) -> dict:
     """Returns a Functional or Sequential model's config with every layer's dtype policy replaced by ``policy``,
     nested models' layers too, except input layers (their dtype is the input's) and, with ``float32_outputs``, the
-    layers that give the model's outputs (float32; in a nested model that gives an output, the layers giving its
-    own)."""
+    layers that give the model's outputs (``_output_layers``: float32; in a nested model that gives an output, the
+    layers giving its own)."""
     layers_ = config.get("layers", [])
-    if "output_layers" in config:  # Functional: [[name, node, tensor], ...], or one such triple
-        outs = config["output_layers"]
-        outs = {outs[0]} if outs and isinstance(outs[0], str) else {o[0] for o in outs}
-    else:  # Sequential: its last layer
-        outs = {layers_[-1]["config"]["name"]} if layers_ else set()
+    outs = _output_layers(config)
     new_layers = []
     for layer in layers_:
         inner, name = layer.get("config", {}), layer.get("config", {}).get("name")

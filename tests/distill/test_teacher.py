@@ -187,6 +187,10 @@ def test_flip_average_is_the_mean_of_the_logits_of_the_image_and_of_its_mirror(i
     # the copy a mixed-precision stage trains with is rebuilt from the config, mirror included
     copy = train.computing_in(adapted, "mixed_bfloat16")
     assert copy is not adapted and "teacher_mirror" in {layer.name for layer in copy.layers}
+    # what gives the averaged logits stays float32 (the head of the teacher both views run through), the body not
+    inner = next(layer for layer in copy.layers if isinstance(layer, keras.Model))
+    assert inner.layers[-1].compute_dtype == "float32" and inner.get_layer("conv").compute_dtype == "bfloat16"
+    assert copy.get_layer("teacher_flip_average").compute_dtype == "float32"
     np.testing.assert_allclose(copy(x, training=False).numpy(), expected, rtol=0.05, atol=0.15)
     assert "flip_average" not in adapt_teacher(logits_teacher, (28, 32, 1), K, MNIST_SCALE, 0.0)[1]
 

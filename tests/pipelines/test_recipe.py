@@ -285,3 +285,7 @@ def test_flip_average_changes_what_reads_the_teacher_and_not_how_the_teacher_sta
     assert keys[False][1] != keys[True][1]  # what distils from it reads it anew
     assert "flip_average" not in str(keys[False][1])  # a run without it keeps the key it had
     assert keys[False][2] == "consistent" and keys[True][2] == "consistent, averaged with its mirror image"
+    # a user's (here the shipped) teacher file: what reads it (distil, export, benchmark) is keyed by the setting too
+    files = {flip: run_keys.teacher_key(Context(recipe.apply_overrides(recipe.load(), [
+        f"teacher.flip_average={str(flip).lower()}"]), tmp_path / "f", "test")) for flip in (False, True)}
+    assert files[True] == {**files[False], "flip_average": True} and "flip_average" not in files[False]
