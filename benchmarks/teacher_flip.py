@@ -31,17 +31,17 @@ def measure(path: str, recipe=RECIPE, overrides=()) -> dict:
     from pipelines import run_data, run_models
     from pipelines.context import Context
 
-    row = {"file": Path(builtin_teachers.resolve(path)).name, "sha256": sha256_file(builtin_teachers.resolve(path))}
+    file = Path(builtin_teachers.resolve(path))
+    row, data = {"file": file.name, "sha256": sha256_file(file)}, None
     for flip in (False, True):
         r = recipe_mod.apply_overrides(recipe_mod.load(recipe), [*overrides, f"teacher.path={path}",
                                                                 f"teacher.flip_average={str(flip).lower()}"])
-        ctx = Context(r, ROOT / "tflite_out" / "teacher-flip", "benchmarks/teacher_flip.py")
-        teacher, data = run_models.teacher(ctx), run_data.load(ctx)
+        ctx = Context(r, ROOT / "tflite_out" / "teacher-flip", "benchmarks/teacher_flip.py", data=data)
+        teacher, data = run_models.teacher(ctx), run_data.load(ctx)  # the data, loaded once, serves both reads
         for split in ("val", "test"):
-            correct = sum(int((teacher.predict(x, batch_size=500, verbose=0).argmax(-1) == y).sum())
-                          for x, y in data.batches(split, 2000))
-            row.setdefault(split, {})["flip_average" if flip else "plain"] = correct / data.count(split)
-        row["images"] = {split: data.count(split) for split in ("val", "test")}
+            row.setdefault(split, {})["flip_average" if flip else "plain"] = stats.keras_accuracy(
+                teacher, *data.arrays(split), batch_size=500)
+    row["images"] = {split: data.count(split) for split in ("val", "test")}
     return row
 
 
