@@ -15,7 +15,8 @@ Every step sees the batch jittered (a random roll of up to ``jitter`` pixels) an
 images do not overfit one view. The images are raw pixels ``255 · sigmoid(z)`` of a free variable ``z``
 (always in range), mapped to the models' input by the data's ``scale`` and ``offset``; ``synthesize``
 returns them as uint8, the form every other image in edge-kd has, so they feed the same data pipeline.
-Everything random is drawn from ``seed``: the same seed gives the same images.
+Everything random is drawn from ``seed``, and the compiled steps run without Grappler (``exact_graphs``): the
+same seed gives the same images, in any process.
 """
 from __future__ import annotations
 
@@ -63,6 +64,21 @@ def recording(bn: Sequence) -> list:
     finally:
         for layer, original in saved:
             layer.call = original
+
+
+@contextlib.contextmanager
+def exact_graphs():
+    """Within the block, compiled functions run as traced, without TensorFlow's graph optimiser (Grappler): with it,
+    the gradient of the BN-statistics loss through the ResNet-8 Fashion-MNIST teacher came out different in the last
+    bits from one process to the next, and hundreds of synthesis steps grew those bits into other images. Without
+    it the generator's weights after 20 steps were the same in every process, and a step took as long (200 steps
+    each, interleaved: ratio 1.000)."""
+    before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before})
 
 
 def bn_statistics_loss(recorded: Sequence) -> tf.Tensor:
@@ -176,10 +192,11 @@ class Inverter:
             opt.apply_gradients([(tape.gradient(terms["total"], z), z)])
             return terms
 
-        for i in range(c.steps):
-            terms = step(tf.constant(i, tf.int32))
-            if callback is not None and ((i + 1) % 50 == 0 or i + 1 == c.steps):
-                callback(i + 1, {k: float(v) for k, v in terms.items()})
+        with exact_graphs():
+            for i in range(c.steps):
+                terms = step(tf.constant(i, tf.int32))
+                if callback is not None and ((i + 1) % 50 == 0 or i + 1 == c.steps):
+                    callback(i + 1, {k: float(v) for k, v in terms.items()})
         return np.round(255.0 * tf.sigmoid(z).numpy()).astype(np.uint8)
 
 
@@ -338,14 +355,15 @@ class AdversarialSynthesizer:
         """Takes ``steps`` more iterations (a generator step, then the student's); returns the last one's terms.
         ``callback(step, terms)``, when given, is called every 50 iterations and at the last."""
         terms = {}
-        for i in range(steps):
-            step = tf.constant(self.step, tf.int32)
-            terms = self._g_step(step)
-            for k in range(self.config.student_steps):
-                terms["student_l1"] = self._s_step(step, tf.constant(k + 1, tf.int32))
-            self.step += 1
-            if callback is not None and ((i + 1) % 50 == 0 or i + 1 == steps):
-                callback(self.step, {k: float(v) for k, v in terms.items()})
+        with exact_graphs():
+            for i in range(steps):
+                step = tf.constant(self.step, tf.int32)
+                terms = self._g_step(step)
+                for k in range(self.config.student_steps):
+                    terms["student_l1"] = self._s_step(step, tf.constant(k + 1, tf.int32))
+                self.step += 1
+                if callback is not None and ((i + 1) % 50 == 0 or i + 1 == steps):
+                    callback(self.step, {k: float(v) for k, v in terms.items()})
         return {k: float(v) for k, v in terms.items()}
 
     def sample(self, labels, seed: int) -> np.ndarray:
