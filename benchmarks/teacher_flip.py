@@ -5,8 +5,8 @@ distilling stage and the report read), on the splits' own images.
 
     python benchmarks/teacher_flip.py builtin:cifar10 tflite_out/teachers/cifar10_fastcnn_50ep.keras
 
-Each file's row (with the command that measured it) replaces the one recorded for the same file name in
-``benchmarks/results/cifar10_teacher_flip.json``.
+Each file's row (with the command that measured it) replaces the one recorded for the same file (the same sha256)
+in ``benchmarks/results/cifar10_teacher_flip.json``; another file of the same name gets a row of its own.
 """
 from __future__ import annotations
 
@@ -51,11 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     recorded = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    rows = {row["file"]: row for row in recorded.get("teachers", [])}
+    rows = {row["sha256"]: row for row in recorded.get("teachers", [])}
     command = "python benchmarks/teacher_flip.py " + " ".join(args.teachers)
     for path in args.teachers:
         row = {**measure(path), "command": command, "machine": stats.machine()}
-        rows[row["file"]] = row
+        rows[row["sha256"]] = row
         print(f"{row['file']}: val {row['val']['plain']:.2%}, flip-averaged {row['val']['flip_average']:.2%}; "
               f"test {row['test']['plain']:.2%}, flip-averaged {row['test']['flip_average']:.2%}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

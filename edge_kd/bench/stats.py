@@ -40,6 +40,21 @@ def machine() -> str:
     return f"{names[0] if names else platform.processor() or platform.machine()}, {cores} cores"
 
 
+def code_version(root=None) -> str | None:
+    """Returns the git commit a benchmark row was measured with (``+changes`` where tracked files differed from it),
+    or None outside a git checkout: rows kept from an earlier session then still say which code made them."""
+    import subprocess
+
+    root = Path(root or Path(__file__).resolve().parents[2])
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def mean_std(values) -> tuple[float, float]:
     """Returns the mean and the sample standard deviation (ddof=1; 0 for a single value) of ``values``."""
     v = np.asarray(values, dtype=float)

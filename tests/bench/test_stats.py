@@ -143,3 +143,16 @@ def test_keras_accuracy_is_the_share_of_argmax_hits():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(lambda t: t)])
     x = np.array([[1, 0, 0], [0, 2, 0], [0, 0, 3], [5, 0, 0]], np.float32)
     assert keras_accuracy(model, x, np.array([0, 1, 0, 0])) == 0.75
+
+
+def test_code_version_names_the_checkout_commit_and_none_outside_a_checkout(tmp_path):
+    import re
+    import shutil
+
+    from edge_kd.bench import stats
+
+    version = stats.code_version()
+    if shutil.which("git") is None or version is None:
+        pytest.skip("no git, or this tree is not a git checkout")
+    assert re.fullmatch(r"[0-9a-f]{12}(\+changes)?", version), version
+    assert stats.code_version(tmp_path) is None
