@@ -13,21 +13,25 @@ each other, not with published CIFAR-10 tables. Prints a table and the targets o
 
 ``--recorded SEED ...`` reads those seeds' finished folders as they are instead of running them (runs that an
 earlier version of the code made, which would otherwise train again; each row says whether it was read).
+``--kept SEED ...`` takes those seeds' rows from the results JSON as an earlier invocation wrote them (its run
+folders gone, say on another session's machine; each row names the commit and the machine that measured it). The JSON is
+written after every seed, so a long benchmark can be finished over several sittings; rows that distil from
+teachers of different accuracy are refused.
 
 ``--mlperf`` measures MLPerf Tiny's quality target instead: at each seed it runs
-``pipelines/recipes/cifar10_resnet8_mlperf.yaml`` (the same ResNet-8 distilled 100 epochs from the fastcnn teacher
-trained 50 epochs, which it makes first with ``scripts/train_teacher.py`` when the file is missing; int8 through
-LiteRT, no pruning) and writes ``benchmarks/results/cifar10_mlperf.json``.
+``pipelines/recipes/cifar10_resnet8_mlperf.yaml`` (the same ResNet-8 distilled 100 epochs from the same teacher;
+int8 through LiteRT, no pruning) and writes ``benchmarks/results/cifar10_mlperf.json``.
 
-    python benchmarks/cifar10.py --seeds 0 1 2       # 40-43 min a seed on a 2-core Xeon with AMX (bfloat16)
-    python benchmarks/cifar10.py --mlperf --seeds 0 1 2   # teacher ~33 min once, then ~36 min a seed (same Xeon)
+    python benchmarks/cifar10.py --seeds 0 1 2            # each row has its runs' wall time and machine
+    python benchmarks/cifar10.py --seeds 0 1 2 --kept 0   # seed 0 as a sitting before measured it
+    python benchmarks/cifar10.py --mlperf --seeds 0 1 2
     python benchmarks/cifar10.py --seeds 0 --set stages.distill.epochs=2 --set stages.prune.epochs=1 \\
         --set stages.qat.epochs=1 --out /tmp/quick --json /tmp/quick.json        # a smoke run
 """
 from __future__ import annotations
 
 import argparse
-import subprocess
+import json
 import sys
 from pathlib import Path
 
@@ -61,22 +65,8 @@ def summarise(rows: list[dict]) -> dict:
     return {"stats": {k: {"mean": m, "std": sd} for k, (m, sd) in s.items()}, "targets": targets}
 
 
-#: the --mlperf recipe's teacher: the shipped teacher's recipe trained 50 epochs instead of 18, in bfloat16 where the
-#: host has it (the recipe's teacher.path; train_teacher.py records its history and test accuracy beside it)
+#: the recipe made for MLPerf Tiny's quality target (the same student, 100 epochs, no pruning)
 MLPERF_RECIPE = "cifar10_resnet8_mlperf"
-MLPERF_TEACHER_SETS = ["teacher.epochs=50", "training.mixed_precision=true"]
-
-
-def mlperf_teacher(extra: list[str]) -> None:
-    """Makes the --mlperf recipe's teacher file where it is missing (resumable: train_teacher.py keeps its epochs)."""
-    path = Path(recipe_mod.apply_overrides(recipe_mod.load(MLPERF_RECIPE), extra).teacher.path)
-    if path.is_file():
-        return
-    data = [s for s in extra if s.startswith("data.")]  # the same data as the students'
-    sets = [a for kv in [*MLPERF_TEACHER_SETS, *data] for a in ("--set", kv)]
-    print(f"making the teacher {path} (scripts/train_teacher.py, {' '.join(MLPERF_TEACHER_SETS)}) ...", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "train_teacher.py"), "--recipe", "cifar10_teacher",
-                    "--out", str(path), *sets], check=True)
 
 
 def mlperf(seed: int, out: Path, extra: list[str], recorded: bool = False) -> dict:
@@ -100,29 +90,79 @@ def summarise_mlperf(rows: list[dict]) -> dict:
             "targets": {"int8_at_most_98496_bytes_reaches_85_%": met}}
 
 
-def main_mlperf(args, argv) -> None:
-    if not set(args.seeds) <= set(args.recorded):  # reading finished folders needs no teacher
-        mlperf_teacher(args.extra)
-    rows = []
+def kept_rows(path, seeds) -> dict[int, dict]:
+    """Returns the rows of ``seeds`` from the results JSON at ``path`` as an earlier invocation wrote them, each
+    marked ``kept``."""
+    if not seeds:
+        return {}
+    try:
+        rows = {r["seed"]: r for r in json.loads(Path(path).read_text())["rows"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"--kept: {path} holds no rows to keep") from None
+    missing = sorted(set(seeds) - set(rows))
+    if missing:
+        raise SystemExit(f"--kept: {path} holds no row for seed(s) {', '.join(map(str, missing))}")
+    return {seed: {**rows[seed], "kept": True} for seed in seeds}
+
+
+def gather(args, argv, path: str, measure, describe, summarise_rows, **record) -> dict:
+    """Measures ``args.seeds`` in turn (``measure(seed)``; the ``--kept`` ones taken from ``path``), printing
+    ``describe(row)`` and rewriting ``path`` with the rows so far and their summary after each; returns the summary.
+    Rows whose teachers differ in accuracy are refused: their gains do not pool."""
+    kept = kept_rows(path, args.kept)
+    rows, summary = [], {}
     for seed in args.seeds:
-        rows.append(row := mlperf(seed, Path(args.out), args.extra, seed in args.recorded))
-        print(f"seed {seed}: teacher {100 * row['teacher']:.2f} %, distilled {100 * row['distilled']:.2f} % (val "
-              f"{100 * row['distilled_val']:.2f}), int8 {100 * row['int8']:.2f} % (val {100 * row['int8_val']:.2f}, "
-              f"{row['int8_bytes']:,} B); {row['seconds']:.0f} s", flush=True)
-    summary = summarise_mlperf(rows)
+        if seed in kept:
+            row = kept[seed]
+        else:
+            row = {**measure(seed), "commit": stats.code_version(), "machine": stats.machine()}
+        rows.append(row)
+        print(describe(row), flush=True)
+        teachers = sorted({r["teacher"] for r in rows})
+        if len(teachers) > 1:
+            raise SystemExit(f"the rows distil from teachers of different test accuracy ({teachers}): run the older "
+                             f"seeds again instead of keeping them")
+        summary = summarise_rows(rows)
+        write_json(path, {
+            "command": "python benchmarks/cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            **record, "data": "cifar10_jpeg75.npz (CIFAR-10 as JPEG q75; not comparable with published CIFAR-10 "
+                              "figures)", "seeds": args.seeds, "rows": rows, **summary})
+    print(f"wrote {path}")
+    return summary
+
+
+def main_mlperf(args, argv) -> None:
+    summary = gather(
+        args, argv, args.json or str(ROOT / "benchmarks" / "results" / "cifar10_mlperf.json"),
+        lambda seed: mlperf(seed, Path(args.out), args.extra, seed in args.recorded),
+        lambda row: (f"seed {row['seed']}: teacher {100 * row['teacher']:.2f} %, distilled {100 * row['distilled']:.2f} "
+                     f"% (val {100 * row['distilled_val']:.2f}), int8 {100 * row['int8']:.2f} % (val "
+                     f"{100 * row['int8_val']:.2f}, {row['int8_bytes']:,} B); {row['seconds']:.0f} s"),
+        summarise_mlperf, recipe=MLPERF_RECIPE)
     for k, v in summary["stats"].items():
         scale = 1 if k in ("int8_bytes", "seconds") else 100
         print(f"{k}: {scale * v['mean']:.2f} ± {scale * v['std']:.2f}")
     for k, ok in summary["targets"].items():
         print(f"target {k}: {'met' if ok else 'MISSED'}")
-    path = args.json or str(ROOT / "benchmarks" / "results" / "cifar10_mlperf.json")
-    write_json(path, {
-        "command": "python benchmarks/cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "recipe": MLPERF_RECIPE, "teacher": {"made_by": ["scripts/train_teacher.py", "--recipe", "cifar10_teacher",
-                                                         *MLPERF_TEACHER_SETS]},
-        "data": "cifar10_jpeg75.npz (CIFAR-10 as JPEG q75; not comparable with published CIFAR-10 figures)",
-        "machine": stats.machine(), "rows": rows, **summary})
-    print(f"wrote {path}")
+
+
+def measure(seed: int, args) -> dict:
+    """Runs the distilling recipe and TFMOT alone at ``seed``; returns their figures as one row."""
+    was = seed in args.recorded
+    row = one(seed, Path(args.out), args.extra, recipe="cifar10_resnet8", name="cifar10", recorded=was)
+    row.update(tfmot_only(seed, Path(args.out), "cifar10_tfmot_only", "cifar10-tfmot-only", args.extra, was))
+    row["recorded"] = was
+    row["tfmot_gain_pp"] = 100 * (row["final_int8"] - row["tfmot_int8"])
+    return row
+
+
+def describe(row: dict) -> str:
+    return (f"seed {row['seed']}: teacher {100 * row['teacher']:.2f} %, distilled {100 * row['distilled']:.2f} % "
+            f"(val {100 * row['distilled_val']:.2f}), alone {100 * row['baseline']:.2f} % "
+            f"(val {100 * row['baseline_val']:.2f}): {row['gain_pp']:+.2f} pp; KD+prune+PQAT int8 "
+            f"{100 * row['final_int8']:.2f} % ({row['final_int8_bytes']:,} B) against TFMOT alone "
+            f"{100 * row['tfmot_int8']:.2f} %: {row['tfmot_gain_pp']:+.2f} pp; "
+            f"{row['seconds']:.0f} s + {row['tfmot_seconds']:.0f} s")
 
 
 def main(argv=None):
@@ -138,37 +178,19 @@ def main(argv=None):
     p.add_argument("--recorded", type=int, nargs="+", default=[], metavar="SEED",
                    help="seeds whose finished run folders are read as they are, not run (runs an earlier version of "
                         "the code made; their time is the sum of their stages' recorded times)")
+    p.add_argument("--kept", type=int, nargs="+", default=[], metavar="SEED",
+                   help="seeds whose rows are taken from the results JSON as an earlier invocation wrote them")
     args = p.parse_args(argv)
     if args.mlperf:
         return main_mlperf(args, argv)
-    args.json = args.json or str(ROOT / "benchmarks" / "results" / "cifar10.json")
-    rows = []
-    for seed in args.seeds:
-        was = seed in args.recorded
-        row = one(seed, Path(args.out), args.extra, recipe="cifar10_resnet8", name="cifar10", recorded=was)
-        row.update(tfmot_only(seed, Path(args.out), "cifar10_tfmot_only", "cifar10-tfmot-only", args.extra, was))
-        row["recorded"] = was
-        row["tfmot_gain_pp"] = 100 * (row["final_int8"] - row["tfmot_int8"])
-        rows.append(row)
-        print(f"seed {seed}: teacher {100 * row['teacher']:.2f} %, distilled {100 * row['distilled']:.2f} % "
-              f"(val {100 * row['distilled_val']:.2f}), alone {100 * row['baseline']:.2f} % "
-              f"(val {100 * row['baseline_val']:.2f}): {row['gain_pp']:+.2f} pp; KD+prune+PQAT int8 "
-              f"{100 * row['final_int8']:.2f} % ({row['final_int8_bytes']:,} B) against TFMOT alone "
-              f"{100 * row['tfmot_int8']:.2f} %: {row['tfmot_gain_pp']:+.2f} pp; "
-              f"{row['seconds']:.0f} s + {row['tfmot_seconds']:.0f} s", flush=True)
-    summary = summarise(rows)
+    summary = gather(args, argv, args.json or str(ROOT / "benchmarks" / "results" / "cifar10.json"),
+                     lambda seed: measure(seed, args), describe, summarise)
     print("\n| figure (cifar10_jpeg75, test split unless val) | mean ± std |\n|---|---:|")
     for k, v in summary["stats"].items():
         scale = 1 if k in ("gain_pp", "tfmot_gain_pp", "final_int8_bytes", "seconds", "tfmot_seconds") else 100
         print(f"| {k} | {scale * v['mean']:.2f} ± {scale * v['std']:.2f} |")
     for k, ok in summary["targets"].items():
         print(f"target {k}: {'met' if ok else 'MISSED'}")
-    write_json(args.json, {
-        "command": "python benchmarks/cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data": "cifar10_jpeg75.npz (CIFAR-10 as JPEG q75; not comparable with published CIFAR-10 figures)",
-        "machine": stats.machine(), "rows": rows, **summary})
-    print(f"wrote {args.json}")
-
 
 if __name__ == "__main__":
     main()
