@@ -115,7 +115,8 @@ def gather(args, argv, path: str, measure, describe, summarise_rows, **record) -
         if seed in kept:
             row = kept[seed]
         else:
-            row = {**measure(seed), "commit": stats.code_version(), "machine": stats.machine()}
+            commit = stats.code_version()  # at the start: commits made while a seed trains are not its code
+            row = {**measure(seed), "commit": commit, "machine": stats.machine()}
         rows.append(row)
         print(describe(row), flush=True)
         teachers = sorted({r["teacher"] for r in rows})
