@@ -270,3 +270,26 @@ def test_teacher_flip_reads_the_teacher_file_plain_and_averaged_with_its_mirror(
     assert row["test"] == {"plain": float((plain.argmax(-1) == y).mean()),
                            "flip_average": float((mirrored.argmax(-1) == y).mean())}
     assert (plain.argmax(-1) != mirrored.argmax(-1)).any()  # the mirror changed some answers: the two were measured
+
+
+def test_datafree_training_reuses_a_sibling_runs_images_only_when_their_synthesis_settings_match(tmp_path):
+    bench = _script("datafree_training")
+    source = tmp_path / "datafree-fashion_mnist-generator_diverse_companion-1"
+    (source / "manifests").mkdir(parents=True)
+    (source / "synthetic").mkdir()
+    (source / "synthetic" / "images.npz").write_bytes(b"images")
+    (source / "manifests" / "synthesize.json").write_text('{"seconds": 500}')
+    (tmp_path / "datafree-fashion_mnist-generator-1" / "manifests").mkdir(parents=True)
+    (tmp_path / "datafree-fashion_mnist-generator-1" / "manifests" / "synthesize.json").write_text("{}")
+    target = tmp_path / "datafree-fashion_mnist-generator_diverse_companion_30ep-1"
+    # only the distillation differs: the images are copied with their manifest, which the pipeline checks
+    assert bench._reuse_synthesis("fashion_mnist", "generator_diverse_companion_30ep", 1, tmp_path, target) == \
+        source.name
+    assert (target / "synthetic" / "images.npz").read_bytes() == b"images"
+    assert (target / "manifests" / "synthesize.json").read_text() == '{"seconds": 500}'
+    # another seed, other synthesis settings (no diversity term), or a folder already there: nothing copied
+    assert bench._reuse_synthesis("fashion_mnist", "generator_diverse_companion_30ep", 2, tmp_path,
+                                  tmp_path / "other-seed") is None
+    assert bench._reuse_synthesis("fashion_mnist", "generator", 1, tmp_path, tmp_path / "new") is None
+    assert bench._synthesis("generator") != bench._synthesis("generator_diverse_companion_30ep")
+    assert bench._reuse_synthesis("fashion_mnist", "generator_diverse", 1, tmp_path, target) is None
