@@ -85,6 +85,11 @@ def _teacher(dataset: str) -> None:
                     str(MNIST_TEACHER), "--set", f"teacher.epochs={MNIST_TEACHER_EPOCHS}"], check=True)
 
 
+def _name(dataset: str, method: str, seed: int) -> str:
+    """The run folder's name of ``method`` at ``seed`` on ``dataset``."""
+    return f"datafree-{dataset}-{method}-{seed}"
+
+
 def _synthesis(method: str) -> list[str]:
     """The overrides of ``method`` that set how the images are made."""
     return sorted(o for o in METHODS[method] if o.startswith("stages.synthesize."))
@@ -100,7 +105,7 @@ def _reuse_synthesis(dataset: str, method: str, seed: int, out: Path, run_dir: P
     if run_dir.exists():
         return None
     for other in METHODS:
-        source = out / f"datafree-{dataset}-{other}-{seed}"
+        source = out / _name(dataset, other, seed)
         if other != method and _synthesis(other) == _synthesis(method) and \
                 (source / "manifests" / "synthesize.json").is_file():
             (run_dir / "manifests").mkdir(parents=True)
@@ -112,7 +117,7 @@ def _reuse_synthesis(dataset: str, method: str, seed: int, out: Path, run_dir: P
 
 def _run(dataset: str, method: str, seed: int, out: Path) -> dict:
     r = recipe_mod.apply_overrides(recipe_mod.load(RECIPE), [*DATASETS[dataset], *METHODS[method], f"seed={seed}",
-                                                             f"name=datafree-{dataset}-{method}-{seed}"])
+                                                             f"name={_name(dataset, method, seed)}"])
     manifest = Path(out) / r.run_name() / "manifests" / "synthesize.json"
     reused = _reuse_synthesis(dataset, method, seed, Path(out), manifest.parents[1])
     copied = manifest.read_text() if reused else None
