@@ -40,16 +40,22 @@ def machine() -> str:
     return f"{names[0] if names else platform.processor() or platform.machine()}, {cores} cores"
 
 
+#: the benchmarks' results files, which a running benchmark rewrites after each seed: not code that measures
+RESULTS_DIR = "benchmarks/results"
+
+
 def code_version(root=None) -> str | None:
-    """Returns the git commit a benchmark row was measured with (``+changes`` where tracked files differed from it),
-    or None outside a git checkout: rows kept from an earlier session then still say which code made them."""
+    """Returns the git commit a benchmark row was measured with (``+changes`` where tracked files other than the
+    results in ``RESULTS_DIR`` differed from it), or None outside a git checkout: rows kept from an earlier session
+    then still say which code made them."""
     import subprocess
 
     root = Path(root or Path(__file__).resolve().parents[2])
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", f":(exclude){RESULTS_DIR}"],
+                               cwd=root).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+changes" if dirty else "")

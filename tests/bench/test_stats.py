@@ -156,3 +156,30 @@ def test_code_version_names_the_checkout_commit_and_none_outside_a_checkout(tmp_
         pytest.skip("no git, or this tree is not a git checkout")
     assert re.fullmatch(r"[0-9a-f]{12}(\+changes)?", version), version
     assert stats.code_version(tmp_path) is None
+
+
+def test_code_version_flags_changed_code_but_not_a_rewritten_results_file(tmp_path):
+    import shutil
+    import subprocess
+
+    from edge_kd.bench import stats
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / stats.RESULTS_DIR).mkdir(parents=True)
+    (tmp_path / stats.RESULTS_DIR / "r.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    clean = stats.code_version(tmp_path)
+    assert clean and "+" not in clean
+    (tmp_path / stats.RESULTS_DIR / "r.json").write_text('{"rows": [1]}')  # what a benchmark writes after a seed
+    assert stats.code_version(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2")
+    assert stats.code_version(tmp_path) == clean + "+changes"
