@@ -169,7 +169,7 @@ class Inverter:
         """Returns uint8 images (N, H, W, C), one of each class in ``labels``, made from the seed ``seed`` (with a
         ``student`` and ``adaptive`` > 0, also pulled to where it disagrees with the teacher: ``losses``).
 
-        ``callback(step, terms)``, when given, is called every 50 steps and at the last.
+        ``callback(step, terms)``, when given, is called every ``REPORT_EVERY`` steps and at the last.
         """
         c = self.config
         labels = tf.constant(np.asarray(labels, np.int32))
@@ -195,9 +195,19 @@ class Inverter:
         with exact_graphs():
             for i in range(c.steps):
                 terms = step(tf.constant(i, tf.int32))
-                if callback is not None and ((i + 1) % 50 == 0 or i + 1 == c.steps):
-                    callback(i + 1, {k: float(v) for k, v in terms.items()})
+                _report(callback, i, c.steps, i + 1, terms)
         return np.round(255.0 * tf.sigmoid(z).numpy()).astype(np.uint8)
+
+
+#: how often (in steps) synthesis reports its progress to a callback
+REPORT_EVERY = 50
+
+
+def _report(callback, i: int, steps: int, at: int, terms: dict) -> None:
+    """Calls ``callback(at, terms as floats)`` after iteration ``i`` (from 0) of ``steps`` when it is a multiple of
+    ``REPORT_EVERY`` or the last; nothing without a callback."""
+    if callback is not None and ((i + 1) % REPORT_EVERY == 0 or i + 1 == steps):
+        callback(at, {k: float(v) for k, v in terms.items()})
 
 
 def balanced_labels(n: int, num_classes: int, seed: int) -> np.ndarray:
@@ -353,7 +363,7 @@ class AdversarialSynthesizer:
 
     def train(self, steps: int, callback=None) -> dict:
         """Takes ``steps`` more iterations (a generator step, then the student's); returns the last one's terms.
-        ``callback(step, terms)``, when given, is called every 50 iterations and at the last."""
+        ``callback(step, terms)``, when given, is called every ``REPORT_EVERY`` iterations and at the last."""
         terms = {}
         with exact_graphs():
             for i in range(steps):
@@ -362,8 +372,7 @@ class AdversarialSynthesizer:
                 for k in range(self.config.student_steps):
                     terms["student_l1"] = self._s_step(step, tf.constant(k + 1, tf.int32))
                 self.step += 1
-                if callback is not None and ((i + 1) % 50 == 0 or i + 1 == steps):
-                    callback(self.step, {k: float(v) for k, v in terms.items()})
+                _report(callback, i, steps, self.step, terms)
         return {k: float(v) for k, v in terms.items()}
 
     def sample(self, labels, seed: int) -> np.ndarray:

@@ -156,6 +156,23 @@ def test_the_generator_is_the_same_for_a_seed_and_resumes_where_it_stopped():
     assert not np.array_equal(straight.sample(labels, seed=2), images)
 
 
+def test_both_syntheses_report_to_the_callback_every_report_every_steps_and_at_the_last(monkeypatch):
+    monkeypatch.setattr(datafree, "REPORT_EVERY", 2)
+    seen = []
+
+    def report(step, terms):  # the step, and the terms that came as Python floats
+        seen.append((step, {k for k, v in terms.items() if isinstance(v, float)}))
+
+    labels = datafree.balanced_labels(6, 3, seed=0)
+    datafree.Inverter(_bn_teacher(), (8, 8, 1), config=_config(steps=5)).synthesize(labels, seed=0, callback=report)
+    assert [step for step, _ in seen] == [2, 4, 5] and all({"ce", "bn", "total"} <= k for _, k in seen)
+    seen.clear()
+    s = _synthesizer()
+    s.train(1)
+    s.train(3, callback=report)  # its iterations 2-4 in all: reported after its 2nd (step 3) and its last (4)
+    assert [step for step, _ in seen] == [3, 4] and all({"ce", "bn", "gap", "student_l1"} <= k for _, k in seen)
+
+
 def test_training_the_generator_moves_its_statistics_towards_the_recorded_ones():
     s = _synthesizer(learning_rate=1e-2, adversarial=0.0, diversity=0.0)  # the BN-statistics loss alone
     labels = datafree.balanced_labels(16, 3, seed=0)
