@@ -22,7 +22,7 @@ teachers of different accuracy are refused.
 ``pipelines/recipes/cifar10_resnet8_mlperf.yaml`` (the same ResNet-8 distilled 100 epochs from the same teacher;
 int8 through LiteRT, no pruning) and writes ``benchmarks/results/cifar10_mlperf.json``.
 
-    python benchmarks/cifar10.py --seeds 0 1 2            # each row has its runs' wall time and machine
+    python benchmarks/cifar10.py --seeds 0 1 2            # each row has its runs' times and machine
     python benchmarks/cifar10.py --seeds 0 1 2 --kept 0   # seed 0 as a sitting before measured it
     python benchmarks/cifar10.py --mlperf --seeds 0 1 2
     python benchmarks/cifar10.py --seeds 0 --set stages.distill.epochs=2 --set stages.prune.epochs=1 \\

@@ -26,6 +26,7 @@ from edge_kd.bench.results import rows_of
 from edge_kd.fileio import write_json
 from pipelines import recipe as recipe_mod
 from pipelines.run import run
+from pipelines.runner import stage_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "datafree.json"
@@ -44,8 +45,8 @@ def _run(overrides: list[str], out: Path, what: str) -> tuple[Path, float, dict]
 
 def _made_in(run_dir: Path) -> dict:
     """Returns the seconds each stage of the run took when it ran (in this call or an earlier one), and their sum."""
-    stages = {m.stem: json.loads(m.read_text()).get("seconds") for m in sorted((run_dir / "manifests").glob("*.json"))}
-    return {"stages": stages, "total": round(sum(v for v in stages.values() if v), 1)}
+    stages = stage_seconds(run_dir)
+    return {"stages": stages, "total": round(sum(stages.values()), 1)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:

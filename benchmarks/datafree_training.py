@@ -37,6 +37,7 @@ from edge_kd.bench.results import rows_of
 from edge_kd.fileio import write_json
 from pipelines import recipe as recipe_mod
 from pipelines.run import run
+from pipelines.runner import read_manifest, seconds_before, stage_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "datafree_training.json"
@@ -90,54 +91,38 @@ def _name(dataset: str, method: str, seed: int) -> str:
     return f"datafree-{dataset}-{method}-{seed}"
 
 
-def _synthesis(method: str) -> list[str]:
-    """The overrides of ``method`` that set how the images are made."""
-    return sorted(o for o in METHODS[method] if o.startswith("stages.synthesize."))
-
-
-def _reuse_synthesis(dataset: str, method: str, seed: int, out: Path, run_dir: Path) -> str | None:
-    """Copies the finished synthesize stage of a run of another method with the same dataset, seed and synthesis
-    settings into ``run_dir`` (new), so that methods that differ only after synthesis train on the same images
-    without making them again; the pipeline still checks the stage's fingerprint and makes them anew if anything
-    differs. Returns the run copied from, or None."""
-    import shutil
-
-    if run_dir.exists():
+def _maker(out: Path, run_dir: Path) -> str | None:
+    """The run folder beside ``run_dir`` in ``out`` whose synthesize stage made the images ``run_dir`` took from the
+    store; None when ``run_dir`` made them itself."""
+    mine = read_manifest(run_dir / "manifests" / "synthesize.json") or {}
+    if not mine.get("taken_from_store"):
         return None
-    for other in METHODS:
-        source = out / _name(dataset, other, seed)
-        if other != method and _synthesis(other) == _synthesis(method) and \
-                (source / "manifests" / "synthesize.json").is_file():
-            (run_dir / "manifests").mkdir(parents=True)
-            shutil.copytree(source / "synthetic", run_dir / "synthetic")
-            shutil.copy2(source / "manifests" / "synthesize.json", run_dir / "manifests" / "synthesize.json")
-            return source.name
+    for other in sorted(Path(out).glob("*/manifests/synthesize.json")):
+        theirs = read_manifest(other) or {}
+        same = all(theirs.get(k) == mine.get(k) for k in ("fingerprint", "finished"))
+        if same and not theirs.get("taken_from_store"):
+            return other.parents[1].name
     return None
 
 
 def _run(dataset: str, method: str, seed: int, out: Path) -> dict:
+    """Runs ``method`` at ``seed``. The runs share a stage store (``out/store``): a method that differs from another
+    only after synthesis takes that run's finished images instead of making them again (the same fingerprint: the
+    same settings, teacher, seed and code). Its time is this call's wall time and what the stages it did not run
+    here took (``runner.seconds_before``: the images' making counts, as if it had made them)."""
     r = recipe_mod.apply_overrides(recipe_mod.load(RECIPE), [*DATASETS[dataset], *METHODS[method], f"seed={seed}",
                                                              f"name={_name(dataset, method, seed)}"])
-    manifest = Path(out) / r.run_name() / "manifests" / "synthesize.json"
-    reused = _reuse_synthesis(dataset, method, seed, Path(out), manifest.parents[1])
-    copied = manifest.read_text() if reused else None
     commit = stats.code_version()
-    start = time.perf_counter()
+    records, start = [], time.perf_counter()
     run_dir = run(r, out=out, command=f"benchmarks/datafree_training.py ({method}, seed {seed})",
-                  stream=io.StringIO())
-    seconds = time.perf_counter() - start
+                  stream=io.StringIO(), store=Path(out) / "store", records=records)
+    seconds = time.perf_counter() - start + seconds_before(run_dir, records)
     rows = {m.name: m for m in rows_of(json.loads((run_dir / "results.json").read_text())["models"])}
-    stages = {m.stem: json.loads(m.read_text()).get("seconds") for m in sorted((run_dir / "manifests").glob("*.json"))}
     synth = json.loads((run_dir / "manifests" / "synthesize.json").read_text())["summary"]
-    if reused is not None and manifest.read_text() == copied:
-        # the images were made by the run copied from: its synthesis time counts, as if this run had made them
-        seconds += stages["synthesize"]
-    else:
-        reused = None  # made anew here (the copy's fingerprint did not match): timed with the rest
     return {"dataset": dataset, "method": method, "seed": seed, "run_dir": str(run_dir),
-            "wall_seconds": round(seconds, 1), "cpu": stats.machine(), "synthesis_from": reused,
-            "commit": commit,
-            "stage_seconds": stages, "synthesize": synth, "overrides": [*DATASETS[dataset], *METHODS[method]],
+            "wall_seconds": round(seconds, 1), "cpu": stats.machine(), "synthesis_from": _maker(out, run_dir),
+            "commit": commit, "stage_seconds": stage_seconds(run_dir), "synthesize": synth,
+            "overrides": [*DATASETS[dataset], *METHODS[method]],
             "test_accuracy": {n: rows[n].accuracy for n in ("teacher", "student", "student-int8", "pruned-int8",
                                                             "qat-int8") if n in rows},
             "synthetic_agreement": {n: rows[n].val_accuracy for n in ("student", "qat-int8") if n in rows},

@@ -27,6 +27,7 @@ from edge_kd.bench.results import rows_of
 from edge_kd.fileio import write_json
 from pipelines import recipe as recipe_mod
 from pipelines.run import run
+from pipelines.runner import seconds_before, stage_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 #: issue 11's targets for the default run
@@ -34,19 +35,23 @@ MIN_GAIN_PP, MAX_INT8_BYTES, MAX_GAP_PP, MAX_MINUTES = 0.5, 30_000, 2.0, 10.0
 
 
 def _run(r, out: Path, what: str, recorded: bool = False):
-    """Runs ``r`` into ``out``; returns its folder, its wall time and its models' figures. ``recorded``: runs
-    nothing and reads the finished run folder as it is (a run an earlier version of the code made, which would
-    otherwise train again); its time is then the sum of its stages' recorded times."""
+    """Runs ``r`` into ``out`` (or goes on with it where an earlier invocation stopped); returns its folder, its
+    time and its models' figures. The time is this call's wall time and what earlier invocations spent on the
+    stages it did not redo (``runner.seconds_before``), so a run finished over several sittings states its whole
+    cost. ``recorded``: runs nothing and reads the finished run folder as it is (a run an earlier version of the
+    code made, which would otherwise train again); its time is then the sum of its stages' recorded times."""
     if recorded:
         run_dir = Path(out) / r.run_name()
         if not (run_dir / "results.json").is_file():
             raise SystemExit(f"--recorded: {run_dir} holds no finished run (no results.json); run it first")
-        seconds = sum(json.loads(m.read_text()).get("seconds", 0.0) for m in (run_dir / "manifests").glob("*.json"))
+        seconds = sum(stage_seconds(run_dir).values())
     else:
-        start = time.perf_counter()
-        run_dir = run(r, out=out, command=f"benchmarks/{Path(sys.argv[0]).name} ({what})", stream=io.StringIO())
-        seconds = time.perf_counter() - start
-    return run_dir, seconds, {m.name: m for m in rows_of(json.loads((run_dir / "results.json").read_text())["models"])}
+        records, start = [], time.perf_counter()
+        run_dir = run(r, out=out, command=f"benchmarks/{Path(sys.argv[0]).name} ({what})", stream=io.StringIO(),
+                      records=records)
+        seconds = time.perf_counter() - start + seconds_before(run_dir, records)
+    models = rows_of(json.loads((run_dir / "results.json").read_text())["models"])
+    return run_dir, seconds, {m.name: m for m in models}
 
 
 def stage_val(run_dir: Path, stage: str):

@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from edge_kd import interrupt
@@ -68,6 +69,10 @@ class EpochCheckpoints:
     The data order of the epochs to come is a function of the seed and the epoch (``DataBundle.dataset``), so it
     needs no saving. Each save is built aside and swapped into place: a kill mid-save leaves the last one whole.
     ``key`` names what the state belongs to (a stage's fingerprint); a state of another key is never resumed.
+
+    Once its clock is started (``start_clock``; ``Context.begin_stage`` starts it), each save also records the
+    seconds the work it holds took over every sitting, so that a stage finished in several sittings can state its
+    whole cost; the time a stopped sitting spent after its last save was lost with it and is not counted.
     """
 
     STATE = "state.json"
@@ -75,6 +80,26 @@ class EpochCheckpoints:
 
     def __init__(self, folder, key: str = ""):
         self.folder, self.key = Path(folder), str(key)
+        #: the seconds the earlier sittings spent on the saved work (read by ``start_clock``)
+        self.earlier, self._since = 0.0, None
+
+    def _state(self) -> dict | None:
+        """The saved state's record, or None when there is none of this key."""
+        try:
+            state = json.loads((self.folder / self.STATE).read_text())
+        except (OSError, ValueError):
+            return None
+        return state if state.get("key") == self.key else None
+
+    def start_clock(self) -> None:
+        """Starts timing this sitting, after the ``earlier`` seconds of the saved work (0 when none is saved)."""
+        state = self._state()
+        self.earlier = float(state.get("seconds", 0.0)) if state else 0.0
+        self._since = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Returns the seconds of the earlier sittings' saved work and of this sitting so far (``start_clock``)."""
+        return self.earlier + (time.perf_counter() - self._since if self._since is not None else 0.0)
 
     @staticmethod
     def _trackables(model) -> dict:
@@ -83,11 +108,8 @@ class EpochCheckpoints:
 
     def load(self, model) -> tuple[int, dict]:
         """Restores the saved state into compiled ``model``; returns (epochs done, history), or (0, {}) if none."""
-        try:
-            state = json.loads((self.folder / self.STATE).read_text())
-        except (OSError, ValueError):
-            return 0, {}
-        if state.get("key") != self.key:
+        state = self._state()
+        if state is None:
             return 0, {}
         build_optimizer(model)  # its slots exist before they are restored
         status = tf.train.Checkpoint(**self._trackables(model)).read(str(self.folder / self.CHECKPOINT))
@@ -99,7 +121,8 @@ class EpochCheckpoints:
         work = staging_dir(self.folder)
         try:
             tf.train.Checkpoint(**self._trackables(model)).write(str(work / self.CHECKPOINT))
-            write_json(work / self.STATE, {"key": self.key, "epochs": int(epochs), "history": history})
+            write_json(work / self.STATE, {"key": self.key, "epochs": int(epochs), "history": history,
+                                           "seconds": round(self.seconds(), 2)})
             swap_dir(work, self.folder)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
@@ -117,7 +140,8 @@ class EpochCheckpoints:
         np.savez(buf, **arrays)
         self.folder.mkdir(parents=True, exist_ok=True)
         write_bytes(self.folder / f"part-{done}.npz", buf.getvalue())
-        write_json(self.folder / self.STATE, {"key": self.key, "epochs": int(done), "history": {}})
+        write_json(self.folder / self.STATE, {"key": self.key, "epochs": int(done), "history": {},
+                                              "seconds": round(self.seconds(), 2)})
 
     def trim_arrays(self, part: int, keep) -> None:
         """Rewrites ``part``'s file with only the arrays named in ``keep`` (what a later part has made obsolete)."""
@@ -139,11 +163,8 @@ class EpochCheckpoints:
 
     def epochs_done(self) -> int:
         """Returns the epochs the saved state holds (0 when there is none of this key)."""
-        try:
-            state = json.loads((self.folder / self.STATE).read_text())
-        except (OSError, ValueError):
-            return 0
-        return int(state["epochs"]) if state.get("key") == self.key else 0
+        state = self._state()
+        return int(state["epochs"]) if state else 0
 
     def clear(self) -> None:
         """Removes the saved state (the fit it belongs to is finished and kept)."""

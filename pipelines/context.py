@@ -82,8 +82,10 @@ class Context:
         return EpochCheckpoints(self.resume_root() / name, key=fingerprint)
 
     def begin_stage(self, name: str, fingerprint: str):
-        """Makes stage ``name``'s fit save (and resume from) its epochs; returns its ``EpochCheckpoints``."""
+        """Makes stage ``name``'s fit save (and resume from) its epochs, and starts timing the stage (its saved work
+        counting with what earlier sittings spent on it); returns its ``EpochCheckpoints``."""
         self.resume = self.epoch_checkpoints(name, fingerprint)
+        self.resume.start_clock()
         return self.resume
 
     # -- which stages run ----------------------------------------------------------------------------------

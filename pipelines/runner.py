@@ -10,7 +10,8 @@ and every stage that reads from it. Whatever a killed run left behind is cleaned
 
 A stage that trains saves its state after each epoch in ``.resume/<stage>/`` (``edge_kd.train.EpochCheckpoints``,
 keyed by the stage's fingerprint): a stage killed or interrupted mid-training reruns from the epoch it had
-reached, not from its start, and gives what an uninterrupted run would have. A finished stage removes it.
+reached, not from its start, and gives what an uninterrupted run would have. A finished stage removes it. Its
+manifest's ``seconds`` are those of every sitting: this one's, and the saved work of those stopped before.
 
 In a multi-worker job (``training.strategy: multi_worker``, ``pipelines.multiworker``) every worker walks the same
 stages: the chief decides each training stage's fate from its run folder and sends the others what they lack (the
@@ -47,9 +48,12 @@ class StageRecord:
 
     stage: str
     skipped: bool
+    #: what the stage took when it ran here, over every sitting (0 when skipped or shared)
     seconds: float = 0.0
     #: taken from the store (finished by another run) rather than found in this run's folder
     shared: bool = False
+    #: of ``seconds``, those of earlier sittings (the saved epochs of the stage resumed here)
+    earlier: float = 0.0
 
 
 def stage_fingerprint(ctx: Context, name: str) -> str:
@@ -83,6 +87,22 @@ def read_manifest(path: Path) -> dict | None:
         return None
 
 
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Returns the seconds each finished stage of the run folder ``run_dir`` recorded, by stage: over every sitting
+    it took (a stopped stage's saved epochs count), and for a stage taken from a store, those of the run that made
+    it."""
+    manifests = (read_manifest(m) for m in sorted((Path(run_dir) / "manifests").glob("*.json")))
+    return {m["stage"]: float(m.get("seconds", 0.0)) for m in manifests if m and "stage" in m}
+
+
+def seconds_before(run_dir: Path, records: list[StageRecord]) -> float:
+    """Returns what the stages of the run in ``run_dir`` cost outside the invocation that gave ``records``: the
+    stages it skipped (finished by an earlier invocation, or taken from a store: their recorded seconds) and the
+    earlier sittings of those it resumed. Added to that invocation's wall time, the run's whole cost."""
+    recorded = stage_seconds(run_dir)
+    return sum(recorded.get(r.stage, 0.0) if r.skipped else r.earlier for r in records)
+
+
 def is_finished(folder: Path, manifest_path: Path, expected_fingerprint: str) -> dict | None:
     """Returns the manifest if the stage in ``folder`` finished with ``expected_fingerprint`` and its files are intact."""
     m = read_manifest(manifest_path)
@@ -109,6 +129,7 @@ def take_from_store(store: Path, name: str, fp: str, folder: Path, manifest_path
     work = staging_dir(folder)
     _link_tree(entry / "files", work)
     swap_dir(work, folder)
+    manifest = {**manifest, "taken_from_store": True}  # the run folder says which stages it did not make itself
     write_json(manifest_path, manifest)
     return manifest
 
@@ -121,7 +142,7 @@ def put_in_store(store: Path, name: str, folder: Path, manifest: dict) -> None:
         return
     work = staging_dir(entry)
     _link_tree(folder, work / "files")
-    write_json(work / "manifest.json", manifest)
+    write_json(work / "manifest.json", {k: v for k, v in manifest.items() if k != "taken_from_store"})
     swap_dir(work, entry)  # replaces a damaged copy
 
 
@@ -245,7 +266,7 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
               file=stream, flush=True)
         interrupt.at(f"stage '{name}'")
         work = staging_dir(folder)
-        start = time.perf_counter()
+        earlier = resume.earlier  # the seconds of the earlier sittings' saved epochs count too (begin_stage)
         try:
             with run_training.scope(ctx, stage):  # training.strategy's scope, for the stages that train
                 summary = stage.run(ctx, work)
@@ -264,7 +285,7 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
             raise
         finally:
             interrupt.at(None)
-        seconds = time.perf_counter() - start
+        seconds = resume.seconds()
         files = {p.relative_to(work).as_posix(): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
         manifest = {"stage": name, "fingerprint": fp, "seconds": round(seconds, 2), "summary": summary,
                     "files": files, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -275,10 +296,11 @@ def run_stages(ctx: Context, stream=None, store: Path | None = None) -> list[Sta
         ctx.manifests[name] = manifest
         if store is not None and stage.shareable:
             put_in_store(store, name, folder, manifest)
-        records.append(StageRecord(name, skipped=False, seconds=seconds))
+        records.append(StageRecord(name, skipped=False, seconds=seconds, earlier=earlier))
         if stage.trains:  # every worker trained it, each into its own folder
             held.add(name)
-        print(f"{label}: done in {seconds:.1f} s", file=stream, flush=True)
+        before = f" ({earlier:.1f} s of it in earlier sittings)" if earlier else ""
+        print(f"{label}: done in {seconds:.1f} s{before}", file=stream, flush=True)
         if trained and name == trained[-1]:
             job.release()
     if lead:

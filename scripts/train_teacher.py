@@ -7,9 +7,10 @@ and pass it to a run with ``--teacher`` (or ``teacher.path``)::
         --out edge_kd/_data/teachers/fashion_mnist_resnet8w2.keras
 
 It writes the model atomically, its training history and test accuracy beside it as ``<out>.json``
-(with the wall time and the machine), and prints one line per epoch. Every finished epoch is saved under
+(with the training time and the machine), and prints one line per epoch. Every finished epoch is saved under
 ``--work`` (default ``tflite_out/teacher-<recipe name>``): the same command run again after a kill or a
-Ctrl-C resumes after the last finished epoch, and the wall time it records is the sum over the tries.
+Ctrl-C resumes after the last finished epoch, and the time it records is that of every try's finished epochs
+(the part of an epoch a stopped try lost is not counted).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from edge_kd.errors import UserError
@@ -60,21 +60,16 @@ def _train(args) -> int:
     work = Path(args.work or f"tflite_out/teacher-{r.name or Path(args.recipe).stem}")  # mnist.yaml has no name
     ctx = Context(r, work / "run", "python scripts/train_teacher.py")
     stage.check(ctx)
+    # its clock counts the saved epochs of earlier tries too
     resume = ctx.begin_stage(stage.name, runner.stage_fingerprint(ctx, stage.name))
-    spent_file = work / "seconds.json"
-    spent = json.loads(spent_file.read_text())["seconds"] if spent_file.exists() and resume.epochs_done() else 0.0
     if resume.epochs_done():
-        print(f"resuming after epoch {resume.epochs_done()} ({spent / 60:.1f} min spent before)", flush=True)
+        print(f"resuming after epoch {resume.epochs_done()} ({resume.earlier / 60:.1f} min spent before)", flush=True)
     folder = work / "teacher"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    start = time.perf_counter()
-    try:
-        with run_training.scope(ctx, stage):
-            summary = stage.run(ctx, folder)
-    finally:  # the time of a stopped try counts too
-        write_json(spent_file, {"seconds": spent + time.perf_counter() - start})
-    seconds = spent + time.perf_counter() - start
+    with run_training.scope(ctx, stage):
+        summary = stage.run(ctx, folder)
+    seconds = resume.seconds()
     from edge_kd.keras import keras
 
     model = keras.models.load_model(folder / stage.model_file, compile=False)

@@ -1,4 +1,5 @@
-"""The benchmark scripts' own arithmetic and models (their runs are too long for the test suite)."""
+"""The benchmark scripts' own arithmetic and models (their real runs are too long for the test suite; a few
+run the scripts' code on tiny recipes)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -272,24 +273,36 @@ def test_teacher_flip_reads_the_teacher_file_plain_and_averaged_with_its_mirror(
     assert (plain.argmax(-1) != mirrored.argmax(-1)).any()  # the mirror changed some answers: the two were measured
 
 
-def test_datafree_training_reuses_a_sibling_runs_images_only_when_their_synthesis_settings_match(tmp_path):
+@pytest.mark.slow
+def test_datafree_training_gives_a_method_the_images_of_one_with_the_same_synthesis_and_counts_their_making(
+        tmp_path, monkeypatch):
+    import yaml
+
+    from tests.pipelines.test_datafree_run import RECIPE
+
     bench = _script("datafree_training")
-    source = tmp_path / "datafree-fashion_mnist-generator_diverse_companion-1"
-    (source / "manifests").mkdir(parents=True)
-    (source / "synthetic").mkdir()
-    (source / "synthetic" / "images.npz").write_bytes(b"images")
-    (source / "manifests" / "synthesize.json").write_text('{"seconds": 500}')
-    (tmp_path / "datafree-fashion_mnist-generator-1" / "manifests").mkdir(parents=True)
-    (tmp_path / "datafree-fashion_mnist-generator-1" / "manifests" / "synthesize.json").write_text("{}")
-    target = tmp_path / "datafree-fashion_mnist-generator_diverse_companion_30ep-1"
-    # only the distillation differs: the images are copied with their manifest, which the pipeline checks
-    assert bench._reuse_synthesis("fashion_mnist", "generator_diverse_companion_30ep", 1, tmp_path, target) == \
-        source.name
-    assert (target / "synthetic" / "images.npz").read_bytes() == b"images"
-    assert (target / "manifests" / "synthesize.json").read_text() == '{"seconds": 500}'
-    # another seed, other synthesis settings (no diversity term), or a folder already there: nothing copied
-    assert bench._reuse_synthesis("fashion_mnist", "generator_diverse_companion_30ep", 2, tmp_path,
-                                  tmp_path / "other-seed") is None
-    assert bench._reuse_synthesis("fashion_mnist", "generator", 1, tmp_path, tmp_path / "new") is None
-    assert bench._synthesis("generator") != bench._synthesis("generator_diverse_companion_30ep")
-    assert bench._reuse_synthesis("fashion_mnist", "generator_diverse", 1, tmp_path, target) is None
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "held.npz", x_train=rng.integers(0, 256, (10, 28, 28), np.uint8), y_train=np.arange(10),
+             x_test=rng.integers(0, 256, (20, 28, 28), np.uint8), y_test=np.arange(20) % 10)
+    tiny = {**RECIPE, "data": {**RECIPE["data"], "test": str(tmp_path / "held.npz")}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    monkeypatch.setattr(bench, "RECIPE", str(tmp_path / "tiny.yaml"))
+    monkeypatch.setattr(bench, "DATASETS", {"tiny": []})
+    # two methods that differ only after synthesis, and one that makes other images
+    monkeypatch.setattr(bench, "METHODS", {"one": [], "two": ["stages.distill.epochs=2"],
+                                           "other": ["stages.synthesize.generator.diversity=0"]})
+    out = tmp_path / "runs"
+    one, two, other = (bench._run("tiny", m, 0, out) for m in ("one", "two", "other"))
+    assert one["synthesis_from"] is None and other["synthesis_from"] is None
+    assert two["synthesis_from"] == "datafree-tiny-one-0"  # taken from the store, not made again
+    with np.load(out / "datafree-tiny-one-0" / "synthetic" / "images.npz") as a, \
+            np.load(out / "datafree-tiny-two-0" / "synthetic" / "images.npz") as b:
+        np.testing.assert_array_equal(a["x"], b["x"])
+    assert len(json.loads((out / "datafree-tiny-two-0" / "distill" / "history.json").read_text())["loss"]) == 2
+    # its time counts their making, as if it had made them: more than the stages it ran itself
+    made = one["stage_seconds"]["synthesize"]
+    assert two["stage_seconds"]["synthesize"] == made > 0
+    cost = made + sum(v for k, v in two["stage_seconds"].items() if k != "synthesize")
+    assert two["wall_seconds"] > cost - 0.1  # (the manifests' seconds and the row's are rounded)
+    again = bench._run("tiny", "two", 0, out)  # a rerun finds every stage finished: it costs what it cost
+    assert again["synthesis_from"] == "datafree-tiny-one-0" and again["wall_seconds"] > cost - 0.1

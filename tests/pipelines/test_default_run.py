@@ -8,6 +8,7 @@ Every interruption is sent at a point the test chooses (a callback, a hook, a sa
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -189,7 +190,9 @@ def test_a_stage_stopped_after_any_epoch_resumes_there_and_ends_as_the_uninterru
     proc = subprocess.run([sys.executable, "-m", "tests.pipelines.faults", "kill", "distill", "1", "--", "compress",
                            "--out", str(out), *ARGS, *cheap], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert json.loads((run / ".resume" / "distill" / "state.json").read_text())["epochs"] == 1
+    saved = json.loads((run / ".resume" / "distill" / "state.json").read_text())
+    assert saved["epochs"] == 1 and saved["seconds"] > 0
+    earlier = {"distill": saved["seconds"]}  # the killed sitting's work, counted in the stage's time when it ends
     assert list(run.glob(".distill.partial-*")) and not (run / "manifests" / "distill.json").exists()
 
     # then Ctrl-C in the second epoch of prune (raised in a finaliser, where Python swallows it) and of QAT; each
@@ -210,12 +213,17 @@ def test_a_stage_stopped_after_any_epoch_resumes_there_and_ends_as_the_uninterru
         assert err.strip().splitlines()[-1] == RESUME.format(stage) + ", after its epoch 1"
         assert (run / "manifests" / f"{before}.json").is_file() and not (run / ".resume" / before).exists()
         assert not (run / "manifests" / f"{stage}.json").exists() and not list(run.glob(f".{stage}.partial-*"))
-        assert json.loads((run / ".resume" / stage / "state.json").read_text())["epochs"] == 1
+        saved = json.loads((run / ".resume" / stage / "state.json").read_text())
+        assert saved["epochs"] == 1 and saved["seconds"] > 0
+        earlier[stage] = saved["seconds"]
+        assert re.search(rf"\] {before}: done in [\d.]+ s \([\d.]+ s of it in earlier sittings\)\n", stdout)
         before = stage
 
     stdout, _ = _main(capsys, out, *cheap)
     assert "] qat: quantization-aware training while distilling (2 epochs) (resumed after epoch 1) ..." in stdout
     assert not (run / ".resume").exists() and not list(run.glob(".*.partial-*"))
+    # each resumed stage's time counts the epochs its stopped sitting saved
+    assert all(_manifest(run, stage)["seconds"] > seconds for stage, seconds in earlier.items())
     # the weights and histories of the run never stopped; the files made from them measure the same
     for stage, file in TRAINED.items():
         assert _weights_equal(run / file, reference / file), stage
