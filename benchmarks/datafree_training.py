@@ -73,6 +73,17 @@ METHODS = {
                                          "stages.synthesize.generator.diversity=20", "stages.distill.start=companion",
                                          "stages.distill.epochs=30"],
 }
+#: the shipped recipe's settings, the start of the methods that change it after synthesis (they take its images from
+#: the store) or change only its generator
+SHIPPED = METHODS["generator_diverse_companion_30ep"]
+METHODS.update({
+    # the synthetic batches mixed (MixUp, CutMix: α 1, λ uniform), the teacher labelling the mixed images
+    # (distillation.consistent): images between the bank's, which the bank alone never shows the student
+    "shipped_mixup": [*SHIPPED, "augment.mixup=1.0"],
+    "shipped_cutmix": [*SHIPPED, "augment.cutmix=1.0"],
+    # distilled 80 epochs on the images instead of 30
+    "shipped_80ep": [*SHIPPED, "stages.distill.epochs=80"],
+})
 
 
 def _teacher(dataset: str) -> None:

@@ -250,6 +250,9 @@ class GeneratorConfig(Config):
     #: the weight of the within-class diversity term (``mode_seeking``); 0 leaves it out. 20 measured better than 0
     #: on Fashion-MNIST and MNIST (docs/benchmarks.md, "Data-free distillation")
     diversity: Annotated[Float, Field(ge=0)] = 20.0
+    #: the generator's width: the channels of its smallest map and of its first convolution, then of its second
+    #: (``build_generator``); most of an iteration's arithmetic at the default
+    filters: Annotated[list[Annotated[Int, Field(ge=1)]], Field(min_length=2, max_length=2)] = [128, 64]
 
 
 def mode_seeking(images, noise, labels):
@@ -263,11 +266,13 @@ def mode_seeking(images, noise, labels):
     return tf.math.divide_no_nan(tf.reduce_sum(same * dx / (dz + 1e-8)), tf.reduce_sum(same))
 
 
-def build_generator(input_shape: Sequence[int], num_classes: int, latent: int, seed: int) -> keras.Model:
+def build_generator(input_shape: Sequence[int], num_classes: int, latent: int, seed: int,
+                    filters: Sequence[int] = (128, 64)) -> keras.Model:
     """Returns a class-conditional generator: (noise (latent,), class (int)) → images in [0, 1] of ``input_shape``.
 
-    Dense to a map of a quarter of the size, then two ×2 upsamplings each followed by conv → BN → LeakyReLU, a
-    3×3 conv to the channels and a sigmoid; cropped to (H, W) where H or W is not a multiple of 4.
+    Dense to a map of a quarter of the size with ``filters[0]`` channels, then two ×2 upsamplings each followed by
+    conv (``filters[0]``, then ``filters[1]``) → BN → LeakyReLU, a 3×3 conv to the channels and a sigmoid; cropped to
+    (H, W) where H or W is not a multiple of 4.
     """
     layers = keras.layers
     h, w, c = (int(d) for d in input_shape)
@@ -277,11 +282,11 @@ def build_generator(input_shape: Sequence[int], num_classes: int, latent: int, s
     y = keras.Input((), dtype="int32", name="label")
     x = layers.Concatenate()([z, layers.Embedding(num_classes, latent, embeddings_initializer=keras.initializers
                                                   .RandomNormal(seed=seed + 1))(y)])
-    x = layers.Dense(h0 * w0 * 128, kernel_initializer=init)(x)
-    x = layers.Reshape((h0, w0, 128))(layers.BatchNormalization()(x))
-    for i, filters in enumerate((128, 64)):
+    x = layers.Dense(h0 * w0 * filters[0], kernel_initializer=init)(x)
+    x = layers.Reshape((h0, w0, filters[0]))(layers.BatchNormalization()(x))
+    for i, width in enumerate(filters):
         x = layers.UpSampling2D()(x)
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False,
                           kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2 + i))(x)
         x = layers.LeakyReLU(0.2)(layers.BatchNormalization()(x))
     x = layers.Conv2D(c, 3, padding="same", kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 9))(x)
@@ -309,7 +314,7 @@ class AdversarialSynthesizer:
         self.config = c = config or GeneratorConfig()
         self.num_classes, self.batch_size, self.seed = int(num_classes), int(batch_size), int(seed)
         self.scale, self.offset = float(scale), float(offset)
-        self.generator = build_generator(input_shape, num_classes, c.latent, seed)
+        self.generator = build_generator(input_shape, num_classes, c.latent, seed, c.filters)
         self.g_opt = keras.optimizers.Adam(c.learning_rate, beta_1=0.5, beta_2=0.999)
         self.s_opt = keras.optimizers.Adam(c.student_learning_rate)
         self.g_opt.build(self.generator.trainable_variables)

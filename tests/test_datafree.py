@@ -201,6 +201,15 @@ def test_the_adversarial_term_pulls_the_generator_to_where_student_and_teacher_d
     assert gaps[1] > gaps[0]
 
 
+def test_the_generator_is_as_wide_as_its_filters_say():
+    g = datafree.build_generator((10, 10, 1), 3, latent=8, seed=0, filters=(6, 4))
+    convs = [layer.filters for layer in g.layers if isinstance(layer, layers.Conv2D)]
+    assert convs == [6, 4, 1] and g.output_shape == (None, 10, 10, 1)  # 12 × 12 cropped to 10 × 10
+    assert next(layer for layer in g.layers if isinstance(layer, layers.Reshape)).target_shape == (3, 3, 6)
+    s = _synthesizer(filters=[5, 2])  # the synthesizer builds the generator its config asks for
+    assert [layer.filters for layer in s.generator.layers if isinstance(layer, layers.Conv2D)] == [5, 2, 1]
+
+
 def test_the_generator_draws_whole_batches_whatever_the_count():
     s = _synthesizer()
     labels = datafree.balanced_labels(17, 3, seed=0)  # a batch of 16 and one more
