@@ -20,6 +20,7 @@ within-class spread of the images (``within_class_spread``) says how much one cl
     python benchmarks/datafree_training.py --dataset mnist --seeds 0 1 2 --methods generator_diverse_companion
     python benchmarks/datafree_training.py --seeds 0 1 2 --methods generator_diverse_companion
     python benchmarks/datafree_training.py --seeds 0 1 2 --methods generator_diverse --again
+    python benchmarks/datafree_training.py --seeds 0 --methods shipped_mixup shipped_cutmix
 """
 from __future__ import annotations
 
