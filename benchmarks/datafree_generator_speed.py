@@ -19,6 +19,7 @@ import models  # noqa: E402
 from edge_kd.builtin_teachers import resolve  # noqa: E402
 from edge_kd.datafree import AdversarialSynthesizer, GeneratorConfig  # noqa: E402
 from edge_kd.keras import keras  # noqa: E402
+from pipelines import recipe as recipe_mod  # noqa: E402
 
 #: (generator.filters, generator.student_steps, the generator's Keras policy or None for float32)
 VARIANTS = [([128, 64], 2, None), ([64, 32], 2, None), ([32, 16], 2, None), ([64, 32], 5, None),
@@ -26,14 +27,17 @@ VARIANTS = [([128, 64], 2, None), ([64, 32], 2, None), ([32, 16], 2, None), ([64
 
 
 def main() -> int:
-    teacher = keras.models.load_model(resolve("builtin:fashion_mnist"), compile=False)
+    r = recipe_mod.load("fashion_mnist_datafree")  # its teacher, student, input and generator settings
+    teacher = keras.models.load_model(resolve(r.teacher.path), compile=False)
+    shape, classes, synth = tuple(r.data.input_shape), len(r.data.classes), r.stages.synthesize
     synths = {}
     for filters, steps, policy in VARIANTS:
-        student = models.build("cnn", (28, 28, 1), 10, filters=[16, 32, 48])
+        student = models.build(r.student.arch, shape, classes, **r.student.options)
         if policy:
             keras.mixed_precision.set_global_policy(policy)
-        s = AdversarialSynthesizer(teacher, student, (28, 28, 1), 10, batch_size=128, seed=0,
-                                   config=GeneratorConfig(steps=600, student_steps=steps, filters=filters))
+        config = GeneratorConfig(**{**synth.generator.model_dump(), "student_steps": steps, "filters": filters})
+        s = AdversarialSynthesizer(teacher, student, shape, classes, batch_size=synth.batch_size, seed=0,
+                                   config=config)
         keras.mixed_precision.set_global_policy("float32")
         if policy:  # its images in float32, for the float32 teacher and student
             g = s.generator
