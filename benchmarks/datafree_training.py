@@ -21,6 +21,7 @@ within-class spread of the images (``within_class_spread``) says how much one cl
     python benchmarks/datafree_training.py --seeds 0 1 2 --methods generator_diverse_companion
     python benchmarks/datafree_training.py --seeds 0 1 2 --methods generator_diverse --again
     python benchmarks/datafree_training.py --seeds 0 --methods shipped_mixup shipped_cutmix
+    python benchmarks/datafree_training.py --seeds 0 --methods shipped_g64_1100
 """
 from __future__ import annotations
 
