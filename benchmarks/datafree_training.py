@@ -75,8 +75,8 @@ METHODS = {
                                          "stages.synthesize.generator.diversity=20", "stages.distill.start=companion",
                                          "stages.distill.epochs=30"],
 }
-#: the shipped recipe's settings, the start of the methods that change it after synthesis (they take its images from
-#: the store) or change only its generator
+#: the shipped recipe's settings, the start of the methods that change one part of it: those that change only what
+#: follows synthesis take its images from the store, the others make their own
 SHIPPED = METHODS["generator_diverse_companion_30ep"]
 METHODS.update({
     # the synthetic batches mixed (MixUp, CutMix: α 1, λ uniform), the teacher labelling the mixed images

@@ -267,7 +267,7 @@ def mode_seeking(images, noise, labels):
 
 
 def build_generator(input_shape: Sequence[int], num_classes: int, latent: int, seed: int,
-                    filters: Sequence[int] = (128, 64)) -> keras.Model:
+                    filters: Sequence[int]) -> keras.Model:
     """Returns a class-conditional generator: (noise (latent,), class (int)) → images in [0, 1] of ``input_shape``.
 
     Dense to a map of a quarter of the size with ``filters[0]`` channels, then two ×2 upsamplings each followed by
