@@ -49,6 +49,9 @@ from pipelines.runner import read_manifest, seconds_before, stage_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "datafree_training.json"
+#: issue 28's map of every target to whether it was met: benchmarks/datafree.py writes the calibration target's, this
+#: script the data-free students' and runs' (under ``WHOLE_TARGETS``' names)
+ISSUE_RESULTS = RESULTS.parent / "datafree.json"
 RECIPE = "fashion_mnist_datafree"
 #: issue 28's targets: the data-free student's test accuracy per dataset, and the run's wall time on 2 cores
 TARGET_ACCURACY = {"fashion_mnist": 0.85, "mnist": 0.97}
@@ -259,6 +262,18 @@ def choose(agreement: dict, shipped: str) -> str:
     return best
 
 
+def whole_targets(targets: dict) -> dict:
+    """Returns ``targets`` (this script's keys) under the names of issue 28's whole map in ``ISSUE_RESULTS``."""
+    out = {}
+    for dataset, share in TARGET_ACCURACY.items():
+        pct = round(100 * share)
+        for mine, name in ((f"{dataset}_student_at_least_{pct}", f"{dataset}: data-free student >= {pct} % on test"),
+                           (f"{dataset}_run_at_most_15_minutes", f"{dataset}: a data-free run <= 15 minutes")):
+            if mine in targets:
+                out[f"{name} (the chosen method, benchmarks/datafree_training.py)"] = targets[mine]
+    return out
+
+
 def _key(r) -> str:
     return f"{r['dataset']}-{r['method']}-{r['seed']}"
 
@@ -341,6 +356,9 @@ def main(argv=None) -> int:
     write_json(RESULTS, {"command": "python benchmarks/datafree_training.py", "recipe": RECIPE, "runs": ordered,
                          "pooled_agreement": pooled, "pooled_with": pools, "summary": summary,
                          "chosen_by_pooled_agreement": chosen, "chosen_among": among, "targets": targets})
+    whole = json.loads(ISSUE_RESULTS.read_text()) if ISSUE_RESULTS.is_file() else {}
+    whole.setdefault("targets", {}).update(whole_targets(targets))
+    write_json(ISSUE_RESULTS, whole)
     for key, s in summary.items():
         print(f"{key}: student {100 * s['student_test'][0]:.2f} % test, final int8 {100 * s['final_int8_test'][0]:.2f} "
               f"%, pooled agreement {100 * s['pooled_agreement'][0]:.2f} %, {s['wall_seconds'][0]:.0f} s "

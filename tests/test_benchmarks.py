@@ -299,6 +299,14 @@ def test_datafree_training_changes_the_shipped_method_only_for_a_gain_outside_th
     assert choose({"shipped": [0.80, 0.81, 0.82], "b": [0.70, 0.71, 0.72]}, "shipped") == "shipped"
 
 
+def test_datafree_training_names_its_targets_in_the_issues_whole_map():
+    whole = _script("datafree_training").whole_targets({"fashion_mnist_student_at_least_85": False,
+                                                        "fashion_mnist_run_at_most_15_minutes": True})
+    assert whole == {
+        "fashion_mnist: data-free student >= 85 % on test (the chosen method, benchmarks/datafree_training.py)": False,
+        "fashion_mnist: a data-free run <= 15 minutes (the chosen method, benchmarks/datafree_training.py)": True}
+
+
 @pytest.mark.slow
 def test_datafree_training_gives_a_method_the_images_of_one_with_the_same_synthesis_and_counts_their_making(
         tmp_path, monkeypatch):
